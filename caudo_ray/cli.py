@@ -1,0 +1,243 @@
+"""``caudo-ray`` command line: run, demo, predict, export, queries, data inspect.
+
+Exit status: 0 done; 3 done, but some input files were skipped (listed in the log and in MLflow); 2 the config
+or the command line was refused before any work started; 1 the run failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from caudo_ray.config import ConfigError, RunConfig, load_config
+from caudo_ray.errors import DataError, StoreError
+
+EXIT_OK, EXIT_FAILED, EXIT_REFUSED, EXIT_SKIPPED = 0, 1, 2, 3
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        return args.func(args)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return EXIT_REFUSED
+    except (DataError, StoreError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="caudo-ray", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run or resume a self-training run")
+    _run_options(run)
+    run.set_defaults(func=cmd_run)
+
+    demo = sub.add_parser("demo", help="self-training on the embedded phantoms (what `make demo` runs)")
+    _run_options(demo, config_required=False)
+    demo.set_defaults(func=cmd_demo)
+
+    pred = sub.add_parser("predict", help="segment a folder of images with a finished run's final model")
+    pred.add_argument("--work-dir", required=True, help="work dir of a finished run")
+    pred.add_argument("inputs", type=Path, help="folder of images (PNG, JPEG, NIfTI, DICOM)")
+    pred.add_argument("output", type=Path, help="folder for the masks (same names and formats)")
+    pred.set_defaults(func=cmd_predict)
+
+    exp = sub.add_parser("export", help="write a round's labels as files at each case's original geometry")
+    exp.add_argument("--work-dir", required=True)
+    exp.add_argument("--round", type=int, default=None, help="round (default: the last committed)")
+    exp.add_argument("--which", choices=["calibrated", "initial"], default="calibrated")
+    exp.add_argument("--format", choices=["source", "png", "nifti"], default="source")
+    exp.add_argument("--selected-only", action="store_true", help="only the cases selected for training")
+    exp.add_argument("output", type=Path)
+    exp.set_defaults(func=cmd_export)
+
+    q = sub.add_parser("queries", help="the least reliable cases: what to annotate next")
+    q.add_argument("--work-dir", required=True)
+    q.add_argument("--round", type=int, default=None)
+    q.add_argument("-k", type=int, default=None, help="how many (default: selection.num_queries)")
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(func=cmd_queries)
+
+    data = sub.add_parser("data", help="dataset utilities")
+    data_sub = data.add_subparsers(required=True, metavar="ACTION")
+    ins = data_sub.add_parser("inspect", help="counts, sizes, classes, groups and problems of a dataset folder")
+    ins.add_argument("path", type=Path)
+    ins.add_argument("--group-column", default=None, help="meta.csv column of groups (default: group, or exam_id)")
+    ins.add_argument("--json", action="store_true")
+    ins.set_defaults(func=cmd_inspect)
+    return p
+
+
+def _run_options(p: argparse.ArgumentParser, config_required: bool = False) -> None:
+    p.add_argument("--config", type=Path, default=None, help="YAML run config")
+    p.add_argument("--work-dir", default=None, help="overrides work_dir")
+    p.add_argument("--data", default=None, help="dataset folder (overrides data.path)")
+    p.add_argument("--group-column", default=None, help="overrides data.group_column")
+    p.add_argument("--no-ray", action="store_true", help="run in this process, without Ray")
+    p.add_argument("--address", default=None, help="Ray cluster to join (e.g. auto, or host:6379)")
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite in the work dir)")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override any config key, e.g. calibrator.guidance_strength=2"
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def config_from_args(args: argparse.Namespace, base: str | Path | dict | None = None) -> RunConfig:
+    """The run config: ``--config`` (or ``base``), then ``--set`` overrides, then the dedicated flags."""
+    overrides: dict[str, Any] = {}
+    for item in args.set:
+        if "=" not in item:
+            raise ConfigError(item, "--set takes KEY=VALUE")
+        key, value = item.split("=", 1)
+        overrides[key.strip()] = yaml.safe_load(value)
+    flags = {
+        "work_dir": args.work_dir,
+        "data.path": args.data,
+        "data.group_column": args.group_column,
+        "runtime.address": args.address,
+        "tracking.tracking_uri": args.tracking_uri,
+    }
+    overrides.update({k: v for k, v in flags.items() if v is not None})
+    if args.no_ray:
+        overrides["runtime.use_ray"] = False
+    return load_config(args.config if args.config is not None else base, overrides)
+
+
+def demo_config_path() -> Path:
+    return Path(str(resources.files("caudo_ray") / "configs" / "demo.yaml"))
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    return _run(config_from_args(args), progress=not args.quiet)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args, base=demo_config_path())
+    code = _run(cfg, progress=not args.quiet)
+    if code in (EXIT_OK, EXIT_SKIPPED):
+        work = Path(cfg.work_dir).resolve()
+        print(
+            "\nDemo finished.\n"
+            f"  pseudo-label store (Zarr): {work / 'store.zarr'}\n"
+            f"  MLflow store:              {work / 'mlflow.db'}\n"
+            f"  open the MLflow UI:        .venv/bin/mlflow ui --backend-store-uri sqlite:///{work / 'mlflow.db'} --host 127.0.0.1\n"
+            f"  annotation queries:        .venv/bin/caudo-ray queries --work-dir {cfg.work_dir}\n"
+            f"  export calibrated labels:  .venv/bin/caudo-ray export --work-dir {cfg.work_dir} labels_out/"
+        )
+    return code
+
+
+def _run(cfg: RunConfig, progress: bool) -> int:
+    from caudo_ray.coordinator import Coordinator
+
+    factory = None
+    if cfg.runtime.use_ray:
+        from caudo_ray.actors import RayExecutor
+
+        factory = RayExecutor
+    result = Coordinator(cfg, executor_factory=factory, progress=progress).run()
+    for summary in result.rounds:
+        shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in summary.items() if not isinstance(v, dict)}
+        print(f"round {summary['round']}: {shown}")
+    if result.final_metrics:
+        print("final segmenter on validation:", {k: round(v, 4) for k, v in result.final_metrics.items()})
+    print(f"MLflow run {result.run_id} in {result.tracking_uri}")
+    if result.skipped:
+        print(f"completed with {len(result.skipped)} skipped input(s); see {Path(cfg.work_dir) / 'run.log'}:", file=sys.stderr)
+        for source, reason in sorted(result.skipped.items()):
+            print(f"  {source}: {reason}", file=sys.stderr)
+        return EXIT_SKIPPED
+    return EXIT_OK
+
+
+def _open_store(work_dir: str):
+    from caudo_ray.store import PseudoLabelStore
+
+    path = Path(work_dir) / "store.zarr"
+    if not path.exists():
+        raise StoreError(f"{work_dir} has no store.zarr: is it the work dir of a run?")
+    return PseudoLabelStore.open(str(path), mode="r")
+
+
+def _last_round(store, asked: int | None) -> int:
+    committed = store.committed_rounds()
+    if asked is not None:
+        if asked not in store.rounds():
+            raise StoreError(f"round {asked} does not exist (rounds: {store.rounds()})")
+        return asked
+    if not committed:
+        raise StoreError("no round has been committed yet")
+    return max(committed)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    store = _open_store(args.work_dir)
+    r = _last_round(store, args.round)
+    written = store.export_round(r, args.output, which=args.which, fmt=args.format, selected_only=args.selected_only)
+    print(f"wrote {len(written)} {args.which} label files of round {r} to {args.output}")
+    return EXIT_OK
+
+
+def cmd_queries(args: argparse.Namespace) -> int:
+    from caudo_ray import pipeline
+
+    cfg = load_config(Path(args.work_dir) / "config.yaml")
+    store = _open_store(args.work_dir)
+    r = _last_round(store, args.round)
+    rows = pipeline.annotation_queries(store, r, args.k if args.k is not None else cfg.selection.num_queries)
+    if args.json:
+        print(json.dumps([{"case_id": c, "reliability": s} for c, s in rows], indent=2))
+    else:
+        print(f"least reliable cases of round {r} (label them into {Path(args.work_dir) / 'annotations'}/<case_id>.png):")
+        for rank, (case_id, score) in enumerate(rows, 1):
+            print(f"{rank:4d}  {case_id}  reliability={score:.3f}")
+    return EXIT_OK
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from caudo_ray.inference import predict_folder
+
+    written, skipped = predict_folder(Path(args.work_dir), args.inputs, args.output)
+    print(f"wrote {len(written)} masks to {args.output}")
+    for source, reason in skipped.items():
+        print(f"  skipped {source}: {reason}", file=sys.stderr)
+    return EXIT_SKIPPED if skipped else EXIT_OK
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from caudo_ray.data import format_report, inspect_dataset
+
+    group_column = args.group_column
+    if group_column is None:
+        group_column = _guess_group_column(args.path)
+    report = inspect_dataset(args.path, group_column=group_column)
+    print(json.dumps(report, indent=2, default=str) if args.json else format_report(report))
+    return EXIT_OK
+
+
+def _guess_group_column(root: Path) -> str | None:
+    """``group`` when meta.csv has it, else a single ``*_id`` column (HC18's ``exam_id``), else none."""
+    meta = root / "meta.csv"
+    if not meta.exists():
+        return None
+    header = meta.read_text().splitlines()[0].split(",") if meta.stat().st_size else []
+    if "group" in header:
+        return "group"
+    ids = [h for h in header if h.endswith("_id")]
+    return ids[0] if len(ids) == 1 else None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

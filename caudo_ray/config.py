@@ -1,0 +1,390 @@
+"""Typed run configuration, loaded from YAML and validated once at the edge.
+
+Every section is a dataclass whose fields are the knobs of one component. ``load_config`` turns a YAML file
+(or a dict) into a :class:`RunConfig`, refusing unknown keys, wrong types and impossible values with a
+:class:`ConfigError` that names the offending key (``calibrator.guidance_strength: must be >= 0``).
+Nothing downstream re-validates.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown, of the wrong type or out of range."""
+
+    def __init__(self, key: str, problem: str):
+        self.key = key
+        self.problem = problem
+        super().__init__(f"{key}: {problem}" if key else problem)
+
+
+@dataclass
+class PhantomConfig:
+    """Embedded default data: ultrasound-like phantoms written as a dataset folder."""
+
+    num_labelled: int = 48
+    num_unlabelled: int = 64
+    size: tuple[int, int] = (96, 96)
+    num_classes: int = 2
+    num_groups: int = 16
+    seed: int = 0
+
+    def validate(self, key: str) -> None:
+        _positive(f"{key}.num_labelled", self.num_labelled)
+        _non_negative(f"{key}.num_unlabelled", self.num_unlabelled)
+        _positive(f"{key}.num_groups", self.num_groups)
+        _size(f"{key}.size", self.size, minimum=16)
+        if self.num_classes not in (2, 3):
+            raise ConfigError(f"{key}.num_classes", "phantoms have 2 (binary) or 3 (head + inner structure) classes")
+
+
+@dataclass
+class DataConfig:
+    """Where the cases come from and how they are brought to the working size."""
+
+    path: str | None = None  # dataset folder; None means phantoms generated into the work dir
+    group_column: str | None = "group"  # meta.csv column for group-wise splits; None: each file its own group
+    working_size: tuple[int, int] = (64, 64)
+    num_classes: int | None = None  # None: discovered from the masks
+    nifti_axis: int = 2  # axis along which 3D volumes are cut into 2D slices
+    phantom: PhantomConfig = field(default_factory=PhantomConfig)
+
+    def validate(self, key: str) -> None:
+        _size(f"{key}.working_size", self.working_size, minimum=16)
+        for dim in self.working_size:
+            if dim % 16:
+                raise ConfigError(f"{key}.working_size", f"each side must be a multiple of 16, got {list(self.working_size)}")
+        if self.num_classes is not None and self.num_classes < 2:
+            raise ConfigError(f"{key}.num_classes", f"must be >= 2 (background + at least one class), got {self.num_classes}")
+        if self.nifti_axis not in (0, 1, 2):
+            raise ConfigError(f"{key}.nifti_axis", f"must be 0, 1 or 2, got {self.nifti_axis}")
+        self.phantom.validate(f"{key}.phantom")
+
+
+@dataclass
+class SplitConfig:
+    """Group-wise split of the labelled cases into exemplar(s), pool, validation and test."""
+
+    seed: int = 0
+    val_fraction: float = 0.1
+    test_fraction: float = 0.2
+    exemplars: list[str] | None = None  # case ids; None: drawn by seed
+    num_exemplars: int = 1
+
+    def validate(self, key: str) -> None:
+        _fraction(f"{key}.val_fraction", self.val_fraction, allow_zero=True)
+        _fraction(f"{key}.test_fraction", self.test_fraction, allow_zero=False)
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise ConfigError(
+                f"{key}.test_fraction",
+                f"val_fraction + test_fraction = {self.val_fraction + self.test_fraction:g} leaves no pool",
+            )
+        _positive(f"{key}.num_exemplars", self.num_exemplars)
+        if self.exemplars is not None and not self.exemplars:
+            raise ConfigError(f"{key}.exemplars", "must name at least one case id, or be omitted")
+
+
+@dataclass
+class SegmenterConfig:
+    """MONAI UNet and its training schedule."""
+
+    channels: tuple[int, ...] = (16, 32, 64, 128)
+    strides: tuple[int, ...] = (2, 2, 2)
+    num_res_units: int = 1
+    iterations: int = 300  # round 0, on the exemplar views
+    finetune_iterations: int = 200  # each later round, warm-started
+    batch_size: int = 8
+    learning_rate: float = 2e-3
+    scale_range: tuple[float, float] = (0.5, 1.6)  # exemplar zoom range; wide because target sizes vary ~3x
+    exemplar_weight: float = 1.0  # loss weight of exemplar views relative to a fully reliable pseudo label
+    exemplar_fraction: float = 0.25  # share of each batch given to exemplar views once pseudo labels join
+
+    def validate(self, key: str) -> None:
+        if len(self.channels) < 2 or len(self.strides) != len(self.channels) - 1:
+            raise ConfigError(f"{key}.strides", "needs exactly len(channels) - 1 entries")
+        _positive(f"{key}.iterations", self.iterations)
+        _non_negative(f"{key}.finetune_iterations", self.finetune_iterations)
+        _positive(f"{key}.batch_size", self.batch_size)
+        _positive_float(f"{key}.learning_rate", self.learning_rate)
+        lo, hi = self.scale_range
+        if not 0 < lo <= hi:
+            raise ConfigError(f"{key}.scale_range", f"needs 0 < low <= high, got {list(self.scale_range)}")
+        _non_negative(f"{key}.exemplar_weight", self.exemplar_weight)
+        _fraction(f"{key}.exemplar_fraction", self.exemplar_fraction, allow_zero=False)
+
+
+@dataclass
+class CalibratorConfig:
+    """Label autoencoder, conditional denoiser and the deterministic DDIM calibration."""
+
+    enabled: bool = True  # false: plain self-training on the segmenter's own labels (the ablation baseline)
+    latent_channels: int = 4
+    downsample: int = 4  # latent is working_size / downsample
+    block_out_channels: tuple[int, ...] = (32, 64)
+    autoencoder_iterations: int = 300
+    denoiser_iterations: int = 600
+    batch_size: int = 16
+    learning_rate: float = 1e-3
+    train_timesteps: int = 1000
+    inference_steps: int = 10  # DDIM steps over the full schedule; a calibration runs ceil(s * steps)
+    calibration_strength: float = 0.5  # s: how far (t* = s T) the initial label is inverted
+    guidance_strength: float = 1.5  # w: eps = eps_u + w (eps_c - eps_u)
+    guidance_dropout: float = 0.1  # classifier-free guidance dropout during training
+
+    def validate(self, key: str) -> None:
+        _positive(f"{key}.latent_channels", self.latent_channels)
+        if self.downsample not in (1, 2, 4, 8):
+            raise ConfigError(f"{key}.downsample", f"must be 1, 2, 4 or 8, got {self.downsample}")
+        _positive(f"{key}.autoencoder_iterations", self.autoencoder_iterations)
+        _positive(f"{key}.denoiser_iterations", self.denoiser_iterations)
+        _positive(f"{key}.batch_size", self.batch_size)
+        _positive_float(f"{key}.learning_rate", self.learning_rate)
+        _positive(f"{key}.train_timesteps", self.train_timesteps)
+        _positive(f"{key}.inference_steps", self.inference_steps)
+        if not 0.0 < self.calibration_strength <= 1.0:
+            raise ConfigError(f"{key}.calibration_strength", f"must be in (0, 1], got {self.calibration_strength}")
+        if self.guidance_strength < 0:
+            raise ConfigError(f"{key}.guidance_strength", f"must be >= 0, got {self.guidance_strength}")
+        _fraction(f"{key}.guidance_dropout", self.guidance_dropout, allow_zero=True)
+
+
+@dataclass
+class SelectionConfig:
+    """Curriculum of pseudo labels kept for training, and annotation queries."""
+
+    fractions: tuple[float, ...] = (0.5, 0.75, 1.0)  # fraction of the pool selected after round r
+    num_queries: int = 10
+
+    def validate(self, key: str) -> None:
+        if not self.fractions:
+            raise ConfigError(f"{key}.fractions", "needs at least one fraction")
+        for i, frac in enumerate(self.fractions):
+            _fraction(f"{key}.fractions[{i}]", frac, allow_zero=False)
+        _non_negative(f"{key}.num_queries", self.num_queries)
+
+
+@dataclass
+class RuntimeConfig:
+    """How the work is spread over Ray; none of it changes results."""
+
+    use_ray: bool = True
+    address: str | None = None  # None: start a local Ray; "auto" or host:port joins a cluster
+    num_workers: int = 1
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    threads_per_worker: int = 1
+    trainer_cpus: float = 1.0
+    trainer_gpus: float = 0.0
+    num_train_workers: int = 1  # >1: data-parallel training through Ray Train
+    batch_size: int = 16  # cases per calibration batch
+    max_in_flight: int = 2  # batches in flight per worker (backpressure)
+    dashboard_host: str = "127.0.0.1"
+
+    def validate(self, key: str) -> None:
+        _positive(f"{key}.num_workers", self.num_workers)
+        _non_negative(f"{key}.cpus_per_worker", self.cpus_per_worker)
+        _non_negative(f"{key}.gpus_per_worker", self.gpus_per_worker)
+        _positive(f"{key}.threads_per_worker", self.threads_per_worker)
+        _non_negative(f"{key}.trainer_cpus", self.trainer_cpus)
+        _non_negative(f"{key}.trainer_gpus", self.trainer_gpus)
+        _positive(f"{key}.num_train_workers", self.num_train_workers)
+        _positive(f"{key}.batch_size", self.batch_size)
+        _positive(f"{key}.max_in_flight", self.max_in_flight)
+
+
+@dataclass
+class TrackingConfig:
+    """MLflow: by default a sqlite store inside the work dir."""
+
+    tracking_uri: str | None = None
+    experiment: str = "caudo-ray"
+    run_name: str | None = None
+    num_overlays: int = 8  # fixed sample of cases whose overlays are logged every round
+
+    def validate(self, key: str) -> None:
+        _non_negative(f"{key}.num_overlays", self.num_overlays)
+
+
+@dataclass
+class RunConfig:
+    """A whole self-training run."""
+
+    work_dir: str = "runs/demo"
+    rounds: int = 3
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    data: DataConfig = field(default_factory=DataConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    segmenter: SegmenterConfig = field(default_factory=SegmenterConfig)
+    calibrator: CalibratorConfig = field(default_factory=CalibratorConfig)
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def validate(self, key: str = "") -> None:
+        _positive("rounds", self.rounds)
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError("device", f"must be auto, cpu or cuda, got {self.device!r}")
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if dataclasses.is_dataclass(value):
+                value.validate(f.name)
+
+    def fraction_for_round(self, r: int) -> float:
+        """Curriculum fraction after round ``r`` (the last one repeats)."""
+        fracs = self.selection.fractions
+        return fracs[min(r, len(fracs) - 1)]
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(dataclasses.asdict(self))
+
+    def method_hash(self) -> str:
+        """Hash of everything that changes results; runtime and tracking knobs are left out.
+
+        A store written under one method hash is refused by a run with another, so resumed work never mixes
+        labels from different settings.
+        """
+        d = self.to_dict()
+        for key in ("runtime", "tracking", "work_dir", "device"):
+            d.pop(key)
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def load_config(source: str | Path | dict[str, Any] | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Build and validate a :class:`RunConfig` from a YAML file, a dict, or the defaults.
+
+    Args:
+        source: a YAML path, a mapping, or None for the defaults.
+        overrides: dotted keys applied on top, e.g. ``{"calibrator.guidance_strength": 2.0}``.
+
+    Raises:
+        ConfigError: naming the first offending key.
+    """
+    if source is None:
+        raw: dict[str, Any] = {}
+    elif isinstance(source, dict):
+        raw = dict(source)
+    else:
+        path = Path(source)
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError("", f"config file {path} does not exist") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError("", f"config file {path} is not valid YAML: {exc}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError("", f"config file {path} must hold a mapping at top level, got {type(raw).__name__}")
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(raw, dotted, value)
+    cfg = _build(RunConfig, raw, "")
+    cfg.validate()
+    return cfg
+
+
+def save_config(cfg: RunConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    node = raw
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(dotted, f"{part} is not a section")
+    node[parts[-1]] = value
+
+
+def _build(cls: type, raw: Any, key: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(key, f"must be a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for name in raw:
+        if name not in names:
+            where = f"{key}.{name}" if key else str(name)
+            raise ConfigError(where, f"unknown key (known: {', '.join(sorted(names))})")
+    kwargs = {name: _coerce(hints[name], value, f"{key}.{name}" if key else name) for name, value in raw.items()}
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    if origin in (types.UnionType, typing.Union):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, key)
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(key, f"must be a list, got {type(value).__name__} {value!r}")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(key, f"must have {len(args)} entries, got {len(value)}")
+            return tuple(_coerce(a, v, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+        return origin(_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(key, f"must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(key, f"must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(key, f"must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(key, f"must be a string, got {value!r}")
+        return value
+    raise ConfigError(key, f"unsupported type {tp}")  # pragma: no cover - guards new field types
+
+
+def _to_plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_plain(v) for v in value]
+    return value
+
+
+def _positive(key: str, value: int) -> None:
+    if value <= 0:
+        raise ConfigError(key, f"must be > 0, got {value}")
+
+
+def _non_negative(key: str, value: float) -> None:
+    if value < 0:
+        raise ConfigError(key, f"must be >= 0, got {value}")
+
+
+def _positive_float(key: str, value: float) -> None:
+    if not value > 0:
+        raise ConfigError(key, f"must be > 0, got {value}")
+
+
+def _fraction(key: str, value: float, *, allow_zero: bool) -> None:
+    low_ok = value >= 0 if allow_zero else value > 0
+    if not (low_ok and value <= 1):
+        raise ConfigError(key, f"must be in {'[0' if allow_zero else '(0'}, 1], got {value}")
+
+
+def _size(key: str, value: tuple[int, int], minimum: int) -> None:
+    if any(v < minimum for v in value):
+        raise ConfigError(key, f"each side must be >= {minimum}, got {list(value)}")

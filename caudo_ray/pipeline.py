@@ -1,0 +1,123 @@
+"""Store-backed steps of a round, shared verbatim by the local loop and the Ray actors.
+
+- ``training_inputs``: what round r trains on (exemplars + round r-1's selected calibrated labels), read from
+  the store by whoever trains (the trainer actor reads it itself; the driver never holds the pool).
+- ``label_cases``: a calibration worker's whole job for one batch: read images, label, write results.
+- ``select_and_commit``: the owner's step once a round's ``done`` mask is full.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from caudo_ray import selection
+from caudo_ray.config import RunConfig
+from caudo_ray.method import LabelingEngine
+from caudo_ray.store import PseudoLabelStore
+
+
+@dataclass
+class TrainingInputs:
+    exemplar_images: np.ndarray
+    exemplar_labels: np.ndarray
+    pseudo_images: np.ndarray | None
+    pseudo_labels: np.ndarray | None
+    pseudo_weights: np.ndarray | None
+
+
+def training_inputs(store: PseudoLabelStore, r: int) -> TrainingInputs:
+    """Exemplars plus, from round 1, the selected calibrated labels of round r-1 weighted by reliability."""
+    _, ex_images, ex_labels = store.exemplars()
+    if r == 0:
+        return TrainingInputs(ex_images, ex_labels, None, None, None)
+    prev = r - 1
+    selected = np.flatnonzero(store.selected(prev))
+    if not len(selected):
+        return TrainingInputs(ex_images, ex_labels, None, None, None)
+    labels = store.read_round(prev, selected)
+    return TrainingInputs(
+        ex_images,
+        ex_labels,
+        store.read_images(selected),
+        labels["calibrated"],
+        labels["scores"]["reliability"].astype(np.float32),
+    )
+
+
+@dataclass
+class BatchStats:
+    """What a worker sends back for a batch: indices and timings; the labels went to the store."""
+
+    indices: np.ndarray
+    infer_s: float
+    ddim_s: float
+    store_s: float
+
+
+def label_cases(engine: LabelingEngine, store: PseudoLabelStore, r: int, indices: np.ndarray) -> BatchStats:
+    """Label one batch and write it to the store (one writer per case chunk: each case is in one batch)."""
+    images = store.read_images(indices)
+    truth = store.read_truth(indices)
+    result = engine.label_batch(images, truth)
+    t0 = time.perf_counter()
+    store.write_results(r, indices, result.initial, result.calibrated, result.scores)
+    return BatchStats(indices, result.timings["infer_s"], result.timings["ddim_s"], time.perf_counter() - t0)
+
+
+def select_and_commit(cfg: RunConfig, store: PseudoLabelStore, r: int, extra_summary: dict | None = None) -> dict:
+    """Select the round's most reliable fraction (stratified by target size) and commit the round.
+
+    Returns the round summary (also stored in the round's attributes): counts, reliability quantiles and, where
+    the pool has hidden truth, pseudo-label Dice before and after calibration.
+    """
+    scores = store.read_scores(r)
+    usable = store.usable_mask()
+    reliability = np.where(usable, scores["reliability"], -np.inf)
+    n_usable = int(usable.sum())
+    fraction = cfg.fraction_for_round(r)
+    strata = selection.area_strata(np.where(usable, scores["area"], 0.0))
+    chosen = selection.select_top(reliability, fraction * n_usable / max(len(reliability), 1), strata=strata)
+    chosen = chosen[usable[chosen]]
+    selected = np.zeros(len(reliability), dtype=bool)
+    selected[chosen] = True
+
+    rel = scores["reliability"][usable]
+    summary: dict = {
+        "round": r,
+        "cases": n_usable,
+        "selected": int(selected.sum()),
+        "selected_fraction": float(selected.sum() / max(n_usable, 1)),
+        "reliability_mean": _finite_mean(rel),
+        "reliability_p10": float(np.quantile(rel, 0.1)) if len(rel) else math.nan,
+        "reliability_p50": float(np.quantile(rel, 0.5)) if len(rel) else math.nan,
+        "agreement_mean": _finite_mean(scores["agreement"][usable]),
+    }
+    if "initial_dice" in scores:
+        init, calib = scores["initial_dice"][usable], scores["calibrated_dice"][usable]
+        has = np.isfinite(init)
+        if has.any():
+            summary["pseudo_dice_initial"] = float(init[has].mean())
+            summary["pseudo_dice_calibrated"] = float(calib[has].mean())
+            summary["calibration_gain"] = summary["pseudo_dice_calibrated"] - summary["pseudo_dice_initial"]
+            summary["selected_pseudo_dice"] = _finite_mean(calib[has & selected[usable]])
+            summary["reliability_spearman"] = selection.spearman(rel[has], calib[has]) if has.sum() > 2 else math.nan
+    summary.update(extra_summary or {})
+    store.commit_round(r, selected, summary)
+    return summary
+
+
+def annotation_queries(store: PseudoLabelStore, r: int, k: int) -> list[tuple[str, float]]:
+    """The ``k`` least reliable usable cases of round ``r``: what a person should label next."""
+    scores = store.read_scores(r)
+    usable = store.usable_mask()
+    ids = [cid for cid, ok in zip(store.case_ids, usable) if ok]
+    return selection.annotation_queries(ids, scores["reliability"][usable], k)
+
+
+def _finite_mean(a: np.ndarray) -> float:
+    a = a[np.isfinite(a)]
+    return float(a.mean()) if len(a) else math.nan

@@ -1,0 +1,218 @@
+"""Reliability of calibrated pseudo labels without ground truth, curriculum selection and annotation queries.
+
+Pure numpy/scipy: the coordinator scores every calibrated case, keeps the most reliable fraction for the next
+round (stratified by target size so selection does not collapse onto the easy, typical cases) and proposes the
+least reliable cases to a person for annotation.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from scipy import ndimage, stats
+
+from caudo_ray.errors import DataError
+
+__all__ = [
+    "annotation_queries",
+    "area_strata",
+    "dice_per_case",
+    "reliability_scores",
+    "select_top",
+    "spearman",
+]
+
+BAND_RADIUS = 2  # pixels on each side of a predicted boundary that make up the uncertain band
+
+
+def reliability_scores(initial_probs: np.ndarray, calibrated_probs: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-case reliability of the calibrated labels, from the two probability maps alone.
+
+    With ``a = argmax(initial)`` and ``b = argmax(calibrated)``:
+
+    - ``agreement``: mean over foreground classes of Dice(a == c, b == c), a class empty in both counting 1.
+      The calibrator moves a label when it disagrees with it, so a large move flags a case whose initial label
+      was wrong, and whose calibrated label is an uncertain repair.
+    - ``confidence``: 1 - mean normalised entropy of the calibrated probabilities over the *uncertain band*:
+      pixels within ``BAND_RADIUS`` of a class boundary of ``a`` or ``b``. Whole-image entropy would be
+      dominated by the easy background far from any object; the band is where a label is right or wrong.
+      Cases where both maps are empty use the whole image.
+    - ``entropy``: mean normalised entropy of the initial probabilities over the whole image (diagnostic).
+    - ``area``: foreground fraction of ``b`` (for size strata).
+    - ``compactness``: mean over foreground classes of the share of the class's pixels in its largest
+      connected component of ``b``; 0 for a class missing from ``b``. Our targets (fetal head, phantom
+      structures) are single objects present in every image, so fragments and empty maps are errors.
+    - ``reliability = sqrt(agreement * confidence) * compactness``, in [0, 1]. The geometric mean needs both
+      signals to be high (a confident label the calibrator had to move a lot, or a stable but blurry one, are
+      both doubtful); the compactness factor removes the failure modes both of them can miss: an empty map
+      agrees perfectly with an empty initial label, and a split object can be confident at every boundary.
+
+    Args:
+        initial_probs: (N, C, H, W) segmenter softmax.
+        calibrated_probs: (N, C, H, W) calibrated probabilities.
+
+    Returns:
+        Dict of (N,) float32 arrays: agreement, confidence, entropy, area, compactness, reliability.
+    """
+    initial_probs = _check_probs("initial_probs", initial_probs)
+    calibrated_probs = _check_probs("calibrated_probs", calibrated_probs)
+    if initial_probs.shape != calibrated_probs.shape:
+        raise DataError(
+            "calibrated_probs", f"shape {calibrated_probs.shape} differs from initial_probs' {initial_probs.shape}"
+        )
+    n, c = initial_probs.shape[:2]
+    a = initial_probs.argmax(1)
+    b = calibrated_probs.argmax(1)
+    h_init = _normalised_entropy(initial_probs)
+    h_cal = _normalised_entropy(calibrated_probs)
+
+    out = {k: np.empty(n, np.float32) for k in ("agreement", "confidence", "entropy", "area", "compactness")}
+    band_struct = ndimage.generate_binary_structure(2, 2)
+    for i in range(n):
+        out["agreement"][i] = np.mean([_dice(a[i] == k, b[i] == k) for k in range(1, c)])
+        band = _boundary(a[i]) | _boundary(b[i])
+        if band.any():
+            band = ndimage.binary_dilation(band, band_struct, iterations=BAND_RADIUS)
+            out["confidence"][i] = 1.0 - h_cal[i][band].mean()
+        else:
+            out["confidence"][i] = 1.0 - h_cal[i].mean()
+        out["entropy"][i] = h_init[i].mean()
+        out["area"][i] = np.mean(b[i] > 0)
+        out["compactness"][i] = np.mean([_largest_share(b[i] == k) for k in range(1, c)])
+    out["reliability"] = (
+        np.sqrt(np.clip(out["agreement"], 0, 1) * np.clip(out["confidence"], 0, 1)) * out["compactness"]
+    ).astype(np.float32)
+    return out
+
+
+def select_top(reliability: np.ndarray, fraction: float, *, strata: np.ndarray | None = None) -> np.ndarray:
+    """Indices (sorted ascending) of the most reliable cases.
+
+    Without strata: the ``ceil(fraction * N)`` most reliable. With strata: the ``ceil(fraction * n_s)`` most
+    reliable of each stratum s (so every non-empty stratum contributes at least one case and the total can
+    exceed ``ceil(fraction * N)`` by fewer than the number of strata). Ties go to the lower index; NaN
+    reliabilities rank last.
+
+    Args:
+        reliability: (N,) scores, higher is better.
+        fraction: in (0, 1].
+        strata: optional (N,) integer stratum per case, e.g. from :func:`area_strata`.
+    """
+    rel = _check_vector("reliability", reliability)
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    if strata is None:
+        return np.sort(_ranked(rel)[: math.ceil(fraction * len(rel))])
+    strata = np.asarray(strata)
+    if strata.shape != rel.shape:
+        raise DataError("strata", f"shape {strata.shape} does not match reliability's {rel.shape}")
+    chosen = []
+    for s in np.unique(strata):
+        members = np.flatnonzero(strata == s)
+        chosen.append(members[_ranked(rel[members])[: math.ceil(fraction * len(members))]])
+    return np.sort(np.concatenate(chosen)) if chosen else np.empty(0, np.int64)
+
+
+def area_strata(area: np.ndarray, n_bins: int = 4) -> np.ndarray:
+    """Quantile bins of target area: (N,) int64 in [0, n_bins), by rank so the bins have equal counts.
+
+    Ties are broken by index, so equal areas can fall into neighbouring bins; that keeps the bins balanced.
+    """
+    area = _check_vector("area", area)
+    if n_bins <= 0:
+        raise ValueError(f"n_bins must be > 0, got {n_bins}")
+    ranks = np.empty(len(area), np.int64)
+    ranks[np.argsort(area, kind="stable")] = np.arange(len(area))
+    return (ranks * n_bins // max(len(area), 1)).astype(np.int64)
+
+
+def annotation_queries(case_ids: list[str] | np.ndarray, reliability: np.ndarray, k: int) -> list[tuple[str, float]]:
+    """The ``k`` least reliable cases, least reliable first, as ``(case_id, reliability)``; ties by index."""
+    rel = _check_vector("reliability", reliability)
+    if len(case_ids) != len(rel):
+        raise DataError("case_ids", f"{len(case_ids)} ids for {len(rel)} reliabilities")
+    if k < 0:
+        raise ValueError(f"k must be >= 0, got {k}")
+    order = _ranked_ascending(rel)
+    return [(str(case_ids[i]), float(rel[i])) for i in order[:k]]
+
+
+def dice_per_case(pred: np.ndarray, truth: np.ndarray, num_classes: int) -> np.ndarray:
+    """(N,) float32 mean foreground Dice per case; a class empty in both maps counts 1."""
+    pred, truth = np.asarray(pred), np.asarray(truth)
+    if pred.shape != truth.shape or pred.ndim != 3:
+        raise DataError("pred", f"shape {pred.shape} must be (N, H, W) and match truth's {truth.shape}")
+    if num_classes < 2:
+        raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+    return np.array(
+        [np.mean([_dice(p == k, t == k) for k in range(1, num_classes)]) for p, t in zip(pred, truth)],
+        dtype=np.float32,
+    )
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman rank correlation of two (N,) arrays; NaN when either is constant."""
+    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
+    if a.shape != b.shape:
+        raise DataError("spearman", f"lengths differ: {a.size} and {b.size}")
+    if a.size < 2 or np.ptp(a) == 0 or np.ptp(b) == 0:
+        return float("nan")
+    return float(stats.spearmanr(a, b).statistic)
+
+
+def _normalised_entropy(probs: np.ndarray) -> np.ndarray:
+    """(N, H, W) entropy divided by log(C), so 0 is certain and 1 uniform."""
+    p = np.clip(probs, 1e-8, 1.0)
+    return (-(p * np.log(p)).sum(1) / math.log(probs.shape[1])).astype(np.float32)
+
+
+def _boundary(label: np.ndarray) -> np.ndarray:
+    """Pixels whose 3x3 neighbourhood holds more than one class."""
+    return ndimage.grey_dilation(label, size=3) != ndimage.grey_erosion(label, size=3)
+
+
+def _dice(x: np.ndarray, y: np.ndarray) -> float:
+    total = int(x.sum()) + int(y.sum())
+    return 1.0 if total == 0 else 2.0 * np.logical_and(x, y).sum() / total
+
+
+def _largest_share(mask: np.ndarray) -> float:
+    total = int(mask.sum())
+    if total == 0:
+        return 0.0
+    components, count = ndimage.label(mask)
+    if count == 1:
+        return 1.0
+    return float(np.bincount(components.ravel())[1:].max() / total)
+
+
+def _nan_low(rel: np.ndarray) -> np.ndarray:
+    """NaN mapped to -inf so it ranks as least reliable."""
+    return np.where(np.isnan(rel), -np.inf, rel)
+
+
+def _ranked(rel: np.ndarray) -> np.ndarray:
+    """Indices by descending reliability, ties by ascending index, NaN last."""
+    return np.lexsort((np.arange(len(rel)), -_nan_low(rel)))
+
+
+def _ranked_ascending(rel: np.ndarray) -> np.ndarray:
+    """Indices by ascending reliability, ties by ascending index, NaN first (least trustworthy)."""
+    return np.lexsort((np.arange(len(rel)), _nan_low(rel)))
+
+
+def _check_probs(name: str, probs: np.ndarray) -> np.ndarray:
+    probs = np.asarray(probs, dtype=np.float32)
+    if probs.ndim != 4 or probs.shape[1] < 2:
+        raise DataError(name, f"expected (N, C >= 2, H, W) probabilities, got shape {probs.shape}")
+    if not np.all(np.isfinite(probs)):
+        raise DataError(name, "holds NaN or infinite values")
+    return probs
+
+
+def _check_vector(name: str, values: np.ndarray) -> np.ndarray:
+    values = np.asarray(values, dtype=np.float64)
+    if values.ndim != 1:
+        raise DataError(name, f"expected a (N,) vector, got shape {values.shape}")
+    return values

@@ -1,0 +1,60 @@
+"""Phantom frames and phantom dataset folders."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from caudo_ray.config import PhantomConfig
+from caudo_ray.data import index_dataset, load_case, make_split, phantom_case, write_phantom_dataset
+from caudo_ray.errors import DataError
+
+
+def test_deterministic_and_seed_dependent():
+    a_img, a_mask = phantom_case(7, (48, 64), 2)
+    b_img, b_mask = phantom_case(7, (48, 64), 2)
+    np.testing.assert_array_equal(a_img, b_img)
+    np.testing.assert_array_equal(a_mask, b_mask)
+    c_img, _ = phantom_case(8, (48, 64), 2)
+    assert not np.array_equal(a_img, c_img)
+    assert a_img.shape == (48, 64) and a_img.dtype == np.float32 and a_mask.dtype == np.uint8
+    assert 0.0 <= a_img.min() and a_img.max() <= 1.0
+    assert set(np.unique(a_mask)) == {0, 1}
+
+
+def test_multiclass_and_target_looks_like_a_head():
+    img, mask = phantom_case(3, (64, 64), 3)
+    assert set(np.unique(mask)) == {0, 1, 2}
+    # Class 2 sits inside the head: every class-2 pixel has head around it.
+    assert mask[mask == 2].size < mask[mask > 0].size
+
+
+def test_target_sizes_vary_widely():
+    fractions = [(phantom_case(s, (48, 48), 2)[1] > 0).mean() for s in range(30)]
+    assert min(fractions) < 0.05 and max(fractions) > 0.15
+
+
+def test_dataset_folder_is_deterministic_and_grouped(tmp_path):
+    cfg = PhantomConfig(num_labelled=8, num_unlabelled=4, size=(32, 32), num_classes=3, num_groups=4, seed=5)
+    root = write_phantom_dataset(tmp_path / "ph", cfg)
+    again = write_phantom_dataset(tmp_path / "ph2", cfg)
+    for sub in ("images", "masks", "unlabeled"):
+        names = sorted(p.name for p in (root / sub).iterdir())
+        assert names == sorted(p.name for p in (again / sub).iterdir())
+        for name in names:
+            assert (root / sub / name).read_bytes() == (again / sub / name).read_bytes()
+    assert (root / "meta.csv").read_text() == (again / "meta.csv").read_text()
+    assert (root / "meta.csv").read_text().startswith("filename,group\n")
+
+    index = index_dataset(root, group_column="group")
+    assert len(index.labelled) == 8 and len(index.unlabelled) == 4
+    assert len({r.group for r in index.labelled}) == 4
+    assert not {r.group for r in index.labelled} & {r.group for r in index.unlabelled}
+    case = load_case(index.labelled[0], (32, 32), num_classes=3)
+    assert case.mask.max() == 2
+    split = make_split(index, seed=0, val_fraction=0.25, test_fraction=0.25)
+    assert split.val and split.test
+
+    assert write_phantom_dataset(root, cfg) == root  # same settings: reused
+    with pytest.raises(DataError, match="not empty"):
+        write_phantom_dataset(root, PhantomConfig(num_labelled=9, size=(32, 32)))

@@ -1,0 +1,291 @@
+"""Label autoencoder, DDIM schedule, deterministic calibration and its measured effect on ellipse phantoms."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from monai.losses import DiceCELoss
+from monai.networks.nets import UNet
+
+from caudo_ray.calibrator import (
+    Calibrator,
+    LabelAutoencoder,
+    build_guidance,
+    calibrate,
+    corrupt_labels,
+    ddim_timesteps,
+    train_calibrator,
+)
+from caudo_ray.config import CalibratorConfig, SegmenterConfig
+from caudo_ray.errors import DataError
+
+torch.set_num_threads(1)
+
+SIZE = 32
+SEG_CFG = SegmenterConfig(scale_range=(0.6, 1.5))
+CAL_CFG = CalibratorConfig(
+    latent_channels=4,
+    downsample=4,
+    block_out_channels=(8, 16),
+    autoencoder_iterations=150,
+    denoiser_iterations=300,
+    batch_size=16,
+    learning_rate=2e-3,
+    inference_steps=10,
+)
+
+
+def _ellipse(size: int, cy: float, cx: float, ry: float, rx: float, angle: float) -> np.ndarray:
+    yy, xx = np.mgrid[:size, :size].astype(np.float32)
+    c, s = np.cos(angle), np.sin(angle)
+    u = (xx - cx) * c + (yy - cy) * s
+    v = -(xx - cx) * s + (yy - cy) * c
+    return ((u / rx) ** 2 + (v / ry) ** 2 <= 1.0).astype(np.uint8)
+
+
+def make_phantoms(n: int, seed: int, size: int = SIZE) -> tuple[np.ndarray, np.ndarray]:
+    """Bright noisy ellipses of varied size and place on a darker noisy background."""
+    rng = np.random.default_rng(seed)
+    images = np.zeros((n, size, size), np.float32)
+    labels = np.zeros((n, size, size), np.uint8)
+    for i in range(n):
+        mask = _ellipse(
+            size,
+            rng.uniform(0.35, 0.65) * size,
+            rng.uniform(0.35, 0.65) * size,
+            rng.uniform(0.15, 0.3) * size,
+            rng.uniform(0.15, 0.3) * size,
+            rng.uniform(0, np.pi),
+        )
+        img = 0.25 + 0.4 * mask + rng.normal(0.0, 0.08, (size, size))
+        images[i] = np.clip(img, 0.0, 1.0)
+        labels[i] = mask
+    return images, labels
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    """Foreground Dice of two label maps."""
+    a, b = a > 0, b > 0
+    return float(2 * (a & b).sum() / max(a.sum() + b.sum(), 1))
+
+
+class TinySegmenter:
+    """A real (tiny) MONAI UNet; ``__call__`` returns softmax probabilities and hooked decoder features."""
+
+    def __init__(self, seed: int):
+        torch.manual_seed(seed)
+        self.net = UNet(spatial_dims=2, in_channels=1, out_channels=2, channels=(8, 16, 32), strides=(2, 2), num_res_units=1)
+        self._features: torch.Tensor | None = None
+        # The skip connection's output (encoder + decoder channels at H/2) is the decoder feature map.
+        self.net.model[1].register_forward_hook(lambda _m, _i, out: setattr(self, "_features", out))
+
+    @property
+    def feature_channels(self) -> int:
+        with torch.no_grad():
+            return self(torch.zeros(1, 1, SIZE, SIZE))[1].shape[1]
+
+    def fit(self, images: np.ndarray, labels: np.ndarray, iterations: int, seed: int) -> None:
+        from caudo_ray.segmenter import augment_views
+
+        views, view_labels = augment_views(images, labels, iterations * 8, cfg=SEG_CFG, rng_seed=seed)
+        x_all = torch.from_numpy(views)[:, None]
+        y_all = torch.from_numpy(view_labels.astype(np.int64))[:, None]
+        loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+        opt = torch.optim.Adam(self.net.parameters(), lr=5e-3)
+        self.net.train()
+        for it in range(iterations):
+            sl = slice(8 * it, 8 * it + 8)
+            loss = loss_fn(self.net(x_all[sl]), y_all[sl])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        self.net.eval()
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            probs = torch.softmax(self.net(x), dim=1)
+        return probs, self._features
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """Segmenter trained on one exemplar, calibrator trained on its views, and unseen test cases."""
+    ex_img, ex_lab = make_phantoms(1, seed=1)
+    segmenter = TinySegmenter(seed=0)
+    segmenter.fit(ex_img, ex_lab, iterations=100, seed=0)
+    torch.manual_seed(0)
+    calibrator = Calibrator.from_config(CAL_CFG, num_classes=2, feature_channels=segmenter.feature_channels)
+    history = train_calibrator(
+        calibrator, segmenter, exemplar_images=ex_img, exemplar_labels=ex_lab, cfg=CAL_CFG, seg_cfg=SEG_CFG, seed=0, num_views=128
+    )
+    test_img, test_lab = make_phantoms(24, seed=7)
+    return segmenter, calibrator, history, test_img, test_lab
+
+
+def _inputs(segmenter, images, labels):
+    x = torch.from_numpy(images)[:, None]
+    probs, feats = segmenter(x)
+    onehot = F.one_hot(torch.from_numpy(labels).long(), 2).permute(0, 3, 1, 2).float()
+    return x, probs, feats, onehot
+
+
+def _scale_shift(labels: np.ndarray) -> np.ndarray:
+    """Whole-object errors on true masks: alternately shrunk / grown by 35% about the centre, and shifted."""
+    out = np.zeros_like(labels)
+    size = labels.shape[-1]
+    for i, lab in enumerate(labels):
+        factor = 0.65 if i % 2 == 0 else 1.35
+        yy, xx = np.nonzero(lab)
+        cy, cx = yy.mean(), xx.mean()
+        gy, gx = np.mgrid[:size, :size].astype(np.float32)
+        sy, sx = cy + (gy - cy - 2) / factor, cx + (gx - cx - 2) / factor  # shift 2 px, then rescale
+        iy, ix = np.round(sy).astype(int), np.round(sx).astype(int)
+        ok = (iy >= 0) & (iy < size) & (ix >= 0) & (ix < size)
+        out[i][ok] = lab[iy[ok], ix[ok]]
+    return out
+
+
+def test_autoencoder_shapes():
+    for ds in (1, 2, 4, 8):
+        ae = LabelAutoencoder(num_classes=3, latent_channels=4, downsample=ds)
+        z = ae.encode(torch.rand(2, 3, 32, 32))
+        assert z.shape == (2, 4, 32 // ds, 32 // ds)
+        assert z.abs().max() <= 1.0  # tanh-bounded before the latent scale is measured
+        assert ae.decode(z).shape == (2, 3, 32, 32)
+
+
+def test_ddim_timesteps():
+    assert ddim_timesteps(1000, 10, 0.5) == [0, 100, 200, 300, 400, 500]
+    full = ddim_timesteps(1000, 10, 1.0)
+    assert full[0] == 0 and full[-1] == 999 and len(full) == 11
+    assert ddim_timesteps(1000, 10, 0.01) == [0, 10]
+    assert ddim_timesteps(1000, 4, 0.3) == [0, 150, 300]
+    assert ddim_timesteps(1000, 10, 1e-4) == [0]
+    with pytest.raises(ValueError):
+        ddim_timesteps(1000, 10, 0.0)
+
+
+def test_corrupt_labels_keeps_probabilities():
+    _, labels = make_phantoms(16, seed=3)
+    onehot = F.one_hot(torch.from_numpy(labels).long(), 2).permute(0, 3, 1, 2).float()
+    out = corrupt_labels(onehot, np.random.default_rng(0), probability=1.0)
+    assert torch.allclose(out.sum(1), torch.ones(16, SIZE, SIZE), atol=1e-5)
+    changed = [dice(o.argmax(0).numpy(), lab) < 0.95 for o, lab in zip(out, labels)]
+    assert sum(changed) >= 12
+    again = corrupt_labels(onehot, np.random.default_rng(0), probability=1.0)
+    assert torch.equal(out, again)
+
+
+def test_autoencoder_reconstructs_masks(trained):
+    _, calibrator, history, test_img, test_lab = trained
+    ae = calibrator.autoencoder
+    onehot = F.one_hot(torch.from_numpy(test_lab).long(), 2).permute(0, 3, 1, 2).float()
+    with torch.no_grad():
+        z = ae.encode(onehot)
+        recon = ae.decode(z).argmax(1).numpy()
+    scores = [dice(r, lab) for r, lab in zip(recon, test_lab)]
+    assert np.mean(scores) > 0.9, scores
+    assert 0.5 < float(z.std()) < 2.0  # latent scale measured to about unit
+    assert history["autoencoder_loss"][-1] < history["autoencoder_loss"][0]
+    assert len(history["denoiser_loss"]) == CAL_CFG.denoiser_iterations
+
+
+def test_calibrate_is_deterministic_and_depends_on_w(trained):
+    segmenter, calibrator, _, test_img, test_lab = trained
+    x, probs, feats, _ = _inputs(segmenter, test_img[:4], test_lab[:4])
+    a = calibrate(calibrator, x, probs, feats, w=1.5, s=0.5, num_steps=10)
+    b = calibrate(calibrator, x, probs, feats, w=1.5, s=0.5, num_steps=10)
+    assert torch.equal(a, b)
+    assert a.shape == probs.shape
+    assert torch.allclose(a.sum(1), torch.ones_like(a[:, 0]), atol=1e-5)
+    c = calibrate(calibrator, x, probs, feats, w=0.0, s=0.5, num_steps=10)
+    assert not torch.equal(a, c)
+
+
+def test_tiny_strength_keeps_the_initial_label(trained):
+    segmenter, calibrator, _, test_img, test_lab = trained
+    corrupted = _scale_shift(test_lab[:8])
+    x, _, feats, onehot = _inputs(segmenter, test_img[:8], corrupted)
+    out = calibrate(calibrator, x, onehot, feats, w=0.0, s=0.01, num_steps=10).argmax(1).numpy()
+    assert np.mean([dice(o, c) for o, c in zip(out, corrupted)]) > 0.9
+
+
+def _calibration_gain(segmenter, calibrator, test_img, test_lab) -> tuple[float, float]:
+    corrupted = _scale_shift(test_lab)
+    x, _, feats, onehot = _inputs(segmenter, test_img, corrupted)
+    out = calibrate(calibrator, x, onehot, feats, w=CAL_CFG.guidance_strength, s=CAL_CFG.calibration_strength, num_steps=10)
+    before = np.mean([dice(c, t) for c, t in zip(corrupted, test_lab)])
+    after = np.mean([dice(o, t) for o, t in zip(out.argmax(1).numpy(), test_lab)])
+    print(f"corrupted pseudo-label Dice before {before:.3f} after calibration {after:.3f}")
+    return before, after
+
+
+def test_calibration_improves_corrupted_labels(trained):
+    segmenter, calibrator, _, test_img, test_lab = trained
+    before, after = _calibration_gain(segmenter, calibrator, test_img, test_lab)
+    assert after > before + 0.03
+
+
+@pytest.mark.slow
+def test_calibration_improves_corrupted_labels_longer_training(trained):
+    segmenter, _, _, test_img, test_lab = trained
+    ex_img, ex_lab = make_phantoms(1, seed=1)
+    cfg = dataclasses.replace(CAL_CFG, denoiser_iterations=1200)
+    torch.manual_seed(0)
+    calibrator = Calibrator.from_config(cfg, num_classes=2, feature_channels=segmenter.feature_channels)
+    train_calibrator(
+        calibrator, segmenter, exemplar_images=ex_img, exemplar_labels=ex_lab, cfg=cfg, seg_cfg=SEG_CFG, seed=0, num_views=128
+    )
+    before, after = _calibration_gain(segmenter, calibrator, test_img, test_lab)
+    assert after > before + 0.1
+
+
+def test_state_dict_round_trip(trained):
+    segmenter, calibrator, _, test_img, test_lab = trained
+    clone = Calibrator.from_dict(calibrator.config_dict())
+    clone.load_state_dict(calibrator.state_dict())
+    x, probs, feats, _ = _inputs(segmenter, test_img[:2], test_lab[:2])
+    assert torch.equal(
+        calibrate(calibrator, x, probs, feats, w=2.0, s=0.3, num_steps=10),
+        calibrate(clone, x, probs, feats, w=2.0, s=0.3, num_steps=10),
+    )
+    assert float(clone.autoencoder.latent_scale) == float(calibrator.autoencoder.latent_scale) != 1.0
+
+
+def test_training_is_deterministic_and_uses_pseudo_labels():
+    ex_img, ex_lab = make_phantoms(1, seed=1)
+    ps_img, ps_lab = make_phantoms(6, seed=2)
+    segmenter = TinySegmenter(seed=0)
+    cfg = CalibratorConfig(
+        latent_channels=2, downsample=4, block_out_channels=(4, 8), autoencoder_iterations=3, denoiser_iterations=3, batch_size=4
+    )
+    states = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        cal = Calibrator.from_config(cfg, num_classes=2, feature_channels=segmenter.feature_channels)
+        hist = train_calibrator(
+            cal, segmenter, exemplar_images=ex_img, exemplar_labels=ex_lab, pseudo_images=ps_img, pseudo_labels=ps_lab,
+            pseudo_weights=np.linspace(0.2, 1.0, 6, dtype=np.float32), cfg=cfg, seg_cfg=SEG_CFG, seed=5, num_views=8,
+        )
+        states.append((hist, cal.state_dict()))
+    (h1, s1), (h2, s2) = states
+    assert h1 == h2
+    assert all(torch.equal(s1[k], s2[k]) for k in s1)
+
+
+def test_bad_inputs_raise_data_error():
+    cal = Calibrator.from_config(CAL_CFG, num_classes=2, feature_channels=8)
+    x = torch.rand(2, 1, SIZE, SIZE)
+    probs = torch.rand(2, 2, SIZE, SIZE)
+    with pytest.raises(DataError, match="probs"):
+        calibrate(cal, x, torch.rand(2, 3, SIZE, SIZE), torch.rand(2, 8, 16, 16), w=1.0, s=0.5, num_steps=4)
+    with pytest.raises(DataError, match="features"):
+        calibrate(cal, x, probs, torch.rand(2, 5, 16, 16), w=1.0, s=0.5, num_steps=4)
+    with pytest.raises(DataError, match="multiple of"):
+        calibrate(cal, torch.rand(2, 1, 36, 36), torch.rand(2, 2, 36, 36), torch.rand(2, 8, 18, 18), w=1.0, s=0.5, num_steps=4)
+    g = build_guidance(x, probs, torch.rand(2, 8, 16, 16), cal.autoencoder, (8, 8))
+    assert g.shape == (2, 8 + CAL_CFG.latent_channels + 1, 8, 8)

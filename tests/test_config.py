@@ -1,0 +1,56 @@
+import pytest
+
+from caudo_ray.cli import demo_config_path
+from caudo_ray.config import ConfigError, load_config
+
+
+def test_defaults_and_demo_config_validate():
+    assert load_config().rounds >= 1
+    demo = load_config(demo_config_path())
+    assert demo.data.path is None and demo.runtime.use_ray
+
+
+@pytest.mark.parametrize(
+    "raw, key",
+    [
+        ({"calibrator": {"guidance_strenght": 1.0}}, "calibrator.guidance_strenght"),
+        ({"rounds": "three"}, "rounds"),
+        ({"calibrator": {"guidance_strength": -0.5}}, "calibrator.guidance_strength"),
+        ({"calibrator": {"calibration_strength": 0}}, "calibrator.calibration_strength"),
+        ({"split": {"val_fraction": 0.5, "test_fraction": 0.5}}, "split.test_fraction"),
+        ({"split": {"test_fraction": 0.0}}, "split.test_fraction"),
+        ({"data": {"working_size": [60, 64]}}, "data.working_size"),
+        ({"data": {"working_size": [64]}}, "data.working_size"),
+        ({"segmenter": {"strides": [2, 2]}}, "segmenter.strides"),
+        ({"selection": {"fractions": [0.5, 1.5]}}, "selection.fractions[1]"),
+        ({"runtime": {"use_ray": "yes"}}, "runtime.use_ray"),
+    ],
+)
+def test_bad_values_are_refused_naming_the_key(raw, key):
+    with pytest.raises(ConfigError) as err:
+        load_config(raw)
+    assert err.value.key == key
+    assert str(err.value).startswith(key)
+
+
+def test_yaml_file_and_dotted_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("rounds: 2\ncalibrator:\n  guidance_strength: 2.5\n")
+    cfg = load_config(path, {"calibrator.inference_steps": 4, "data.group_column": None})
+    assert cfg.rounds == 2 and cfg.calibrator.guidance_strength == 2.5
+    assert cfg.calibrator.inference_steps == 4 and cfg.data.group_column is None
+
+
+def test_missing_or_malformed_file_named(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- a list\n")
+    with pytest.raises(ConfigError, match="bad.yaml"):
+        load_config(bad)
+
+
+def test_method_hash_tracks_method_not_runtime():
+    base = load_config()
+    assert load_config(None, {"runtime.num_workers": 4, "work_dir": "elsewhere"}).method_hash() == base.method_hash()
+    assert load_config(None, {"calibrator.guidance_strength": 3.0}).method_hash() != base.method_hash()

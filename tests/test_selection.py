@@ -1,0 +1,155 @@
+"""Reliability scores, curriculum selection and annotation queries on synthetic ellipse label maps."""
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from caudo_ray.errors import DataError
+from caudo_ray.selection import (
+    annotation_queries,
+    area_strata,
+    dice_per_case,
+    reliability_scores,
+    select_top,
+    spearman,
+)
+
+SHAPE = (32, 32)
+
+
+def ellipse(cy, cx, ry, rx, shape=SHAPE):
+    y, x = np.mgrid[: shape[0], : shape[1]]
+    return ((y - cy) / ry) ** 2 + ((x - cx) / rx) ** 2 < 1
+
+
+def soft(mask, tau):
+    """Two-class probabilities whose foreground is sigmoid(signed distance / tau): larger tau, blurrier."""
+    sdf = ndimage.distance_transform_edt(mask) - ndimage.distance_transform_edt(~mask)
+    fg = 1.0 / (1.0 + np.exp(-sdf / tau))
+    return np.stack([1.0 - fg, fg]).astype(np.float32)
+
+
+def corrupt(rng, params, severity):
+    """An ellipse label with scale, shape and position errors and, more often when severe, a spurious blob."""
+    cy, cx, ry, rx = params
+    scale = np.exp(rng.normal(0, 0.35 * severity))
+    mask = ellipse(
+        cy + rng.normal(0, 6 * severity),
+        cx + rng.normal(0, 6 * severity),
+        ry * scale,
+        rx * scale * np.exp(rng.normal(0, 0.2 * severity)),
+    )
+    if rng.random() < severity:
+        mask |= ellipse(rng.uniform(4, 28), rng.uniform(4, 28), 3 + 4 * severity, 3 + 4 * severity)
+    return mask
+
+
+def test_identical_maps_agree_and_corruption_lowers_reliability():
+    truth = ellipse(16, 16, 8, 6)
+    p = soft(truth, 0.5)[None]
+    same = reliability_scores(p, p)
+    assert same["agreement"][0] == pytest.approx(1.0)
+    assert same["compactness"][0] == pytest.approx(1.0)
+    assert same["area"][0] == pytest.approx(truth.mean())
+    assert 0.0 <= same["reliability"][0] <= 1.0
+
+    shifted = soft(ellipse(20, 19, 8, 6), 0.5)[None]
+    blurry = soft(truth, 4.0)[None]
+    fragmented = soft(truth | ellipse(4, 4, 2.5, 2.5), 0.5)[None]
+    for corrupted in (shifted, blurry, fragmented):
+        assert reliability_scores(p, corrupted)["reliability"][0] < same["reliability"][0]
+    assert reliability_scores(p, shifted)["agreement"][0] < 1.0
+    assert reliability_scores(p, blurry)["confidence"][0] < same["confidence"][0]
+    assert reliability_scores(p, fragmented)["compactness"][0] < 1.0
+
+
+def test_empty_maps():
+    empty = np.zeros((1, 2) + SHAPE, np.float32)
+    empty[:, 0] = 1.0
+    scores = reliability_scores(empty, empty)
+    assert scores["agreement"][0] == 1.0  # both empty agree ...
+    assert scores["reliability"][0] == 0.0  # ... but an empty map of a single-object target is not usable
+    assert scores["area"][0] == 0.0
+
+
+def test_shape_mismatch_is_a_data_error():
+    a = np.full((2, 2, 8, 8), 0.5, np.float32)
+    with pytest.raises(DataError, match="calibrated_probs"):
+        reliability_scores(a, a[:1])
+    with pytest.raises(DataError, match="initial_probs"):
+        reliability_scores(a[:, 0], a[:, 0])
+
+
+def test_reliability_ranks_true_dice_on_corrupted_ellipses():
+    rng = np.random.default_rng(0)
+    n = 60
+    initial, calibrated, truth = [], [], []
+    for i in range(n):
+        severity = i / (n - 1)
+        params = (rng.uniform(13, 19), rng.uniform(13, 19), rng.uniform(5, 9), rng.uniform(5, 9))
+        truth.append(ellipse(*params))
+        # Two independent corruptions of equal severity: the calibrator's output and the segmenter's input
+        # disagree more, and are blurrier, when both are further from the truth.
+        calibrated.append(soft(corrupt(rng, params, severity), 0.5 + 2.5 * severity * rng.uniform(0.5, 1.5)))
+        initial.append(soft(corrupt(rng, params, severity), 0.5 + 2.5 * severity * rng.uniform(0.5, 1.5)))
+    calibrated = np.stack(calibrated)
+    scores = reliability_scores(np.stack(initial), calibrated)
+    true_dice = dice_per_case(calibrated.argmax(1).astype(np.uint8), np.stack(truth).astype(np.uint8), 2)
+    rho = spearman(scores["reliability"], true_dice)
+    assert rho > 0.7, f"Spearman(reliability, true Dice) = {rho:.3f}"
+    assert all(v.shape == (n,) and v.dtype == np.float32 for v in scores.values())
+
+
+def test_select_top_takes_most_reliable_fraction_with_index_tie_break():
+    rel = np.array([0.1, 0.9, 0.5, 0.9, np.nan, 0.3, 0.7, 0.2])
+    assert select_top(rel, 0.25).tolist() == [1, 3]
+    assert select_top(rel, 0.3).tolist() == [1, 3, 6]  # ceil(0.3 * 8) = 3
+    assert select_top(np.array([0.5, 0.5, 0.5]), 0.5).tolist() == [0, 1]  # ties: lower index first
+    assert select_top(rel, 1.0).tolist() == list(range(8))  # NaN ranks last but is kept at fraction 1
+    with pytest.raises(ValueError):
+        select_top(rel, 0.0)
+
+
+def test_stratified_selection_keeps_every_stratum():
+    rng = np.random.default_rng(1)
+    area = rng.uniform(0.05, 0.5, 40)
+    reliability = area + rng.normal(0, 0.02, 40)  # big targets look easy: plain top-k would take only them
+    strata = area_strata(area, n_bins=4)
+    assert np.bincount(strata).tolist() == [10, 10, 10, 10]
+    assert (np.diff(strata[np.argsort(area)]) >= 0).all()
+
+    plain = select_top(reliability, 0.25)
+    assert set(strata[plain]) == {3}
+    chosen = select_top(reliability, 0.25, strata=strata)
+    assert set(strata[chosen]) == {0, 1, 2, 3}
+    for s in range(4):
+        members = np.flatnonzero(strata == s)
+        best = members[np.argsort(-reliability[members])[:3]]  # ceil(0.25 * 10)
+        assert set(chosen[strata[chosen] == s]) == set(best)
+    assert (np.diff(chosen) > 0).all()
+
+
+def test_annotation_queries_least_reliable_ascending():
+    ids = [f"case{i}" for i in range(6)]
+    rel = np.array([0.8, 0.2, 0.5, 0.2, 0.9, 0.1])
+    queries = annotation_queries(ids, rel, 3)
+    assert [q[0] for q in queries] == ["case5", "case1", "case3"]
+    assert [q[1] for q in queries] == pytest.approx([0.1, 0.2, 0.2])
+    assert len(annotation_queries(ids, rel, 100)) == 6
+    assert annotation_queries(ids, rel, 0) == []
+    with pytest.raises(DataError, match="case_ids"):
+        annotation_queries(ids[:2], rel, 1)
+
+
+def test_dice_per_case_and_spearman():
+    truth = np.stack([ellipse(16, 16, 8, 6), ellipse(16, 16, 8, 6), np.zeros(SHAPE, bool)]).astype(np.uint8)
+    pred = truth.copy()
+    pred[1] = ellipse(16, 24, 8, 6)
+    dice = dice_per_case(pred, truth, 2)
+    assert dice[0] == 1.0 and dice[2] == 1.0 and 0.0 < dice[1] < 1.0
+    three = np.zeros((1,) + SHAPE, np.uint8)
+    three[0, 8:16, 8:16] = 1
+    assert dice_per_case(three, three, 3)[0] == 1.0  # class 2 absent from both counts 1
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert np.isnan(spearman([1, 1, 1], [1, 2, 3]))

@@ -1,0 +1,353 @@
+"""PseudoLabelStore on real Zarr v3 stores (on disk in tmp_path, and fsspec memory://)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+from PIL import Image
+
+from caudo_ray.errors import DataError, StoreError
+from caudo_ray.store import NO_TRUTH, SCHEMA_VERSION, PseudoLabelStore, StoreNotFoundError
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SIZE = (16, 16)
+CLASSES = 3
+
+
+def _ids(n: int) -> list[str]:
+    return [f"case_{i:03d}" for i in range(n)]
+
+
+def _create(url, n: int = 8, **kwargs) -> PseudoLabelStore:
+    geometries = [{"shape": [20 + i, 24], "format": "png", "source": f"images/case_{i:03d}.png"} for i in range(n)]
+    return PseudoLabelStore.create(
+        url, case_ids=_ids(n), geometries=geometries, working_size=SIZE, num_classes=CLASSES, config_hash="hash-a", **kwargs
+    )
+
+
+def _results(indices, seed: int = 0):
+    """Deterministic per-case results, so any reader can recompute what a case must hold."""
+    indices = np.asarray(indices)
+    initial = np.stack([np.full(SIZE, i % CLASSES, np.uint8) for i in indices])
+    calibrated = np.stack([np.random.default_rng(seed + int(i)).integers(0, CLASSES, SIZE).astype(np.uint8) for i in indices])
+    scores = {
+        "reliability": indices / 100.0,
+        "agreement": indices / 200.0,
+        "confidence": np.full(len(indices), 0.5),
+        "entropy": indices.astype(float),
+    }
+    return initial, calibrated, scores
+
+
+def _write(store: PseudoLabelStore, r: int, indices, seed: int = 0) -> None:
+    initial, calibrated, scores = _results(indices, seed)
+    store.write_results(r, indices, initial, calibrated, scores)
+
+
+def _assert_intact(store: PseudoLabelStore, r: int, indices, seed: int = 0) -> None:
+    initial, calibrated, scores = _results(indices, seed)
+    got = store.read_round(r, indices)
+    np.testing.assert_array_equal(got["initial"], initial)
+    np.testing.assert_array_equal(got["calibrated"], calibrated)
+    for name, values in scores.items():
+        np.testing.assert_allclose(got["scores"][name], values, rtol=1e-6)
+
+
+def test_create_open_round_trip(tmp_path):
+    url = tmp_path / "store.zarr"
+    store = _create(url, provenance={"segmenter": "v0"})
+    images = np.random.default_rng(0).random((3, *SIZE)).astype(np.float32)
+    store.write_images([4, 1, 6], images)
+    ids = ["ex_a", "ex_b"]
+    ex_images = np.random.default_rng(1).random((2, *SIZE))
+    ex_labels = np.random.default_rng(2).integers(0, CLASSES, (2, *SIZE))
+    store.set_exemplars(ids, ex_images, ex_labels)
+
+    reopened = PseudoLabelStore.open(url, config_hash="hash-a")
+    assert reopened.case_ids == _ids(8)
+    assert reopened.num_cases == 8
+    assert reopened.working_size == SIZE
+    assert reopened.num_classes == CLASSES
+    assert reopened.config_hash == "hash-a"
+    assert reopened.attrs["schema_version"] == SCHEMA_VERSION
+    assert reopened.attrs["provenance"] == {"segmenter": "v0"}
+    assert reopened.geometries([2])[0]["shape"] == [22, 24]
+    np.testing.assert_allclose(reopened.read_images([6, 4]), images[[2, 0]], atol=1e-3)
+    assert reopened.read_images([6]).dtype == np.float32
+    np.testing.assert_array_equal(reopened.images_missing(), [0, 2, 3, 5, 7])
+    got_ids, got_images, got_labels = reopened.exemplars()
+    assert got_ids == ids
+    np.testing.assert_allclose(got_images, ex_images, atol=1e-3)
+    np.testing.assert_array_equal(got_labels, ex_labels)
+
+    with pytest.raises(StoreError, match="already exists"):
+        _create(url)
+    with pytest.raises(FileNotFoundError):
+        PseudoLabelStore.open(tmp_path / "absent.zarr")
+    with pytest.raises(StoreNotFoundError, match="no pseudo-label store"):
+        PseudoLabelStore.open(tmp_path / "absent.zarr")
+    assert PseudoLabelStore.open_or_create(
+        url, case_ids=_ids(8), geometries=[{}] * 8, working_size=SIZE, num_classes=CLASSES, config_hash="hash-a"
+    ).case_ids == _ids(8)
+
+
+def test_pool_loading_truth_geometry_and_skipped_cases(tmp_path):
+    store = PseudoLabelStore.create(
+        tmp_path / "store.zarr", case_ids=_ids(5), working_size=SIZE, num_classes=CLASSES, config_hash="h"
+    )
+    ids, ex_images, ex_labels = store.exemplars()
+    assert ids == [] and ex_images.shape == (0, *SIZE) and ex_labels.shape == (0, *SIZE)
+    assert store.geometries([0]) == [{}]
+
+    images = np.random.default_rng(0).random((3, *SIZE))
+    truth = np.stack([np.full(SIZE, 2, np.uint8), np.full(SIZE, NO_TRUTH, np.uint8), np.ones(SIZE, np.uint8)])
+    geometries = [{"shape": [30, 31], "format": "png", "source": f"s{i}.png"} for i in (4, 0, 2)]
+    store.write_cases([4, 0, 2], images=images, truth=truth, geometries=geometries)
+    store.mark_skipped(1, "unreadable PNG")
+
+    reopened = PseudoLabelStore.open(tmp_path / "store.zarr", config_hash="h")
+    np.testing.assert_array_equal(reopened.read_truth([0, 4, 3]), [truth[1], truth[0], np.full(SIZE, NO_TRUTH)])
+    assert [g.get("source") for g in reopened.geometries()] == ["s0.png", None, "s2.png", None, "s4.png"]
+    assert reopened.skipped == {"case_001": "unreadable PNG"}
+    np.testing.assert_array_equal(reopened.images_missing(), [1, 3])
+    np.testing.assert_array_equal(reopened.usable_mask(), [True, False, True, False, True])
+    with pytest.raises(DataError, match="case_004: truth label map has classes 7..7"):
+        reopened.write_cases([4], images=images[:1], truth=np.full((1, *SIZE), 7, np.uint8))
+
+
+def test_schema_and_config_hash_mismatch_refused_and_store_intact(tmp_path):
+    url = tmp_path / "store.zarr"
+    store = _create(url)
+    store.begin_round(0, {"w": 2.0})
+    _write(store, 0, [0, 1])
+
+    with pytest.raises(StoreError, match="hash-a.*hash-b"):
+        PseudoLabelStore.open(url, config_hash="hash-b")
+    with pytest.raises(StoreError, match="hash-a.*hash-b"):
+        PseudoLabelStore.open_or_create(
+            url, case_ids=_ids(8), geometries=[{}] * 8, working_size=SIZE, num_classes=CLASSES, config_hash="hash-b"
+        )
+    zarr.open_group(str(url), mode="r+").attrs.update({"schema_version": SCHEMA_VERSION + 1})
+    with pytest.raises(StoreError, match=f"schema_version {SCHEMA_VERSION + 1}.*schema_version {SCHEMA_VERSION}"):
+        PseudoLabelStore.open(url)
+
+    zarr.open_group(str(url), mode="r+").attrs.update({"schema_version": SCHEMA_VERSION})
+    intact = PseudoLabelStore.open(url, config_hash="hash-a", mode="r")
+    assert intact.attrs["config_hash"] == "hash-a"
+    _assert_intact(intact, 0, [0, 1])
+    with pytest.raises(StoreError, match="read-only"):
+        _write(intact, 0, [2])
+
+
+def test_write_results_read_back_and_commit(tmp_path):
+    store = _create(tmp_path / "store.zarr")
+    store.begin_round(0, {"w": 2.0, "s": 0.5, "steps": (2,)})
+    store.begin_round(0, {"w": 2.0, "s": 0.5, "steps": [2]})  # idempotent, tuples read back as lists
+    with pytest.raises(StoreError, match="round 0 was begun with params"):
+        store.begin_round(0, {"w": 3.0, "s": 0.5, "steps": [2]})
+
+    _write(store, 0, [5, 2, 3])  # scattered, unsorted
+    _write(store, 0, [0, 1])  # contiguous
+    _assert_intact(store, 0, [0, 1, 2, 3, 5])
+    with pytest.raises(StoreError, match="3 of 8 cases are missing"):
+        store.commit_round(0, np.ones(8, bool), {})
+    assert not store.is_committed(0)
+
+    _write(store, 0, [7, 4, 6])
+    store.commit_round(0, np.arange(8) % 2 == 0, {"pseudo_dice": np.float32(0.75)})
+    assert store.is_committed(0)
+    assert store.committed_rounds() == [0]
+    assert store.rounds() == [0]
+    np.testing.assert_array_equal(store.selected(0), np.arange(8) % 2 == 0)
+    assert store.round_attrs(0)["summary"] == {"pseudo_dice": 0.75}
+    assert store.attrs["rounds"]["0"]["committed"] is True
+    np.testing.assert_allclose(store.read_scores(0)["entropy"], np.arange(8))
+    with pytest.raises(StoreError, match="committed"):
+        _write(store, 0, [1])
+
+    store.begin_round(1, {"w": 2.0})
+    initial, calibrated, scores = _results([0])
+    with pytest.raises(DataError, match="case_000: calibrated label map has classes 5..7, expected 0..2"):
+        store.write_results(1, [0], initial, calibrated + 5, scores)
+    with pytest.raises(DataError, match=r"unknown score names \['typo'\]"):
+        store.write_results(1, [0], initial, calibrated, {"typo": np.zeros(1)})
+    assert store.missing(1).tolist() == list(range(8))
+    store.write_results(1, [0], initial, calibrated, {"reliability": np.array([0.9]), "initial_dice": np.array([np.nan])})
+    scores = store.read_round(1, [0, 1])["scores"]
+    assert scores["reliability"][0] == np.float32(0.9)
+    assert np.isnan(scores["initial_dice"]).all() and np.isnan(scores["agreement"]).all()
+    assert store.round_summary(0) == {"pseudo_dice": 0.75}
+    with pytest.raises(StoreError, match="round 1 is not committed"):
+        store.round_summary(1)
+
+
+def test_missing_after_reopen_of_half_written_round(tmp_path):
+    url = tmp_path / "store.zarr"
+    store = _create(url, n=10)
+    store.begin_round(2, {"w": 1.0})
+    _write(store, 2, [9, 0, 4, 5])
+    del store
+
+    reopened = PseudoLabelStore.open(url, config_hash="hash-a")
+    assert reopened.rounds() == [2]
+    np.testing.assert_array_equal(reopened.missing(2), [1, 2, 3, 6, 7, 8])
+    np.testing.assert_array_equal(np.flatnonzero(reopened.done(2)), [0, 4, 5, 9])
+
+
+def _ray_writer(url: str, indices: list[int]) -> int:
+    store = PseudoLabelStore.open(url, config_hash="hash-a")
+    for start in range(0, len(indices), 4):
+        _write(store, 0, indices[start : start + 4])
+    return len(indices)
+
+
+def test_two_ray_tasks_write_interleaved_cases_of_one_round(tmp_path, monkeypatch):
+    ray = pytest.importorskip("ray")
+    url = str(tmp_path / "store.zarr")
+    store = _create(url, n=24)
+    store.begin_round(0, {"w": 1.0})
+    # Workers import this test module and caudo_ray through the environment they inherit from the driver.
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO_ROOT), str(REPO_ROOT / "tests")]))
+    monkeypatch.setenv("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        task = ray.remote(_ray_writer)
+        evens, odds = list(range(0, 24, 2)), list(range(1, 24, 2))
+        assert ray.get([task.remote(url, evens), task.remote(url, odds)]) == [12, 12]
+    finally:
+        ray.shutdown()
+
+    reopened = PseudoLabelStore.open(url)
+    assert reopened.missing(0).size == 0
+    _assert_intact(reopened, 0, list(range(24)))
+    assert reopened.verify(0) == []
+
+
+def test_corrupted_chunk_detected_by_verify_and_invalidated(tmp_path):
+    url = tmp_path / "store.zarr"
+    store = _create(url)
+    store.begin_round(0, {"w": 1.0})
+    _write(store, 0, list(range(8)))
+    assert store.verify(0) == []
+
+    chunk = url / "rounds" / "0" / "calibrated" / "c" / "3" / "0" / "0"
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+
+    reopened = PseudoLabelStore.open(url)
+    assert reopened.verify(0) == [3]
+    assert reopened.verify(0, [0, 1]) == []
+    reopened.invalidate(0, [3])
+    np.testing.assert_array_equal(reopened.missing(0), [3])
+    _write(reopened, 0, [3])
+    assert reopened.verify(0) == []
+    _assert_intact(reopened, 0, list(range(8)))
+
+
+def test_fsspec_memory_url(tmp_path):
+    url = f"memory://caudo-{uuid.uuid4().hex}/store.zarr"
+    store = _create(url)
+    store.begin_round(0, {"w": 1.0})
+    _write(store, 0, [1, 6])
+    reopened = PseudoLabelStore.open(url, config_hash="hash-a")
+    np.testing.assert_array_equal(reopened.missing(0), [0, 2, 3, 4, 5, 7])
+    _assert_intact(reopened, 0, [1, 6])
+    with pytest.raises(StoreError, match="already exists"):
+        _create(url)
+    assert reopened.acquire_lock("run-a") is False  # no atomic lock file on a remote store
+
+
+@pytest.mark.parametrize("bad", ["../escape", ".hidden", "a/b", "", "spa ce", "dup"])
+def test_unsafe_or_duplicate_case_ids_refused(tmp_path, bad):
+    ids = ["ok_1", bad, "dup"] if bad == "dup" else ["ok_1", bad]
+    with pytest.raises(DataError) as err:
+        PseudoLabelStore.create(
+            tmp_path / "store.zarr", case_ids=ids, geometries=[{}] * len(ids), working_size=SIZE,
+            num_classes=CLASSES, config_hash="h",
+        )
+    assert err.value.source == bad
+    assert not (tmp_path / "store.zarr").exists()
+
+
+def test_export_round_writes_original_shape(tmp_path):
+    store = _create(tmp_path / "store.zarr", n=4)
+    store.begin_round(0, {"w": 1.0})
+    _write(store, 0, [0, 2, 3])
+
+    def restore(mask: np.ndarray, geometry: dict) -> np.ndarray:
+        height, width = geometry["shape"]
+        rows = np.arange(height) * mask.shape[0] // height
+        cols = np.arange(width) * mask.shape[1] // width
+        return mask[np.ix_(rows, cols)]
+
+    def writer(mask: np.ndarray, geometry: dict, path: Path) -> None:
+        Image.fromarray(mask).save(path)
+
+    written = store.export_round(0, tmp_path / "out", which="initial", restore=restore, writer=writer)
+    assert [p.name for p in written] == ["case_000.png", "case_002.png", "case_003.png"]
+    for path, i in zip(written, [0, 2, 3]):
+        mask = np.asarray(Image.open(path))
+        assert mask.shape == (20 + i, 24)
+        assert set(np.unique(mask)) == {i % CLASSES}
+    _write(store, 0, [1])
+    store.commit_round(0, np.array([False, False, True, False]), {})
+    selected = store.export_round(0, tmp_path / "sel", selected_only=True, restore=restore, writer=writer)
+    assert [p.name for p in selected] == ["case_002.png"]
+    with pytest.raises(StoreError, match="fmt"):
+        store.export_round(0, tmp_path / "out", fmt="jpeg", restore=restore, writer=writer)
+
+
+def test_lock_refuses_second_owner_and_releases(tmp_path):
+    url = tmp_path / "store.zarr"
+    first = _create(url)
+    second = PseudoLabelStore.open(url)
+    assert first.acquire_lock("run-a")
+    assert first.acquire_lock("run-a")  # re-entrant for the same owner and process
+    with pytest.raises(StoreError, match="in use by 'run-a'"):
+        second.acquire_lock("run-b")
+    first.release_lock()
+    assert not (url / ".lock").exists()
+    assert second.acquire_lock("run-b")
+    second.release_lock()
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    stale = {"owner": "crashed", "pid": int(dead.stdout), "hostname": socket.gethostname(), "time": "2020-01-01T00:00:00+00:00"}
+    (url / ".lock").write_text(json.dumps(stale))
+    assert second.acquire_lock("run-c")
+    assert json.loads((url / ".lock").read_text())["owner"] == "run-c"
+    second.release_lock()
+    assert sorted(p.name for p in url.iterdir()) == ["cases", "rounds", "zarr.json"]
+
+
+def test_export_round_default_data_layer_writes_source_formats(tmp_path):
+    from caudo_ray.data import Geometry
+
+    geometries = [
+        Geometry(shape=(20, 24), format="png", source="images/a.png").to_dict(),
+        Geometry(shape=(18, 22), format="nifti", source="images/b.nii.gz", volume_shape=(18, 22),
+                 affine=tuple(tuple(float(i == j) for j in range(4)) for i in range(4))).to_dict(),
+    ]
+    store = PseudoLabelStore.create(
+        tmp_path / "store.zarr", case_ids=["a", "b"], geometries=geometries, working_size=SIZE,
+        num_classes=CLASSES, config_hash="h",
+    )
+    store.begin_round(0, {"w": 1.0})
+    _write(store, 0, [0, 1])
+    written = store.export_round(0, tmp_path / "out", fmt="source")
+    assert [p.name for p in written] == ["a.png", "b.nii.gz"]
+    assert np.asarray(Image.open(written[0])).shape == (20, 24)
+    import nibabel as nib
+
+    volume = np.asanyarray(nib.load(str(written[1])).dataobj)
+    assert volume.shape == (18, 22)
+    assert set(np.unique(volume)) <= set(range(CLASSES))
