@@ -3,7 +3,6 @@
 - :class:`SegmenterTrainer` trains a round's models (``TrainContext.train``), reading its inputs from the store.
 - :class:`CalibrationWorker` labels batches (``pipeline.label_cases``): segmenter inference and DDIM calibration
   in one process, results written straight into the store's per-case chunks.
-- :class:`StoreOwner` hosts the store's owner-side operations (round begin/commit, group attributes).
 - :class:`RayExecutor` keeps a bounded number of batches in flight per worker (backpressure) and re-queues the
   batches of a worker that died; Ray restarts the actor (``max_restarts``).
 
@@ -84,11 +83,10 @@ class CalibrationWorker:
         self.version: str | None = None
 
     def label(self, r: int, models_ref: list, indices: np.ndarray) -> pipeline.BatchStats:
-        models: RoundModels | None = None
-        if self.engine is None or self.version != f"{r}:{models_ref[0].hex()}":
-            models = ray.get(models_ref[0])
-            self.engine = LabelingEngine(self.cfg, models, resolve_device(self.cfg.device))
-            self.version = f"{r}:{models_ref[0].hex()}"
+        version = f"{r}:{models_ref[0].hex()}"
+        if self.version != version:
+            self.engine = LabelingEngine(self.cfg, ray.get(models_ref[0]), resolve_device(self.cfg.device))
+            self.version = version
         return pipeline.label_cases(self.engine, self.store, r, indices)
 
     def pid(self) -> int:
@@ -98,26 +96,18 @@ class CalibrationWorker:
 class RayExecutor:
     """Runs training on a :class:`SegmenterTrainer` and labelling on a pool of :class:`CalibrationWorker`.
 
+    The trainer lives for one training and the worker pool for one round's labelling: the two alternate, and on
+    a small machine (or a GPU cluster) each needs the CPUs/GPUs the other would otherwise hold.
+
     Args:
         ctx: the trainer's context (config, store location, validation cases).
         max_batch_retries: how often one batch may be re-queued after worker deaths before the run fails.
     """
 
     def __init__(self, ctx: TrainContext, *, max_batch_retries: int = 3):
-        cfg = ctx.cfg
-        init_ray(cfg)
-        rt = cfg.runtime
+        init_ray(ctx.cfg)
         self.ctx = ctx
         self.max_batch_retries = max_batch_retries
-        self.workers = [
-            CalibrationWorker.options(
-                num_cpus=rt.cpus_per_worker,
-                num_gpus=rt.gpus_per_worker,
-                max_restarts=-1,
-                max_task_retries=0,
-            ).remote(cfg, ctx.store_url, rt.threads_per_worker)
-            for _ in range(rt.num_workers)
-        ]
         self.restarts = 0
 
     def train(self, r: int, previous: RoundModels | None, *, with_calibrator: bool = True) -> RoundModels:
@@ -131,49 +121,53 @@ class RayExecutor:
             ray.kill(trainer)
 
     def label(self, r: int, models: RoundModels, batches: Iterable[np.ndarray]) -> Iterator[pipeline.BatchStats]:
-        models_ref = [ray.put(models)]
+        rt = self.ctx.cfg.runtime
+        workers = [
+            CalibrationWorker.options(
+                num_cpus=rt.cpus_per_worker, num_gpus=rt.gpus_per_worker, max_restarts=-1, max_task_retries=0
+            ).remote(self.ctx.cfg, self.ctx.store_url, rt.threads_per_worker)
+            for _ in range(rt.num_workers)
+        ]
+        try:
+            yield from self._stream(r, [ray.put(models)], batches, workers)
+        finally:
+            for w in workers:
+                ray.kill(w)
+
+    def _stream(self, r: int, models_ref: list, batches: Iterable[np.ndarray], workers: list) -> Iterator[pipeline.BatchStats]:
         limit = self.ctx.cfg.runtime.max_in_flight
         source = iter(batches)
         retry: deque[tuple[np.ndarray, int]] = deque()
         in_flight: dict[Any, tuple[int, np.ndarray, int]] = {}  # ref -> (worker, indices, attempts)
-        load = [0] * len(self.workers)
-
-        def next_batch() -> tuple[np.ndarray, int] | None:
-            if retry:
-                return retry.popleft()
-            batch = next(source, None)
-            return None if batch is None else (batch, 0)
-
+        load = [0] * len(workers)
         exhausted = False
         while True:
-            while not exhausted and min(load) < limit:
-                item = next_batch()
-                if item is None:
-                    exhausted = True
-                    break
+            while min(load) < limit and (retry or not exhausted):
+                if retry:
+                    indices, attempts = retry.popleft()
+                else:
+                    indices, attempts = next(source, None), 0
+                    if indices is None:
+                        exhausted = True
+                        break
                 w = int(np.argmin(load))
-                ref = self.workers[w].label.remote(r, models_ref, item[0])
-                in_flight[ref] = (w, item[0], item[1])
+                in_flight[workers[w].label.remote(r, models_ref, indices)] = (w, indices, attempts)
                 load[w] += 1
             if not in_flight:
-                if retry:
-                    exhausted = False
-                    continue
                 return
             [done], _ = ray.wait(list(in_flight), num_returns=1)
             w, indices, attempts = in_flight.pop(done)
             load[w] -= 1
             try:
-                yield ray.get(done)
+                stats = ray.get(done)
             except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as err:
                 if attempts >= self.max_batch_retries:
-                    raise RuntimeError(f"batch of {len(indices)} cases failed {attempts + 1} times: {err}") from err
+                    raise RuntimeError(f"a batch of {len(indices)} cases failed {attempts + 1} times: {err}") from err
                 self.restarts += 1
-                log.warning("worker %d died (%s); re-queueing %d cases", w, type(err).__name__, len(indices))
+                log.warning("calibration worker %d died (%s); re-queueing %d cases", w, type(err).__name__, len(indices))
                 retry.append((indices, attempts + 1))
-                exhausted = False
+                continue
+            yield stats
 
     def close(self) -> None:
-        for w in self.workers:
-            ray.kill(w)
-        self.workers = []
+        """Nothing outlives a round or a training; the Ray cluster itself belongs to the caller."""

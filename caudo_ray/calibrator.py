@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from caudo_ray.config import CalibratorConfig, SegmenterConfig
 from caudo_ray.errors import DataError
+from caudo_ray.segmenter import augment_views
 
 SegmentFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
@@ -498,8 +499,6 @@ def train_calibrator(
     Returns:
         ``{"autoencoder_loss": [...], "denoiser_loss": [...], "latent_scale": float}``.
     """
-    from caudo_ray.segmenter import augment_views  # the segmenter module owns the exemplar augmentation
-
     if exemplar_images.shape != exemplar_labels.shape or exemplar_images.ndim != 3:
         raise DataError("exemplar", f"images {exemplar_images.shape} and labels {exemplar_labels.shape} must both be (K, H, W)")
     if int(exemplar_labels.max()) >= calibrator.num_classes:

@@ -65,10 +65,11 @@ DEFAULT_SCORE_NAMES = (
     "confidence",
     "entropy",
     "area",
+    "compactness",
     "initial_dice",
     "calibrated_dice",
 )
-NO_TRUTH = 255  # truth value of a case without hidden labels (the same marker as caudo_ray.method.NO_TRUTH)
+NO_TRUTH = 255  # truth value of a case without hidden labels
 
 _CASE_ID = re.compile(r"[A-Za-z0-9._-]+")
 _LABEL_ARRAYS = ("initial", "calibrated")

@@ -119,7 +119,7 @@ def prepare_run(cfg: RunConfig, *, progress: bool = True, on_skip: Callable[[str
     data_root = Path(cfg.data.path) if cfg.data.path else ws.phantom_dir
     if cfg.data.path is None and not (data_root / "images").is_dir():
         D.write_phantom_dataset(data_root, cfg.data.phantom)
-    index = D.index_dataset(data_root, group_column=cfg.data.group_column, nifti_axis=cfg.data.nifti_axis)
+    index = D.index_dataset(data_root, group_column=cfg.data.group_column)
     num_classes = cfg.data.num_classes or D.discover_num_classes(index)
     split = _load_or_make_split(cfg, ws, index)
 
@@ -146,7 +146,7 @@ def prepare_run(cfg: RunConfig, *, progress: bool = True, on_skip: Callable[[str
 def load_labelled(prepared: PreparedRun, case_ids: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """Images and masks of labelled cases (validation, test) at the working size."""
     refs = {r.case_id: r for r in prepared.index.labelled}
-    cases = [D.load_case(refs[c], prepared.cfg.data.working_size, prepared.num_classes, nifti_axis=prepared.cfg.data.nifti_axis) for c in case_ids]
+    cases = [D.load_case(refs[c], prepared.cfg.data.working_size, prepared.num_classes) for c in case_ids]
     if not cases:
         h, w = prepared.cfg.data.working_size
         return np.zeros((0, h, w), np.float32), np.zeros((0, h, w), np.uint8)
@@ -220,7 +220,7 @@ def _load_pool(store: PseudoLabelStore, pool_refs, cfg: RunConfig, num_classes: 
     for i in tqdm(todo, desc="loading pool", unit="case", disable=not progress):
         ref = pool_refs[i]
         try:
-            case = D.load_case(ref, cfg.data.working_size, num_classes, nifti_axis=cfg.data.nifti_axis)
+            case = D.load_case(ref, cfg.data.working_size, num_classes)
         except DataError as err:
             store.mark_skipped(i, err.problem)
             skip(err.source, err.problem)
@@ -248,7 +248,7 @@ def _load_exemplars(store: PseudoLabelStore, refs: list[D.CaseRef], cfg: RunConf
     current, _, _ = store.exemplars()
     if list(current) == ids:
         return
-    cases = [D.load_case(r, cfg.data.working_size, num_classes, nifti_axis=cfg.data.nifti_axis) for r in refs]
+    cases = [D.load_case(r, cfg.data.working_size, num_classes) for r in refs]
     for case in cases:
         D.check_exemplar(case)
     store.set_exemplars(ids, np.stack([c.image for c in cases]), np.stack([c.mask for c in cases]))
