@@ -35,8 +35,9 @@ log = logging.getLogger("caudo_ray")
 def init_ray(cfg: RunConfig, *, log_to_driver: bool = True) -> None:
     """Join ``runtime.address`` or start a local Ray whose dashboard listens on ``runtime.dashboard_host`` only.
 
-    A local cluster gets at least as many logical CPUs as the run asks for at once: training and labelling
-    alternate within a run, and each actor pins its own torch thread count, so this cannot oversubscribe cores.
+    A local cluster gets at least as many logical CPUs as the trainer and the worker pool ask for together, so
+    both stay alive for the whole run. Training and labelling alternate and each actor pins its own torch thread
+    count, so the extra logical CPUs never oversubscribe the cores.
     """
     if ray.is_initialized():
         return
@@ -45,7 +46,7 @@ def init_ray(cfg: RunConfig, *, log_to_driver: bool = True) -> None:
     if rt.address:
         ray.init(address=rt.address, runtime_env=env, log_to_driver=log_to_driver)
         return
-    needed = max(rt.trainer_cpus, rt.num_workers * rt.cpus_per_worker)
+    needed = rt.trainer_cpus + rt.num_workers * rt.cpus_per_worker
     ray.init(
         num_cpus=int(max(os.cpu_count() or 1, np.ceil(needed))),
         include_dashboard=False,
@@ -57,6 +58,77 @@ def init_ray(cfg: RunConfig, *, log_to_driver: bool = True) -> None:
 
 def _project_root() -> str:
     return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def train_data_parallel(ctx: TrainContext, r: int, previous: RoundModels | None, with_calibrator: bool) -> RoundModels:
+    """Train a round's models with Ray Train's TorchTrainer over ``runtime.num_train_workers`` workers (DDP).
+
+    Every worker runs the same ``TrainContext.train`` with its model wrapped by ``prepare_model``; rank 0 trains
+    the calibrator afterwards and reports the round's models as a Ray Train checkpoint.
+    """
+    import tempfile
+    from pathlib import Path
+
+    import ray.train
+    import ray.train.torch
+
+    rt = ctx.cfg.runtime
+
+    def loop() -> None:
+        torch.set_num_threads(max(1, int(rt.trainer_cpus)))
+        rank = ray.train.get_context().get_world_rank()
+        models = ctx.train(r, previous, with_calibrator=with_calibrator, wrap_model=ray.train.torch.prepare_model, rank=rank)
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint = None
+            if models is not None:
+                models.save(Path(tmp) / "models.pt")
+                checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report({"round": r}, checkpoint=checkpoint)
+
+    trainer = ray.train.torch.TorchTrainer(
+        loop,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=rt.num_train_workers,
+            use_gpu=rt.trainer_gpus > 0,
+            resources_per_worker={"CPU": rt.trainer_cpus, **({"GPU": rt.trainer_gpus} if rt.trainer_gpus else {})},
+        ),
+        run_config=ray.train.RunConfig(
+            name=f"round_{r}" if with_calibrator else "final",
+            storage_path=str(Path(ctx.cfg.work_dir).resolve() / "ray_train"),
+        ),
+    )
+    result = trainer.fit()
+    with result.checkpoint.as_directory() as path:
+        return RoundModels.load(Path(path) / "models.pt")
+
+
+@ray.remote(num_cpus=0)
+class StoreOwner:
+    """Hosts the store's owner side (group attributes, round begin and commit) on the cluster.
+
+    It takes no CPU slot, so it never competes with trainer or workers for scheduling.
+    """
+
+    def __init__(self, url: str):
+        self.store = PseudoLabelStore.open(url)
+
+    def call(self, name: str, args: tuple, kwargs: dict) -> Any:
+        return getattr(self.store, name)(*args, **kwargs)
+
+    def get(self, name: str) -> Any:
+        return getattr(self.store, name)
+
+
+class OwnedStore:
+    """The coordinator's view of a store hosted by a :class:`StoreOwner`: same API, calls go to the actor."""
+
+    def __init__(self, actor):
+        self._actor = actor
+
+    def __getattr__(self, name: str):
+        if isinstance(getattr(PseudoLabelStore, name, None), property):
+            return ray.get(self._actor.get.remote(name))
+        return lambda *args, **kwargs: ray.get(self._actor.call.remote(name, args, kwargs))
 
 
 @ray.remote
@@ -73,11 +145,16 @@ class SegmenterTrainer:
 
 @ray.remote
 class CalibrationWorker:
-    """Labels batches of one round; builds the round's models once, on the first batch of that round."""
+    """Labels batches of one round; builds the round's models once, on the first batch of that round.
 
-    def __init__(self, cfg: RunConfig, store_url: str, threads: int):
+    ``engine_factory(cfg, models, device)`` builds what labels a batch (``label_batch``); the throughput
+    benchmark swaps in a no-op engine to measure the coordinator and store alone.
+    """
+
+    def __init__(self, cfg: RunConfig, store_url: str, threads: int, engine_factory=LabelingEngine):
         torch.set_num_threads(threads)
         self.cfg = cfg
+        self.engine_factory = engine_factory
         self.store = PseudoLabelStore.open(store_url)
         self.engine: LabelingEngine | None = None
         self.version: str | None = None
@@ -85,7 +162,7 @@ class CalibrationWorker:
     def label(self, r: int, models_ref: list, indices: np.ndarray) -> pipeline.BatchStats:
         version = f"{r}:{models_ref[0].hex()}"
         if self.version != version:
-            self.engine = LabelingEngine(self.cfg, ray.get(models_ref[0]), resolve_device(self.cfg.device))
+            self.engine = self.engine_factory(self.cfg, ray.get(models_ref[0]), resolve_device(self.cfg.device))
             self.version = version
         return pipeline.label_cases(self.engine, self.store, r, indices)
 
@@ -96,43 +173,67 @@ class CalibrationWorker:
 class RayExecutor:
     """Runs training on a :class:`SegmenterTrainer` and labelling on a pool of :class:`CalibrationWorker`.
 
-    The trainer lives for one training and the worker pool for one round's labelling: the two alternate, and on
-    a small machine (or a GPU cluster) each needs the CPUs/GPUs the other would otherwise hold.
+    Actors start once per run and stay, since each start pays for importing torch, MONAI and diffusers. Training
+    and labelling alternate, so when the cluster cannot hold the trainer and the pool at once (2 CPUs for a
+    1-CPU trainer and two 1-CPU workers), each phase's actors are released before the other phase starts
+    instead of waiting forever for resources.
 
     Args:
         ctx: the trainer's context (config, store location, validation cases).
         max_batch_retries: how often one batch may be re-queued after worker deaths before the run fails.
+        engine_factory: what each :class:`CalibrationWorker` labels with (default: :class:`LabelingEngine`).
     """
 
-    def __init__(self, ctx: TrainContext, *, max_batch_retries: int = 3):
+    def __init__(self, ctx: TrainContext, *, max_batch_retries: int = 3, engine_factory=LabelingEngine):
         init_ray(ctx.cfg)
         self.ctx = ctx
         self.max_batch_retries = max_batch_retries
+        self.engine_factory = engine_factory
         self.restarts = 0
+        rt = ctx.cfg.runtime
+        total = ray.cluster_resources()
+        self.keep_alive = rt.num_train_workers == 1 and (
+            total.get("CPU", 0) >= rt.trainer_cpus + rt.num_workers * rt.cpus_per_worker
+            and total.get("GPU", 0) >= rt.trainer_gpus + rt.num_workers * rt.gpus_per_worker
+        )
+        self._trainer = None
+        self._workers: list = []
+        self._owner = None
+
+    def owner(self, store: PseudoLabelStore) -> OwnedStore:
+        """Round begin/commit and group attributes go through a :class:`StoreOwner` actor."""
+        self._owner = StoreOwner.remote(store.url)
+        return OwnedStore(self._owner)
 
     def train(self, r: int, previous: RoundModels | None, *, with_calibrator: bool = True) -> RoundModels:
         rt = self.ctx.cfg.runtime
-        trainer = SegmenterTrainer.options(num_cpus=rt.trainer_cpus, num_gpus=rt.trainer_gpus).remote(
-            self.ctx, max(1, int(rt.trainer_cpus))
-        )
+        if rt.num_train_workers > 1:
+            self._release_workers()  # Ray Train's workers need the resources the pool holds
+            return train_data_parallel(self.ctx, r, previous, with_calibrator)
+        if self._trainer is None:
+            self._trainer = SegmenterTrainer.options(num_cpus=rt.trainer_cpus, num_gpus=rt.trainer_gpus).remote(
+                self.ctx, max(1, int(rt.trainer_cpus))
+            )
         try:
-            return ray.get(trainer.train.remote(r, previous, with_calibrator))
+            return ray.get(self._trainer.train.remote(r, previous, with_calibrator))
         finally:
-            ray.kill(trainer)
+            if not self.keep_alive:
+                self._release_trainer()
 
     def label(self, r: int, models: RoundModels, batches: Iterable[np.ndarray]) -> Iterator[pipeline.BatchStats]:
         rt = self.ctx.cfg.runtime
-        workers = [
-            CalibrationWorker.options(
-                num_cpus=rt.cpus_per_worker, num_gpus=rt.gpus_per_worker, max_restarts=-1, max_task_retries=0
-            ).remote(self.ctx.cfg, self.ctx.store_url, rt.threads_per_worker)
-            for _ in range(rt.num_workers)
-        ]
+        if not self._workers:
+            self._workers = [
+                CalibrationWorker.options(
+                    num_cpus=rt.cpus_per_worker, num_gpus=rt.gpus_per_worker, max_restarts=-1, max_task_retries=0
+                ).remote(self.ctx.cfg, self.ctx.store_url, rt.threads_per_worker, self.engine_factory)
+                for _ in range(rt.num_workers)
+            ]
         try:
-            yield from self._stream(r, [ray.put(models)], batches, workers)
+            yield from self._stream(r, [ray.put(models)], batches, self._workers)
         finally:
-            for w in workers:
-                ray.kill(w)
+            if not self.keep_alive:
+                self._release_workers()
 
     def _stream(self, r: int, models_ref: list, batches: Iterable[np.ndarray], workers: list) -> Iterator[pipeline.BatchStats]:
         limit = self.ctx.cfg.runtime.max_in_flight
@@ -169,5 +270,20 @@ class RayExecutor:
                 continue
             yield stats
 
+    def _release_trainer(self) -> None:
+        if self._trainer is not None:
+            ray.kill(self._trainer)
+            self._trainer = None
+
+    def _release_workers(self) -> None:
+        for w in self._workers:
+            ray.kill(w)
+        self._workers = []
+
     def close(self) -> None:
-        """Nothing outlives a round or a training; the Ray cluster itself belongs to the caller."""
+        """Release the run's actors; the Ray cluster itself belongs to the caller."""
+        self._release_trainer()
+        self._release_workers()
+        if self._owner is not None:
+            ray.kill(self._owner)
+            self._owner = None

@@ -38,6 +38,10 @@ class Executor(Protocol):
 
     def label(self, r: int, models: RoundModels, batches: Iterable[np.ndarray]) -> Iterator[pipeline.BatchStats]: ...
 
+    def owner(self, store: PseudoLabelStore) -> PseudoLabelStore:
+        """The store handle through which the coordinator begins and commits rounds."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -51,7 +55,17 @@ class TrainContext:
     val_images: np.ndarray | None = None
     val_labels: np.ndarray | None = None
 
-    def train(self, r: int, previous: RoundModels | None, *, with_calibrator: bool = True, progress: bool = False, checkpoint_fn=None) -> RoundModels:
+    def train(
+        self,
+        r: int,
+        previous: RoundModels | None,
+        *,
+        with_calibrator: bool = True,
+        progress: bool = False,
+        checkpoint_fn=None,
+        wrap_model=None,
+        rank: int = 0,
+    ) -> RoundModels | None:
         store = PseudoLabelStore.open(self.store_url)
         inputs = pipeline.training_inputs(store, r)
         cfg = self.cfg if with_calibrator else _without_calibrator(self.cfg)
@@ -69,6 +83,8 @@ class TrainContext:
             val_labels=self.val_labels,
             progress=progress,
             checkpoint_fn=checkpoint_fn,
+            wrap_model=wrap_model,
+            rank=rank,
         )
 
 
@@ -95,6 +111,9 @@ class LocalExecutor:
         engine = LabelingEngine(self.ctx.cfg, models, resolve_device(self.ctx.cfg.device))
         for indices in batches:
             yield pipeline.label_cases(engine, self.store, r, indices)
+
+    def owner(self, store: PseudoLabelStore) -> PseudoLabelStore:
+        return store
 
     def close(self) -> None:
         pass
@@ -146,6 +165,7 @@ class Coordinator:
 
         result = RunResult(ws.root, ws.store_url, tracker.run_id, tracker.tracking_uri, skipped=dict(prepared.skipped))
         executor = self.executor_factory(ctx)
+        prepared.store = executor.owner(store)
         try:
             previous: RoundModels | None = None
             for r in range(cfg.rounds):
@@ -200,6 +220,7 @@ class Coordinator:
         result.rounds.append(summary)
         _log_round(tracker, r, summary, models)
         _log_overlays(tracker, store, r, cfg.tracking.num_overlays)
+        tracker.log_artifact(tracking.round_curves_png(tracker, ws.root / "round_curves.png"), "curves")
         log.info("round %d committed: %s", r, {k: v for k, v in summary.items() if not isinstance(v, dict)})
         return models
 

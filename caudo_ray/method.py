@@ -112,16 +112,24 @@ def train_round_models(
     device: torch.device | None = None,
     progress: bool = False,
     checkpoint_fn=None,
-) -> RoundModels:
+    wrap_model=None,
+    rank: int = 0,
+) -> RoundModels | None:
     """Train the segmenter (warm-started from ``previous``) and, when enabled, the calibrator for round ``r``.
 
     Round 0 learns from the exemplar views alone; later rounds add the previous round's selected calibrated
     labels, each weighted by its reliability.
+
+    Data-parallel training (Ray Train) passes ``wrap_model`` (e.g. ``ray.train.torch.prepare_model``) and this
+    process's ``rank``: each rank draws its own batches and DDP averages the gradients, so the segmenter sees
+    ``world_size`` times the batch per iteration. The calibrator then trains on rank 0 alone, which returns the
+    models; other ranks return None.
     """
     device = device or resolve_device(cfg.device)
     t0 = time.perf_counter()
     seed = cfg.seed * 1000 + r
-    net = seg.build_segmenter(cfg.segmenter, num_classes)
+    # Seeded initialisation: the same round gives the same weights in any process (local loop, trainer actor).
+    net = seg.build_segmenter(cfg.segmenter, num_classes, seed=seed)
     if previous is not None:
         net.load_state_dict(previous.segmenter)
         iterations = cfg.segmenter.finetune_iterations
@@ -130,7 +138,7 @@ def train_round_models(
     net.to(device)
     if iterations:
         seg.train_segmenter(
-            net,
+            wrap_model(net) if wrap_model is not None else net,
             exemplar_images=exemplar_images,
             exemplar_labels=exemplar_labels,
             pseudo_images=pseudo_images,
@@ -138,17 +146,21 @@ def train_round_models(
             pseudo_weights=pseudo_weights,
             iterations=iterations,
             cfg=cfg.segmenter,
-            seed=seed,
+            seed=seed + 7919 * rank,
             device=str(device),
             progress=progress,
             checkpoint_fn=checkpoint_fn,
         )
+    if rank != 0:
+        return None
     net.eval()
     feature_channels = feature_channels_of(net, cfg.data.working_size, device)
 
     calibrator_state = None
     if cfg.calibrator.enabled:
-        calib = cal.Calibrator.from_config(cfg.calibrator, num_classes, feature_channels)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            calib = cal.Calibrator.from_config(cfg.calibrator, num_classes, feature_channels)
         if previous is not None and previous.calibrator is not None:
             calib.load_state_dict(previous.calibrator)
         calib.to(device)

@@ -75,7 +75,8 @@ _CASE_ID = re.compile(r"[A-Za-z0-9._-]+")
 _LABEL_ARRAYS = ("initial", "calibrated")
 # Verify and export read this many cases at a time: bounded memory, few zarr calls.
 _READ_BLOCK = 64
-_EXPORT_EXTENSIONS = {"png": ".png", "nifti": ".nii.gz", "nii": ".nii.gz", "nii.gz": ".nii.gz"}
+# Label maps of JPEG and DICOM sources are written as PNG: JPEG's lossy coding would corrupt class indices.
+_EXPORT_EXTENSIONS = {"png": ".png", "jpeg": ".png", "dicom": ".png", "nifti": ".nii.gz"}
 
 RestoreFn = Callable[[np.ndarray, dict], np.ndarray]
 WriterFn = Callable[[np.ndarray, dict, Path], "Path | None"]

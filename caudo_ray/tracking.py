@@ -181,3 +181,32 @@ def overlay_panel(image: np.ndarray, initial: np.ndarray, calibrated: np.ndarray
     gap = np.full((image.shape[0], 2, 3), 255, dtype=np.uint8)
     plain = overlay(image, np.zeros_like(initial))
     return np.concatenate([plain, gap, overlay(image, initial), gap, overlay(image, calibrated)], axis=1)
+
+
+def round_curves_png(tracker: Tracker, path: str | Path) -> Path:
+    """Plot the per-round label-quality and selection metrics of a run into one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [
+        ("pseudo-label Dice", [PSEUDO_DICE_INITIAL, PSEUDO_DICE_CALIBRATED, VAL_DICE]),
+        ("reliability", [RELIABILITY_MEAN, RELIABILITY_P10, RELIABILITY_P50, AGREEMENT_MEAN]),
+        ("selection", [SELECTED_FRACTION]),
+    ]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2))
+    for ax, (title, keys) in zip(axes, panels):
+        for key in keys:
+            points = tracker.metric_history(key)
+            if points:
+                steps, values = zip(*sorted(points))
+                ax.plot(steps, values, marker="o", label=key.split("/", 1)[1])
+        ax.set_title(title)
+        ax.set_xlabel("round")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path

@@ -1,0 +1,503 @@
+"""Throughput benchmark: the calibration pipeline against its limits, on phantoms at the working size.
+
+Measured side by side in one run (issue 4):
+
+- **bare vs pipeline**: the calibrator loop in this process without Ray (``pipeline.label_cases``: read images
+  from the store, ``LabelingEngine.label_batch``, write labels/scores/done) against the same pool streamed by
+  ``RayExecutor.label`` through one :class:`~caudo_ray.actors.CalibrationWorker`;
+- **scaling**: two workers against one, one torch thread each;
+- **driver memory**: peak RSS of this (driver) process while streaming a small and a 10x larger pool through
+  no-op workers;
+- **coordinator + store ceiling**: the pipeline with no-op workers (:class:`NoopEngine`: same input and output
+  sizes, no model), over several batch sizes, plus the same no-op loop without Ray, which splits the cost into
+  store I/O and Ray's per-batch overhead.
+
+Models are UNTRAINED networks of the demo's sizes (``caudo_ray/configs/demo.yaml``): the work per case does not
+depend on the weights. Rates are medians over repeats; the bare/pipeline and 2w/1w ratios are medians of ratios
+paired within a repeat, so drift in the machine's load between repeats cancels. End-to-end rates include what a
+round pays once (actor start, model build); steady rates time from the first finished batch to the last.
+
+Usage::
+
+    python benchmarks/throughput.py            # docs profile (several minutes on 2 cores)
+    python benchmarks/throughput.py --quick    # CI smoke profile (small counts)
+
+Writes ``<work-dir>/throughput.json``, prints a table and logs everything to MLflow
+(``sqlite:///<work-dir>/mlflow.db``, experiment ``caudo-ray-benchmarks``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from caudo_ray import calibrator as cal
+from caudo_ray import pipeline, tracking
+from caudo_ray import segmenter as seg
+from caudo_ray.config import RunConfig, load_config
+from caudo_ray.coordinator import TrainContext, batches_of
+from caudo_ray.data.phantom import phantom_case
+from caudo_ray.method import BatchResult, LabelingEngine, RoundModels, feature_channels_of
+from caudo_ray.store import DEFAULT_SCORE_NAMES, PseudoLabelStore
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEMO_CONFIG = REPO_ROOT / "caudo_ray" / "configs" / "demo.yaml"
+GOALS = {"ratio_pipeline_vs_bare": 0.90, "scaling_2w_vs_1w": 1.7, "memory_ratio_10k_vs_1k": 1.2, "noop_ceiling_cases_per_s": 2000.0}
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Sizes of one benchmark run.
+
+    Attributes:
+        model_cases: pool streamed through the real models (bare, 1 worker, 2 workers).
+        repeats: repetitions of every timed measurement (medians are quoted).
+        memory_counts: (small, large) pools streamed through no-op workers for the driver's peak memory.
+        ceiling_cases: pool streamed through no-op workers for the ceiling.
+        ceiling_batch_sizes: batch sizes tried for the ceiling; the first is the config's ``runtime.batch_size``.
+        warmup: run one untimed pass of each kind first (first imports and allocations).
+    """
+
+    model_cases: int
+    repeats: int
+    memory_counts: tuple[int, int]
+    ceiling_cases: int
+    ceiling_batch_sizes: tuple[int, ...]
+    warmup: bool
+
+
+PROFILES = {
+    "default": Profile(model_cases=320, repeats=3, memory_counts=(1000, 10000), ceiling_cases=4096, ceiling_batch_sizes=(16, 64, 256), warmup=True),
+    "quick": Profile(model_cases=32, repeats=1, memory_counts=(100, 1000), ceiling_cases=256, ceiling_batch_sizes=(16, 64), warmup=False),
+}
+
+
+class NoopEngine:
+    """A labelling engine with :class:`LabelingEngine`'s inputs and outputs and no model.
+
+    It returns label maps of the batch's size (a threshold of the image, so chunks compress like real label
+    maps) and a full set of scores, so ``pipeline.label_cases`` reads and writes exactly what a real batch does.
+    """
+
+    def __init__(self, cfg: RunConfig, models: RoundModels, device: torch.device):
+        self.num_classes = models.num_classes
+
+    def label_batch(self, images: np.ndarray, truth: np.ndarray | None = None) -> BatchResult:
+        labels = (images > 0.5).astype(np.uint8)
+        scores = {name: np.zeros(len(images), np.float32) for name in DEFAULT_SCORE_NAMES}
+        return BatchResult(labels, labels.copy(), scores, {"infer_s": 0.0, "ddim_s": 0.0, "n": len(images)})
+
+
+@dataclass
+class StreamRun:
+    """Timing of one round's labelling: cases, wall time, and the stage times the workers reported."""
+
+    cases: int
+    elapsed_s: float
+    first_result_s: float  # from the call to the first finished batch: start-up, model build, one batch
+    steady_cases_per_s: float  # from the first finished batch to the last
+    infer_s: float
+    ddim_s: float
+    store_s: float
+
+    @property
+    def cases_per_s(self) -> float:
+        return self.cases / self.elapsed_s
+
+
+class RssSampler:
+    """Samples this process's resident set size (``/proc/self/status``) in a thread; the peak is kept in MB."""
+
+    def __init__(self, interval_s: float = 0.005):
+        self.interval_s = interval_s
+        self.peak_mb = 0.0
+        self.start_mb = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def rss_mb() -> float:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024.0
+        raise RuntimeError("/proc/self/status has no VmRSS line; the memory measurement needs Linux")
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak_mb = max(self.peak_mb, self.rss_mb())
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> RssSampler:
+        self.start_mb = self.peak_mb = self.rss_mb()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak_mb = max(self.peak_mb, self.rss_mb())
+
+
+def benchmark_config(work_dir: Path, num_workers: int = 1, batch_size: int | None = None) -> RunConfig:
+    """The demo's model and data sizes with ``num_workers`` one-thread workers on CPU."""
+    overrides = {
+        "work_dir": str(work_dir),
+        "device": "cpu",
+        "runtime.num_workers": num_workers,
+        "runtime.cpus_per_worker": 1,
+        "runtime.threads_per_worker": 1,
+        # No trainer runs here; with its CPUs at 0 the RayExecutor keeps its pool between rounds.
+        "runtime.trainer_cpus": 0,
+    }
+    if batch_size is not None:
+        overrides["runtime.batch_size"] = batch_size
+    return load_config(DEMO_CONFIG, overrides)
+
+
+def untrained_models(cfg: RunConfig, num_classes: int) -> RoundModels:
+    """Untrained segmenter and calibrator of the config's sizes (throughput does not depend on the weights)."""
+    torch.manual_seed(cfg.seed)
+    net = seg.build_segmenter(cfg.segmenter, num_classes).eval()
+    feature_channels = feature_channels_of(net, cfg.data.working_size, torch.device("cpu"))
+    calibrator = cal.Calibrator.from_config(cfg.calibrator, num_classes, feature_channels)
+    return RoundModels(
+        round=0,
+        num_classes=num_classes,
+        feature_channels=feature_channels,
+        segmenter={k: v.detach().clone() for k, v in net.state_dict().items()},
+        calibrator={k: v.detach().clone() for k, v in calibrator.state_dict().items()},
+    )
+
+
+def phantom_store(url: Path, num_cases: int, cfg: RunConfig, distinct: int = 64) -> PseudoLabelStore:
+    """A store of ``num_cases`` phantom images with hidden truth, cycling through ``distinct`` rendered frames."""
+    size = tuple(cfg.data.working_size)
+    num_classes = cfg.data.phantom.num_classes
+    frames = [phantom_case(seed, size, num_classes) for seed in range(distinct)]
+    images = np.stack([f[0] for f in frames])
+    masks = np.stack([f[1] for f in frames])
+    store = PseudoLabelStore.create(
+        url,
+        case_ids=[f"case_{i:06d}" for i in range(num_cases)],
+        working_size=size,
+        num_classes=num_classes,
+        config_hash=cfg.method_hash(),
+        provenance={"data": "phantoms (throughput benchmark)"},
+    )
+    for start in range(0, num_cases, 512):
+        idx = np.arange(start, min(start + 512, num_cases))
+        store.write_cases(idx, images=images[idx % distinct], truth=masks[idx % distinct])
+    return store
+
+
+class Bench:
+    """Runs the measurements on two stores (real models, no-op) and keeps the round counter of each."""
+
+    def __init__(self, work_dir: Path, profile: Profile):
+        self.work_dir = work_dir
+        self.profile = profile
+        cfg = benchmark_config(work_dir)
+        self.batch_size = cfg.runtime.batch_size
+        self.num_classes = cfg.data.phantom.num_classes
+        self.models = untrained_models(cfg, self.num_classes)
+        self.model_store = phantom_store(work_dir / "model.zarr", profile.model_cases, cfg)
+        noop_cases = max(*profile.memory_counts, profile.ceiling_cases)
+        self.noop_store = phantom_store(work_dir / "noop.zarr", noop_cases, cfg)
+        self._rounds: dict[str, int] = {}
+
+    def _begin(self, store: PseudoLabelStore, label: str, num_cases: int) -> tuple[int, np.ndarray]:
+        """Begins the store's next round and returns it with the first ``num_cases`` of its missing cases."""
+        r = self._rounds.get(store.url, 0)
+        self._rounds[store.url] = r + 1
+        store.begin_round(r, {"benchmark": label})
+        return r, store.missing(r)[:num_cases]
+
+    def stream(self, label_fn: Callable[[int, Iterator[np.ndarray]], Iterator[pipeline.BatchStats]], store: PseudoLabelStore,
+               label: str, num_cases: int, batch_size: int | None = None) -> StreamRun:
+        """Streams ``num_cases`` of a new round through ``label_fn`` the way the Coordinator does, timing it."""
+        r, todo = self._begin(store, label, num_cases)
+        sums = {"infer_s": 0.0, "ddim_s": 0.0, "store_s": 0.0}
+        done, first_t, first_n = 0, None, 0
+        t0 = time.perf_counter()
+        for stats in label_fn(r, batches_of(todo, batch_size or self.batch_size)):
+            done += len(stats.indices)
+            if first_t is None:
+                first_t, first_n = time.perf_counter(), len(stats.indices)
+            for key in sums:
+                sums[key] += getattr(stats, key)
+        end = time.perf_counter()
+        if done != len(todo) or not store.done(r)[todo].all():
+            raise RuntimeError(f"{label}: {len(todo) - done} of {len(todo)} cases were not labelled")
+        steady = (done - first_n) / (end - first_t) if done > first_n and end > first_t else float("nan")
+        return StreamRun(done, end - t0, first_t - t0, steady, sums["infer_s"], sums["ddim_s"], sums["store_s"])
+
+    def local(self, engine_factory, store: PseudoLabelStore, label: str, num_cases: int, batch_size: int | None = None) -> StreamRun:
+        """The loop in this process without Ray: build the engine, then ``pipeline.label_cases`` batch by batch."""
+
+        def label_fn(r, batches):
+            engine = engine_factory(benchmark_config(self.work_dir), self.models, torch.device("cpu"))
+            for indices in batches:
+                yield pipeline.label_cases(engine, store, r, indices)
+
+        return self.stream(label_fn, store, label, num_cases, batch_size)
+
+    def bare(self, num_cases: int) -> StreamRun:
+        """The limit: the calibrator loop in this process, one torch thread, no Ray."""
+        torch.set_num_threads(1)
+        return self.local(LabelingEngine, self.model_store, "bare", num_cases)
+
+    def pool(self, num_workers: int, *, noop: bool = False):
+        """A :class:`RayExecutor` with ``num_workers`` one-thread workers; its pool stays up until ``close()``."""
+        from caudo_ray.actors import RayExecutor
+
+        cfg = benchmark_config(self.work_dir, num_workers)
+        store = self.noop_store if noop else self.model_store
+        executor = RayExecutor(TrainContext(cfg, store.url, self.num_classes), engine_factory=NoopEngine if noop else LabelingEngine)
+        executor.bench_store = store
+        return executor
+
+    def ray(self, executor, num_cases: int, batch_size: int | None = None) -> StreamRun:
+        """The full pipeline: one round's labelling through ``RayExecutor.label``."""
+        n = executor.ctx.cfg.runtime.num_workers
+        return self.stream(lambda r, batches: executor.label(r, self.models, batches), executor.bench_store, f"ray_{n}w", num_cases, batch_size)
+
+    def driver_peak(self, executor, num_cases: int) -> tuple[float, float, StreamRun]:
+        """Peak driver RSS (MB) and its growth over the RSS at the start, streaming ``num_cases`` through ``executor``."""
+        with RssSampler() as rss:
+            run = self.ray(executor, num_cases)
+        return rss.peak_mb, rss.peak_mb - rss.start_mb, run
+
+
+def run_benchmark(work_dir: Path, profile: Profile, log: Callable[[str], None] = print) -> dict:
+    """Runs every measurement of ``profile`` in ``work_dir`` (on the Ray already initialised) and returns the results.
+
+    Each worker pool is started once (its cold start is timed on a first, short round) and then measured over
+    ``profile.repeats`` rounds; bare and 1-worker rounds alternate, so a change in the machine's load hits both.
+    """
+    work_dir.mkdir(parents=True, exist_ok=True)
+    for name in ("model.zarr", "noop.zarr"):
+        shutil.rmtree(work_dir / name, ignore_errors=True)
+    t_start = time.perf_counter()
+    bench = Bench(work_dir, profile)
+    batch = bench.batch_size
+    log(f"stores ready ({time.perf_counter() - t_start:.0f} s)")
+    n = profile.model_cases
+    runs: dict[str, list[StreamRun]] = {"bare": [], "pipeline_1w": [], "pipeline_2w": []}
+    cold: dict[str, StreamRun] = {}
+    if profile.warmup:
+        bench.bare(2 * batch)
+
+    for workers, key in ((1, "pipeline_1w"), (2, "pipeline_2w")):
+        executor = bench.pool(workers)
+        try:
+            cold[key] = bench.ray(executor, workers * batch)
+            for rep in range(profile.repeats):
+                if workers == 1:
+                    runs["bare"].append(bench.bare(n))
+                runs[key].append(bench.ray(executor, n))
+                log(f"{key} repeat {rep + 1}/{profile.repeats}: " + ", ".join(f"{k} {v[-1].cases_per_s:.1f}/s" for k, v in runs.items() if v))
+        finally:
+            executor.close()
+
+    memory: dict[int, dict] = {}
+    ceiling: dict[int, list[StreamRun]] = {b: [] for b in profile.ceiling_batch_sizes}
+    executor = bench.pool(2, noop=True)
+    try:
+        cold["noop_2w"] = bench.ray(executor, 2 * batch)
+        for count in profile.memory_counts:
+            peak, growth, run = bench.driver_peak(executor, count)
+            memory[count] = {"peak_mb": peak, "growth_mb": growth, "cases_per_s": run.cases_per_s}
+            log(f"driver memory, {count} cases: peak {peak:.0f} MB (+{growth:.1f} MB), {run.cases_per_s:.0f} cases/s")
+        for rep in range(profile.repeats):
+            for b in profile.ceiling_batch_sizes:
+                ceiling[b].append(bench.ray(executor, profile.ceiling_cases, b))
+            log(f"no-op ceiling repeat {rep + 1}/{profile.repeats}: " + ", ".join(f"batch {b}: {v[-1].cases_per_s:.0f}/s" for b, v in ceiling.items()))
+    finally:
+        executor.close()
+    noop_local: dict[int, list[StreamRun]] = {b: [] for b in profile.ceiling_batch_sizes}
+    for rep in range(profile.repeats):
+        for b in profile.ceiling_batch_sizes:
+            noop_local[b].append(bench.local(NoopEngine, bench.noop_store, f"noop_local_b{b}", profile.ceiling_cases, b))
+
+    return summarize(profile, runs, cold, memory, ceiling, noop_local, batch, time.perf_counter() - t_start)
+
+
+def _median(values) -> float:
+    return float(statistics.median(values))
+
+
+def _stages(runs: list[StreamRun]) -> dict[str, float]:
+    """Median per-case stage times in ms (as the workers report them) of a list of runs."""
+    return {
+        "infer_ms_per_case": _median(1e3 * r.infer_s / r.cases for r in runs),
+        "ddim_ms_per_case": _median(1e3 * r.ddim_s / r.cases for r in runs),
+        "store_write_ms_per_case": _median(1e3 * r.store_s / r.cases for r in runs),
+        "wall_ms_per_case": _median(1e3 / r.cases_per_s for r in runs),
+    }
+
+
+def summarize(profile, runs, cold, memory, ceiling, noop_local, batch, total_s) -> dict:
+    """The JSON record: headline fields (issue 4) first, then the detail behind them."""
+    bare, one = runs["bare"], runs["pipeline_1w"]
+    small, large = profile.memory_counts
+    rate = {k: _median(r.cases_per_s for r in v) for k, v in runs.items()}
+    steady = {k: _median(r.steady_cases_per_s for r in v) for k, v in runs.items()}
+    ceiling_rate = {b: _median(r.cases_per_s for r in v) for b, v in ceiling.items()}
+    local_rate = {b: _median(r.cases_per_s for r in v) for b, v in noop_local.items()}
+    out = {
+        "bare_cases_per_s": _median(r.cases_per_s for r in bare),
+        "pipeline_1w_cases_per_s": _median(r.cases_per_s for r in one),
+        "ratio_pipeline_vs_bare": _median(p.cases_per_s / b.cases_per_s for p, b in zip(one, bare)),
+        # the 2-worker rounds run after the 1-worker ones (each pool holds the CPUs): a ratio of medians
+        "scaling_2w_vs_1w": rate["pipeline_2w"] / rate["pipeline_1w"],
+        "driver_peak_rss_mb": {str(k): v["peak_mb"] for k, v in memory.items()},
+        "memory_ratio_10k_vs_1k": memory[large]["peak_mb"] / memory[small]["peak_mb"],
+        "noop_ceiling_cases_per_s": ceiling_rate[batch],
+        # detail
+        "pipeline_2w_cases_per_s": rate["pipeline_2w"],
+        "steady_cases_per_s": steady,
+        "steady_ratio_pipeline_vs_bare": _median(p.steady_cases_per_s / b.steady_cases_per_s for p, b in zip(one, bare)),
+        "steady_scaling_2w_vs_1w": steady["pipeline_2w"] / steady["pipeline_1w"],
+        # a pool's first round pays for starting its actors (importing torch, MONAI, diffusers) and building models
+        "cold_first_result_s": {k: r.first_result_s for k, r in cold.items()},
+        "warm_first_result_s": {k: _median(r.first_result_s for r in v) for k, v in runs.items()},
+        "model_cases": profile.model_cases,
+        "per_case_ms": {k: _stages(v) for k, v in runs.items()},
+        "driver_rss_growth_mb": {str(k): v["growth_mb"] for k, v in memory.items()},
+        "memory_counts": [small, large],
+        "noop_ceiling_by_batch_size": {str(b): v for b, v in ceiling_rate.items()},
+        "noop_local_by_batch_size": {str(b): v for b, v in local_rate.items()},
+        "noop_store_write_ms_per_case_by_batch_size": {str(b): _stages(v)["store_write_ms_per_case"] for b, v in noop_local.items()},
+        # per batch: wall time of the Ray pipeline beyond the same no-op loop without Ray (2 workers share it)
+        "ray_overhead_ms_per_batch": {
+            str(b): b * (1e3 / ceiling_rate[b] - 1e3 / local_rate[b]) for b in ceiling_rate
+        },
+        "batch_size": batch,
+        "profile": asdict(profile),
+        "repeats": profile.repeats,
+        "models": "untrained networks of the demo's sizes (caudo_ray/configs/demo.yaml)",
+        "working_size": list(benchmark_config(Path(".")).data.working_size),
+        "cpu_count": os.cpu_count(),
+        "torch_threads_per_worker": 1,
+        "total_s": total_s,
+    }
+    out["goals"] = {
+        key: {"goal": goal, "value": out[key], "met": out[key] <= goal if key.startswith("memory") else out[key] >= goal}
+        for key, goal in GOALS.items()
+    }
+    return out
+
+
+def format_table(res: dict) -> str:
+    """The headline numbers with their goals, as a Markdown table."""
+    small, large = res["memory_counts"]
+    rows = [
+        ("bare calibrator loop, 1 process (cases/s)", f"{res['bare_cases_per_s']:.1f}", "", ""),
+        ("pipeline, 1 Ray worker (cases/s)", f"{res['pipeline_1w_cases_per_s']:.1f}", "", ""),
+        ("pipeline, 2 Ray workers (cases/s)", f"{res['pipeline_2w_cases_per_s']:.1f}", "", ""),
+        ("pipeline 1w / bare", f"{res['ratio_pipeline_vs_bare']:.2f}", ">= 0.90", _met(res, "ratio_pipeline_vs_bare")),
+        ("  same, steady state (first batch excluded)", f"{res['steady_ratio_pipeline_vs_bare']:.2f}", "", ""),
+        ("2 workers / 1 worker", f"{res['scaling_2w_vs_1w']:.2f}", ">= 1.7", _met(res, "scaling_2w_vs_1w")),
+        ("  same, steady state", f"{res['steady_scaling_2w_vs_1w']:.2f}", "", ""),
+        (f"driver peak RSS, {small} cases (MB)", f"{res['driver_peak_rss_mb'][str(small)]:.0f}", "", ""),
+        (f"driver peak RSS, {large} cases (MB)", f"{res['driver_peak_rss_mb'][str(large)]:.0f}", "", ""),
+        (f"driver peak RSS ratio {large} / {small}", f"{res['memory_ratio_10k_vs_1k']:.3f}", "<= 1.2", _met(res, "memory_ratio_10k_vs_1k")),
+        (f"no-op ceiling, 2 workers, batch {res['batch_size']} (cases/s)", f"{res['noop_ceiling_cases_per_s']:.0f}", ">= 2000", _met(res, "noop_ceiling_cases_per_s")),
+    ]
+    for name, first in res["cold_first_result_s"].items():
+        rows.append((f"{name}: first batch back, cold pool / warm pool (s)", f"{first:.1f} / {res['warm_first_result_s'].get(name, float('nan')):.1f}", "", ""))
+    for b, rate in res["noop_ceiling_by_batch_size"].items():
+        if int(b) != res["batch_size"]:
+            rows.append((f"no-op ceiling, 2 workers, batch {b} (cases/s)", f"{rate:.0f}", "", ""))
+    for b, rate in res["noop_local_by_batch_size"].items():
+        rows.append((f"no-op loop without Ray, batch {b} (cases/s)", f"{rate:.0f}", "", ""))
+    for name, stages in res["per_case_ms"].items():
+        rows.append((
+            f"{name}: infer / DDIM / store write / wall (ms per case)",
+            " / ".join(f"{stages[k]:.2f}" for k in ("infer_ms_per_case", "ddim_ms_per_case", "store_write_ms_per_case", "wall_ms_per_case")),
+            "",
+            "",
+        ))
+    lines = ["| measurement | value | goal | met |", "|---|---|---|---|"]
+    lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
+    return "\n".join(lines)
+
+
+def _met(res: dict, key: str) -> str:
+    return "yes" if res["goals"][key]["met"] else "no"
+
+
+def log_to_mlflow(res: dict, work_dir: Path, profile_name: str) -> str:
+    """Logs the results to the sqlite MLflow store in ``work_dir``; returns the run id."""
+    tracker = tracking.Tracker(
+        tracking.default_tracking_uri(work_dir),
+        "caudo-ray-benchmarks",
+        run_name=f"throughput-{profile_name}",
+        artifact_root=work_dir / "mlartifacts",
+        tags={"benchmark": "throughput", "profile": profile_name},
+    )
+    tracker.log_params({"profile": profile_name, **res["profile"], "models": res["models"], "cpu_count": res["cpu_count"]})
+    metrics = {f"bench/{k}": v for k, v in tracking.flatten(res).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    one = res["per_case_ms"]["pipeline_1w"]
+    metrics.update({
+        tracking.CASES_PER_S: res["pipeline_1w_cases_per_s"],
+        tracking.INFER_S_PER_CASE: one["infer_ms_per_case"] / 1e3,
+        tracking.DDIM_S_PER_CASE: one["ddim_ms_per_case"] / 1e3,
+        tracking.STORE_S_PER_CASE: one["store_write_ms_per_case"] / 1e3,
+    })
+    tracker.log_metrics(metrics, step=0)
+    tracker.log_dict(res, "throughput.json")
+    tracker.finish("FINISHED")
+    return tracker.run_id
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small counts: a CI smoke test, not numbers to quote")
+    parser.add_argument("--work-dir", type=Path, default=REPO_ROOT / "runs" / "bench-throughput")
+    parser.add_argument("--out", type=Path, default=None, help="JSON path (default: <work-dir>/throughput.json)")
+    parser.add_argument("--keep-stores", action="store_true", help="keep the benchmark's Zarr stores afterwards")
+    args = parser.parse_args(argv)
+
+    import ray
+
+    from caudo_ray.actors import init_ray
+
+    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    name = "quick" if args.quick else "default"
+    profile = PROFILES[name]
+    work_dir = args.work_dir.resolve()
+    started_ray = not ray.is_initialized()
+    init_ray(benchmark_config(work_dir, num_workers=2), log_to_driver=False)
+    try:
+        res = run_benchmark(work_dir, profile)
+    finally:
+        if started_ray:
+            ray.shutdown()
+    res["mlflow_run_id"] = log_to_mlflow(res, work_dir, name)
+    res["mlflow_tracking_uri"] = tracking.default_tracking_uri(work_dir)
+    out = args.out or work_dir / "throughput.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=2))
+    if not args.keep_stores:
+        for store in ("model.zarr", "noop.zarr"):
+            shutil.rmtree(work_dir / store, ignore_errors=True)
+    print(format_table(res))
+    print(f"\nJSON: {out}\nMLflow: {res['mlflow_tracking_uri']} (run {res['mlflow_run_id']})")
+    return res
+
+
+if __name__ == "__main__":
+    main()
