@@ -186,36 +186,9 @@ class Coordinator:
         if store.is_committed(r):
             result.rounds.append(store.round_summary(r))
             return models
-        c = cfg.calibrator
-        store.begin_round(
-            r,
-            {
-                "guidance_strength": c.guidance_strength,
-                "calibration_strength": c.calibration_strength,
-                "inference_steps": c.inference_steps,
-                "calibrated": c.enabled,
-                "model_version": models.version,
-            },
-        )
-        todo = store.missing(r)
-        t0 = time.perf_counter()
-        sums = {"infer_s": 0.0, "ddim_s": 0.0, "store_s": 0.0}
-        bar = tqdm(total=len(todo), desc=f"round {r}: labelling", unit="case", disable=not self.progress)
-        for stats in executor.label(r, models, batches_of(todo, cfg.runtime.batch_size)):
-            for key in sums:
-                sums[key] += getattr(stats, key)
-            bar.update(len(stats.indices))
-        bar.close()
-        elapsed = time.perf_counter() - t0
-        result.recomputed += len(todo)
-        n = max(len(todo), 1)
-        perf = {
-            "cases_per_s": len(todo) / elapsed if elapsed > 0 and len(todo) else math.nan,
-            "infer_s_per_case": sums["infer_s"] / n,
-            "ddim_s_per_case": sums["ddim_s"] / n,
-            "store_write_s_per_case": sums["store_s"] / n,
-            "train_s": models.train_s,
-        }
+        perf, labelled = stream_round(cfg, store, executor, r, models, self.progress)
+        perf["train_s"] = models.train_s
+        result.recomputed += labelled
         summary = pipeline.select_and_commit(cfg, store, r, {"perf": perf, "val": _scalars(models.val_metrics)})
         result.rounds.append(summary)
         _log_round(tracker, r, summary, models)
@@ -235,6 +208,39 @@ class Coordinator:
         if metrics:
             tracker.log_metrics({f"final/val_{k}": v for k, v in metrics.items()}, step=self.cfg.rounds)
         return metrics
+
+
+def stream_round(cfg: RunConfig, owner, executor: Executor, r: int, models: RoundModels, progress: bool) -> tuple[dict, int]:
+    """Begin round ``r`` and stream its missing cases through ``executor``; returns (per-stage times, cases labelled)."""
+    c = cfg.calibrator
+    owner.begin_round(
+        r,
+        {
+            "guidance_strength": c.guidance_strength,
+            "calibration_strength": c.calibration_strength,
+            "inference_steps": c.inference_steps,
+            "calibrated": c.enabled,
+            "model_version": models.version,
+        },
+    )
+    todo = owner.missing(r)
+    t0 = time.perf_counter()
+    sums = {"infer_s": 0.0, "ddim_s": 0.0, "store_s": 0.0}
+    bar = tqdm(total=len(todo), desc=f"round {r}: labelling", unit="case", disable=not progress)
+    for stats in executor.label(r, models, batches_of(todo, cfg.runtime.batch_size)):
+        for key in sums:
+            sums[key] += getattr(stats, key)
+        bar.update(len(stats.indices))
+    bar.close()
+    elapsed = time.perf_counter() - t0
+    n = max(len(todo), 1)
+    perf = {
+        "cases_per_s": len(todo) / elapsed if elapsed > 0 and len(todo) else math.nan,
+        "infer_s_per_case": sums["infer_s"] / n,
+        "ddim_s_per_case": sums["ddim_s"] / n,
+        "store_write_s_per_case": sums["store_s"] / n,
+    }
+    return perf, len(todo)
 
 
 def _load_or_train(path: Path, train) -> RoundModels:
@@ -321,3 +327,60 @@ def _attach_file_log(path: Path) -> None:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         root.addHandler(handler)
     root.setLevel(logging.INFO)
+
+
+def calibrate_dataset(
+    run_dir: str | Path,
+    data_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    executor_factory=None,
+    fmt: str = "source",
+    progress: bool = True,
+) -> dict:
+    """Label and calibrate every image of a dataset folder with a finished run's last round of models.
+
+    Writes ``<out_dir>/store.zarr`` (one round, resumable like a run's round) and exports the calibrated labels
+    at each image's original geometry to ``<out_dir>/labels``; reliability and annotation queries come with it.
+
+    Returns:
+        The round summary, plus ``labels_dir``, ``written`` and ``skipped``.
+    """
+    from caudo_ray import data as D
+    from caudo_ray.config import load_config
+    from caudo_ray.workspace import Workspace, load_pool
+
+    run = Workspace(Path(run_dir))
+    cfg = load_config(run.config_path, {"work_dir": str(out_dir)})
+    rounds = sorted(int(p.stem.split("_")[1]) for p in run.models_dir.glob("round_*.pt"))
+    if not rounds:
+        raise FileNotFoundError(f"{run.models_dir}: no round models; is {run_dir} the work dir of a run?")
+    models = RoundModels.load(run.model_path(rounds[-1]))
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    index = D.index_dataset(data_dir, group_column=None, nifti_axis=cfg.data.nifti_axis)
+    refs = index.labelled + index.unlabelled
+    store = PseudoLabelStore.open_or_create(
+        str(out / "store.zarr"),
+        case_ids=[r.case_id for r in refs],
+        working_size=tuple(cfg.data.working_size),
+        num_classes=models.num_classes,
+        config_hash=f"{cfg.method_hash()}:{models.version}",
+        provenance={"run": str(Path(run_dir).resolve()), "data": str(data_dir), "model_version": models.version},
+    )
+    skipped: dict[str, str] = dict(index.problems)
+    load_pool(store, refs, cfg, models.num_classes, lambda source, reason: skipped.__setitem__(source, reason), progress)
+
+    ctx = TrainContext(cfg, store.url, models.num_classes)
+    executor = (executor_factory or (lambda c: LocalExecutor(c, progress)))(ctx)
+    try:
+        owner = executor.owner(store)
+        if not owner.is_committed(0):
+            perf, _ = stream_round(cfg, owner, executor, 0, models, progress)
+            pipeline.select_and_commit(cfg, owner, 0, {"perf": perf})
+        summary = owner.round_summary(0)
+    finally:
+        executor.close()
+    written = store.export_round(0, out / "labels", fmt=fmt)
+    return {**summary, "labels_dir": str(out / "labels"), "written": len(written), "skipped": skipped}

@@ -717,8 +717,8 @@ class PseudoLabelStore:
         return _read_flags(self._arrays(r)["done"])
 
     def missing(self, r: int) -> np.ndarray:
-        """Indices of the cases of round ``r`` not done yet."""
-        return np.flatnonzero(~self.done(r))
+        """Indices of the usable cases (image loaded, not skipped) of round ``r`` not done yet."""
+        return np.flatnonzero(~self.done(r) & self.usable_mask())
 
     def is_committed(self, r: int) -> bool:
         """Whether round ``r`` exists and was committed."""

@@ -138,7 +138,7 @@ def prepare_run(cfg: RunConfig, *, progress: bool = True, on_skip: Callable[[str
     pool_refs = [refs[cid] for cid in split.pool]
     store = _open_or_create_store(cfg, ws, pool_refs, num_classes)
 
-    _load_pool(store, pool_refs, cfg, num_classes, skip, progress)
+    load_pool(store, pool_refs, cfg, num_classes, skip, progress)
     _load_exemplars(store, [refs[c] for c in split.exemplars] + _annotation_refs(ws, refs), cfg, num_classes)
     return PreparedRun(cfg, ws, data_root, index, split, store, num_classes, skipped)
 
@@ -197,7 +197,7 @@ def _open_or_create_store(cfg: RunConfig, ws: Workspace, pool_refs: list[D.CaseR
     )
 
 
-def _load_pool(store: PseudoLabelStore, pool_refs, cfg: RunConfig, num_classes: int, skip, progress: bool) -> None:
+def load_pool(store: PseudoLabelStore, pool_refs, cfg: RunConfig, num_classes: int, skip, progress: bool) -> None:
     """Read, preprocess and store every pool image not yet in the store; bad files are skipped, not fatal."""
     todo = [int(i) for i in store.images_missing() if store.case_ids[int(i)] not in store.skipped]
     if not todo:

@@ -27,11 +27,15 @@ def _ids(n: int) -> list[str]:
     return [f"case_{i:03d}" for i in range(n)]
 
 
-def _create(url, n: int = 8, **kwargs) -> PseudoLabelStore:
+def _create(url, n: int = 8, load_images: bool = True, **kwargs) -> PseudoLabelStore:
     geometries = [{"shape": [20 + i, 24], "format": "png", "source": f"images/case_{i:03d}.png"} for i in range(n)]
-    return PseudoLabelStore.create(
+    store = PseudoLabelStore.create(
         url, case_ids=_ids(n), geometries=geometries, working_size=SIZE, num_classes=CLASSES, config_hash="hash-a", **kwargs
     )
+    if load_images:
+        # Rounds run over loaded cases, as in a run where the pool's images are stored before round 0.
+        store.write_images(np.arange(n), np.zeros((n, *SIZE), np.float32))
+    return store
 
 
 def _results(indices, seed: int = 0):
@@ -64,7 +68,7 @@ def _assert_intact(store: PseudoLabelStore, r: int, indices, seed: int = 0) -> N
 
 def test_create_open_round_trip(tmp_path):
     url = tmp_path / "store.zarr"
-    store = _create(url, provenance={"segmenter": "v0"})
+    store = _create(url, provenance={"segmenter": "v0"}, load_images=False)
     images = np.random.default_rng(0).random((3, *SIZE)).astype(np.float32)
     store.write_images([4, 1, 6], images)
     ids = ["ex_a", "ex_b"]

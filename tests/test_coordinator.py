@@ -1,0 +1,183 @@
+"""The local self-training loop end to end: store contents, MLflow run, idempotent reruns, multi-class, resume."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import tiny_config
+from mlflow import MlflowClient
+
+from caudo_ray import tracking
+from caudo_ray.coordinator import Coordinator, LocalExecutor
+from caudo_ray.selection import area_strata
+from caudo_ray.store import NO_TRUTH, PseudoLabelStore
+from caudo_ray.workspace import Workspace
+
+# Metrics every round of a phantom run logs (the pool has hidden truth and a validation split exists).
+# reliability_spearman is left out: it is NaN, hence not logged, when the tiny model's reliabilities tie.
+ROUND_METRICS = [
+    tracking.PSEUDO_DICE_INITIAL,
+    tracking.PSEUDO_DICE_CALIBRATED,
+    tracking.CALIBRATION_GAIN,
+    tracking.SELECTED,
+    tracking.SELECTED_FRACTION,
+    tracking.RELIABILITY_MEAN,
+    tracking.RELIABILITY_P10,
+    tracking.RELIABILITY_P50,
+    tracking.AGREEMENT_MEAN,
+    tracking.VAL_DICE,
+    tracking.VAL_HD95,
+    tracking.CASES_PER_S,
+    tracking.INFER_S_PER_CASE,
+    tracking.DDIM_S_PER_CASE,
+    tracking.STORE_S_PER_CASE,
+    tracking.TRAIN_S,
+]
+
+
+def artifact_paths(client: MlflowClient, run_id: str, path: str | None = None) -> set[str]:
+    """Every artifact file of a run, as paths relative to its artifact root."""
+    out: set[str] = set()
+    for info in client.list_artifacts(run_id, path):
+        out |= artifact_paths(client, run_id, info.path) if info.is_dir else {info.path}
+    return out
+
+
+def assert_complete_run(cfg, result) -> PseudoLabelStore:
+    """Every usable case of every round is in the store exactly once, committed, with its selection."""
+    store = PseudoLabelStore.open(result.store_url)
+    usable = store.usable_mask()
+    assert usable.sum() > 0
+    assert store.rounds() == list(range(cfg.rounds)) == store.committed_rounds()
+    for r in range(cfg.rounds):
+        assert store.done(r)[usable].all()
+        assert len(store.case_ids) == len(set(store.case_ids))  # one chunk row per case id
+        labels = store.read_round(r)
+        assert labels["initial"].max() < store.num_classes and labels["calibrated"].max() < store.num_classes
+        assert np.isfinite(labels["scores"]["reliability"][usable]).all()
+        # Selection: the most reliable fraction per target-size stratum (selection.select_top's contract).
+        selected = store.selected(r)
+        assert not selected[~usable].any()
+        n, frac = int(usable.sum()), cfg.fraction_for_round(r)
+        strata = area_strata(np.where(usable, store.read_scores(r)["area"], 0.0))
+        bound = sum(math.ceil(frac * (strata == s).sum()) for s in np.unique(strata))
+        assert math.ceil(frac * n) <= selected.sum() <= bound
+        summary = store.round_summary(r)
+        assert summary["selected"] == selected.sum() and summary["cases"] == n
+    return store
+
+
+@pytest.fixture(scope="module")
+def local_run(tmp_path_factory):
+    """One two-round binary run, then a rerun of the same config."""
+    cfg = tiny_config(tmp_path_factory.mktemp("local") / "run")
+    first = Coordinator(cfg, progress=False).run()
+    second = Coordinator(cfg, progress=False).run()
+    return cfg, first, second
+
+
+def test_local_loop_fills_the_store(local_run):
+    cfg, first, _ = local_run
+    store = assert_complete_run(cfg, first)
+    assert first.recomputed == cfg.rounds * int(store.usable_mask().sum())
+    assert [s["round"] for s in first.rounds] == [0, 1]
+
+
+def test_local_loop_logs_the_mlflow_run(local_run):
+    cfg, first, _ = local_run
+    work = Path(cfg.work_dir)
+    assert first.tracking_uri == tracking.default_tracking_uri(work) and (work / "mlflow.db").is_file()
+    client = MlflowClient(tracking_uri=first.tracking_uri)
+    run = client.get_run(first.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["rounds"] == "2" and run.data.params["calibrator.guidance_strength"] == "1.5"
+    for name in ROUND_METRICS:
+        steps = [m.step for m in client.get_metric_history(first.run_id, name)]
+        assert steps == [0, 1], name
+    selected = {m.step: m.value for m in client.get_metric_history(first.run_id, tracking.SELECTED)}
+    assert selected == {s["round"]: s["selected"] for s in first.rounds}
+    arts = artifact_paths(client, first.run_id)
+    assert {"config.yaml", "split.json", "model/final.pt", "rounds/round_0/summary.json", "rounds/round_1/summary.json"} <= arts
+    for r in (0, 1):
+        overlays = [a for a in arts if a.startswith(f"overlays/round_{r}/") and a.endswith(".png")]
+        assert len(overlays) == cfg.tracking.num_overlays
+    # Artifacts live in the work dir, next to the sqlite store.
+    assert Path(run.info.artifact_uri.removeprefix("file://")).is_relative_to(work.resolve())
+
+
+def test_rerun_recomputes_nothing_and_logs_into_the_same_run(local_run):
+    _, first, second = local_run
+    assert second.recomputed == 0
+    assert second.run_id == first.run_id
+    assert [s["selected"] for s in second.rounds] == [s["selected"] for s in first.rounds]
+    client = MlflowClient(tracking_uri=second.tracking_uri)
+    assert client.get_run(second.run_id).info.status == "FINISHED"
+    # Committed rounds are not logged twice.
+    assert [m.step for m in client.get_metric_history(second.run_id, tracking.SELECTED)] == [0, 1]
+
+
+def test_multiclass_loop(tmp_path):
+    cfg = tiny_config(tmp_path / "run", **{"data.phantom.num_classes": 3, "rounds": 1, "tracking.num_overlays": 1})
+    result = Coordinator(cfg, progress=False).run()
+    store = assert_complete_run(cfg, result)
+    assert store.num_classes == 3
+    _, _, exemplar_labels = store.exemplars()
+    assert set(np.unique(exemplar_labels)) == {0, 1, 2}
+    truth = store.read_truth()
+    assert set(np.unique(truth[truth != NO_TRUTH])) == {0, 1, 2}  # hidden truth of the pool's labelled cases
+    assert {"dice_class1", "dice_class2"} <= set(result.final_metrics)
+
+
+class FailingExecutor(LocalExecutor):
+    """A local executor that dies after ``k`` batches of round ``fail_round``, as a killed run would."""
+
+    def __init__(self, ctx, fail_round: int, k: int):
+        super().__init__(ctx, progress=False)
+        self.fail_round, self.k = fail_round, k
+
+    def label(self, r, models, batches):
+        for n, stats in enumerate(super().label(r, models, batches)):
+            yield stats
+            if r == self.fail_round and n + 1 == self.k:
+                raise KeyboardInterrupt("simulated interruption")
+
+
+def _chunk_mtimes(store_url: str, r: int, indices) -> dict[int, int]:
+    # One chunk per case (chunks (1, H, W)): its file is rewritten only if the case is recomputed.
+    base = Path(store_url) / "rounds" / str(r) / "calibrated" / "c"
+    return {int(i): (base / str(int(i)) / "0" / "0").stat().st_mtime_ns for i in indices}
+
+
+def test_resume_recomputes_only_missing_cases(local_run, tmp_path):
+    clean_cfg, clean, _ = local_run
+    cfg = tiny_config(tmp_path / "run")
+    assert cfg.method_hash() == clean_cfg.method_hash()
+    with pytest.raises(KeyboardInterrupt):
+        Coordinator(cfg, executor_factory=lambda ctx: FailingExecutor(ctx, fail_round=1, k=2), progress=False).run()
+
+    store = PseudoLabelStore.open(str(tmp_path / "run" / "store.zarr"))
+    usable = store.usable_mask()
+    assert store.committed_rounds() == [0]
+    done_before = np.flatnonzero(store.done(1) & usable)
+    assert len(done_before) == 2 * cfg.runtime.batch_size < usable.sum()
+    mtimes = _chunk_mtimes(store.url, 1, done_before)
+    info = Workspace(tmp_path / "run").read_run_info()
+    run_id, client = info["run_id"], MlflowClient(tracking_uri=info["tracking_uri"])
+    assert client.get_run(run_id).info.status == "FAILED"
+
+    resumed = Coordinator(cfg, progress=False).run()
+    assert resumed.recomputed == int(usable.sum()) - len(done_before)
+    assert resumed.run_id == run_id and client.get_run(run_id).info.status == "FINISHED"
+    assert _chunk_mtimes(store.url, 1, done_before) == mtimes
+    assert_complete_run(cfg, resumed)
+
+    # Calibration is deterministic on CPU: the resumed run ends where an uninterrupted one does.
+    ref = PseudoLabelStore.open(clean.store_url)
+    for r in range(cfg.rounds):
+        a, b = store.read_round(r), ref.read_round(r)
+        np.testing.assert_array_equal(a["initial"], b["initial"])
+        np.testing.assert_array_equal(a["calibrated"], b["calibrated"])
+        np.testing.assert_array_equal(store.selected(r), ref.selected(r))
