@@ -51,10 +51,10 @@ PROFILES: dict[str, dict[str, Any]] = {
     "fast": {
         "data.working_size": [64, 64],
         "rounds": 2,
-        "segmenter.iterations": 300,
-        "segmenter.finetune_iterations": 150,
-        "calibrator.autoencoder_iterations": 200,
-        "calibrator.denoiser_iterations": 600,
+        "segmenter.iterations": 120,
+        "segmenter.finetune_iterations": 60,
+        "calibrator.autoencoder_iterations": 60,
+        "calibrator.denoiser_iterations": 150,
         "selection.fractions": [0.5, 0.75],
     },
     "full": {
@@ -68,6 +68,9 @@ PROFILES: dict[str, dict[str, Any]] = {
     },
 }
 PROFILE_EXEMPLARS = {"fast": 1, "full": 3}
+# The fast profile keeps about this many labelled cases (whole exam groups) so it fits in 5 minutes on 2 shared
+# cores; the full profile uses the whole dataset. --limit overrides both.
+PROFILE_LIMIT = {"fast": 240, "full": None}
 # --smoke: tiny networks and budgets on top of a profile, so a CI run on a handful of cases takes seconds.
 SMOKE: dict[str, Any] = {
     "data.working_size": [32, 32],
@@ -94,7 +97,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--smoke", action="store_true", help="tiny networks and a few iterations on top of the profile (CI)")
     p.add_argument("--exemplars", nargs="+", default=None, help="exemplar case ids (default: drawn with --seed from the training groups)")
     p.add_argument("--num-exemplars", type=int, default=None, help="exemplars to draw when --exemplars is not given (default: 1 fast, 3 full)")
-    p.add_argument("--limit", type=int, default=None, help="use only about N labelled cases (whole groups, drawn with --seed) plus N/5 unlabelled ones")
+    p.add_argument("--limit", type=int, default=None, help="use only about N labelled cases (whole groups, drawn with --seed) plus N/5 unlabelled ones; 0: all (default: 240 fast, all full)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="extra run-config override (YAML value), e.g. calibrator.guidance_strength=3")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch threads (default: %(default)s; on a shared 2-core machine more threads spin against other processes and run slower)")
@@ -114,8 +117,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     group_column = args.group_column if args.group_column is not None else _default_group_column(data_root)
     work = (args.work_dir or REPO_ROOT / "runs" / f"accuracy-{profile}").resolve()
     _fresh_dir(work)
-    if args.limit is not None:
-        data_root = _subset_dataset(data_root, work / "data", args.limit, group_column, args.seed, args.exemplars or [])
+    limit = PROFILE_LIMIT[profile] if args.limit is None else args.limit
+    if limit:
+        data_root = _subset_dataset(data_root, work / "data", limit, group_column, args.seed, args.exemplars or [])
 
     overrides = {**PROFILES[profile], **(SMOKE if args.smoke else {}), **_parse_overrides(args.overrides)}
     base = _config(work / "base", data_root, group_column, args.seed, overrides)
@@ -185,7 +189,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     else:
         del results["supervised"]
 
-    report = _report(args, profile, base, data_root, group_column, exemplars, split, len(train_cases), budget, results, pseudo)
+    report = _report(args, limit, profile, base, data_root, group_column, exemplars, split, len(train_cases), budget, results, pseudo)
     out = args.out or work / "accuracy.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1, allow_nan=True))
@@ -330,7 +334,7 @@ def _pseudo_label_rows(store, exemplar: str, method: str, summaries: list[dict])
     return rows
 
 
-def _report(args, profile, base: RunConfig, data_root, group_column, exemplars, split, n_train, budget, results, pseudo) -> dict[str, Any]:
+def _report(args, limit, profile, base: RunConfig, data_root, group_column, exemplars, split, n_train, budget, results, pseudo) -> dict[str, Any]:
     methods = {}
     for name, entry in results.items():
         dice, hd = np.asarray(entry["test_dice_per_exemplar"]), np.asarray(entry["test_hd95_per_exemplar"])
@@ -349,7 +353,7 @@ def _report(args, profile, base: RunConfig, data_root, group_column, exemplars, 
         "group_column": group_column,
         "profile": profile,
         "smoke": bool(args.smoke),
-        "limit": args.limit,
+        "limit": limit or None,
         "working_size": list(base.data.working_size),
         "exemplars": list(exemplars),
         "split": {"seed": split.seed, "train_labelled": n_train, "pool": len(split.pool), "val": len(split.val), "test": len(split.test)},

@@ -78,7 +78,7 @@ class Profile:
 
 
 PROFILES = {
-    "default": Profile(model_cases=320, repeats=3, memory_counts=(1000, 10000), ceiling_cases=4096, ceiling_batch_sizes=(16, 64, 256), warmup=True),
+    "default": Profile(model_cases=256, repeats=3, memory_counts=(1000, 10000), ceiling_cases=2048, ceiling_batch_sizes=(16, 64, 256), warmup=True),
     "quick": Profile(model_cases=32, repeats=1, memory_counts=(100, 1000), ceiling_cases=256, ceiling_batch_sizes=(16, 64), warmup=False),
 }
 

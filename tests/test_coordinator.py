@@ -146,9 +146,9 @@ class FailingExecutor(LocalExecutor):
 
 
 def _chunk_mtimes(store_url: str, r: int, indices) -> dict[int, int]:
-    # One chunk per case (chunks (1, H, W)): its file is rewritten only if the case is recomputed.
-    base = Path(store_url) / "rounds" / str(r) / "calibrated" / "c"
-    return {int(i): (base / str(int(i)) / "0" / "0").stat().st_mtime_ns for i in indices}
+    # Scores have one chunk per case (never all fill value, so always a file): rewritten only if recomputed.
+    base = Path(store_url) / "rounds" / str(r) / "scores" / "c"
+    return {int(i): (base / str(int(i)) / "0").stat().st_mtime_ns for i in indices}
 
 
 def test_resume_recomputes_only_missing_cases(local_run, tmp_path):
