@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import statistics
@@ -107,6 +108,7 @@ class StreamRun:
     elapsed_s: float
     first_result_s: float  # from the call to the first finished batch: start-up, model build, one batch
     steady_cases_per_s: float  # from the first finished batch to the last
+    driver_cpu_s: float  # CPU time of this process (all its threads) during the round
     infer_s: float
     ddim_s: float
     store_s: float
@@ -230,18 +232,18 @@ class Bench:
         r, todo = self._begin(store, label, num_cases)
         sums = {"infer_s": 0.0, "ddim_s": 0.0, "store_s": 0.0}
         done, first_t, first_n = 0, None, 0
-        t0 = time.perf_counter()
+        cpu0, t0 = time.process_time(), time.perf_counter()
         for stats in label_fn(r, batches_of(todo, batch_size or self.batch_size)):
             done += len(stats.indices)
             if first_t is None:
                 first_t, first_n = time.perf_counter(), len(stats.indices)
             for key in sums:
                 sums[key] += getattr(stats, key)
-        end = time.perf_counter()
+        end, cpu = time.perf_counter(), time.process_time() - cpu0
         if done != len(todo) or not store.done(r)[todo].all():
             raise RuntimeError(f"{label}: {len(todo) - done} of {len(todo)} cases were not labelled")
         steady = (done - first_n) / (end - first_t) if done > first_n and end > first_t else float("nan")
-        return StreamRun(done, end - t0, first_t - t0, steady, sums["infer_s"], sums["ddim_s"], sums["store_s"])
+        return StreamRun(done, end - t0, first_t - t0, steady, cpu, sums["infer_s"], sums["ddim_s"], sums["store_s"])
 
     def local(self, engine_factory, store: PseudoLabelStore, label: str, num_cases: int, batch_size: int | None = None) -> StreamRun:
         """The loop in this process without Ray: build the engine, then ``pipeline.label_cases`` batch by batch."""
@@ -356,6 +358,7 @@ def summarize(profile, runs, cold, memory, ceiling, noop_local, batch, total_s) 
     steady = {k: _median(r.steady_cases_per_s for r in v) for k, v in runs.items()}
     ceiling_rate = {b: _median(r.cases_per_s for r in v) for b, v in ceiling.items()}
     local_rate = {b: _median(r.cases_per_s for r in v) for b, v in noop_local.items()}
+    cpu_per_batch = {b: _median(r.driver_cpu_s / math.ceil(r.cases / b) for r in v) for b, v in ceiling.items()}
     out = {
         "bare_cases_per_s": _median(r.cases_per_s for r in bare),
         "pipeline_1w_cases_per_s": _median(r.cases_per_s for r in one),
@@ -380,10 +383,10 @@ def summarize(profile, runs, cold, memory, ceiling, noop_local, batch, total_s) 
         "noop_ceiling_by_batch_size": {str(b): v for b, v in ceiling_rate.items()},
         "noop_local_by_batch_size": {str(b): v for b, v in local_rate.items()},
         "noop_store_write_ms_per_case_by_batch_size": {str(b): _stages(v)["store_write_ms_per_case"] for b, v in noop_local.items()},
-        # per batch: wall time of the Ray pipeline beyond the same no-op loop without Ray (2 workers share it)
-        "ray_overhead_ms_per_batch": {
-            str(b): b * (1e3 / ceiling_rate[b] - 1e3 / local_rate[b]) for b in ceiling_rate
-        },
+        # The driver's own CPU per batch while no-op workers stream: what one coordinator spends per batch
+        # (submit, wait, get, bookkeeping); batch size / that is the rate at which the coordinator saturates.
+        "coordinator_cpu_ms_per_batch": {str(b): cpu_per_batch[b] * 1e3 for b in cpu_per_batch},
+        "coordinator_bound_cases_per_s": {str(b): b / cpu_per_batch[b] for b in cpu_per_batch},
         "batch_size": batch,
         "profile": asdict(profile),
         "repeats": profile.repeats,
@@ -423,6 +426,9 @@ def format_table(res: dict) -> str:
             rows.append((f"no-op ceiling, 2 workers, batch {b} (cases/s)", f"{rate:.0f}", "", ""))
     for b, rate in res["noop_local_by_batch_size"].items():
         rows.append((f"no-op loop without Ray, batch {b} (cases/s)", f"{rate:.0f}", "", ""))
+        rows.append((f"  store write, batch {b} (ms per case)", f"{res['noop_store_write_ms_per_case_by_batch_size'][b]:.2f}", "", ""))
+    for b, cpu in res["coordinator_cpu_ms_per_batch"].items():
+        rows.append((f"coordinator CPU per batch of {b} / bound (ms, cases/s)", f"{cpu:.2f} / {res['coordinator_bound_cases_per_s'][b]:.0f}", "", ""))
     for name, stages in res["per_case_ms"].items():
         rows.append((
             f"{name}: infer / DDIM / store write / wall (ms per case)",

@@ -178,6 +178,7 @@ class Coordinator:
             raise
         finally:
             executor.close()
+            store.release_lock()
         return result
 
     def _round(self, r, previous, executor: Executor, prepared: PreparedRun, tracker: tracking.Tracker, result: RunResult) -> RoundModels:

@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 from caudo_ray import data as D
 from caudo_ray import segmenter as seg
 from caudo_ray.config import load_config
+from caudo_ray.data.readers import file_format
 from caudo_ray.errors import DataError
 from caudo_ray.method import RoundModels, resolve_device
 
@@ -38,7 +39,7 @@ def predict_folder(work_dir: Path, inputs: Path, output: Path, *, progress: bool
     skipped: dict[str, str] = {}
     for path in tqdm(files, desc="predicting", unit="file", disable=not progress):
         try:
-            D.file_format(path)
+            file_format(path)
             slices = D.read_image(path, nifti_axis=cfg.data.nifti_axis)
         except DataError as err:
             skipped[str(path)] = err.problem

@@ -106,9 +106,11 @@ class PreparedRun:
 def prepare_run(cfg: RunConfig, *, progress: bool = True, on_skip: Callable[[str, str], None] | None = None) -> PreparedRun:
     """Create or reopen the work dir of ``cfg`` and load the pool into its store.
 
+    The store's single-writer lock is taken for this process; the caller releases it (``store.release_lock()``).
+
     Raises:
         DataError: an exemplar or a validation case is unusable (the pool skips bad files instead).
-        StoreError: the work dir holds a store written under another config.
+        StoreError: the work dir holds a store written under another config, or another run holds its lock.
     """
     ws = Workspace(Path(cfg.work_dir))
     ws.root.mkdir(parents=True, exist_ok=True)
@@ -137,6 +139,8 @@ def prepare_run(cfg: RunConfig, *, progress: bool = True, on_skip: Callable[[str
     refs = {r.case_id: r for r in index.labelled + index.unlabelled}
     pool_refs = [refs[cid] for cid in split.pool]
     store = _open_or_create_store(cfg, ws, pool_refs, num_classes)
+    # One run per store: a second run on the same work dir is refused here, before it writes anything.
+    store.acquire_lock(owner=f"caudo-ray run {ws.root.resolve()}")
 
     load_pool(store, pool_refs, cfg, num_classes, skip, progress)
     _load_exemplars(store, [refs[c] for c in split.exemplars] + _annotation_refs(ws, refs), cfg, num_classes)
@@ -199,7 +203,12 @@ def _open_or_create_store(cfg: RunConfig, ws: Workspace, pool_refs: list[D.CaseR
 
 def load_pool(store: PseudoLabelStore, pool_refs, cfg: RunConfig, num_classes: int, skip, progress: bool) -> None:
     """Read, preprocess and store every pool image not yet in the store; bad files are skipped, not fatal."""
-    todo = [int(i) for i in store.images_missing() if store.case_ids[int(i)] not in store.skipped]
+    already = store.skipped
+    # Files an earlier invocation skipped stay skipped; a resumed run reports them again (exit status 3, MLflow).
+    for ref in pool_refs:
+        if ref.case_id in already:
+            skip(str(ref.image_path), already[ref.case_id])
+    todo = [int(i) for i in store.images_missing() if store.case_ids[int(i)] not in already]
     if not todo:
         return
     batch: list[tuple[int, D.Case]] = []

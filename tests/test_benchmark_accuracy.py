@@ -23,7 +23,7 @@ def test_fast_smoke_on_hc18_writes_every_field(tmp_path):
         pytest.skip(f"HC18 not found at {HC18}")
     bench = _load_benchmark()
     out = tmp_path / "accuracy.json"
-    bench.main(["--fast", "--smoke", "--limit", "20", "--work-dir", str(tmp_path / "work"), "--out", str(out)])
+    bench.main(["--fast", "--smoke", "--limit", "12", "--work-dir", str(tmp_path / "work"), "--out", str(out)])
 
     report = json.loads(out.read_text())
     assert report["profile"] == "fast" and report["smoke"] is True

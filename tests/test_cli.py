@@ -1,0 +1,109 @@
+"""``caudo-ray`` in-process: data inspect, run exit codes, export, queries."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import HC18, tiny_config
+from PIL import Image
+
+from caudo_ray import data as D
+from caudo_ray.cli import EXIT_OK, EXIT_REFUSED, EXIT_SKIPPED, main
+from caudo_ray.config import PhantomConfig, save_config
+from caudo_ray.store import PseudoLabelStore
+
+
+def write_config(path: Path, work_dir: Path, **overrides) -> Path:
+    save_config(tiny_config(work_dir, **{"rounds": 1, "tracking.num_overlays": 1, **overrides}), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A finished one-round run made with ``caudo-ray run --no-ray``."""
+    root = tmp_path_factory.mktemp("cli")
+    config = write_config(root / "run.yaml", root / "run")
+    assert main(["run", "--no-ray", "--quiet", "--config", str(config)]) == EXIT_OK
+    return root / "run"
+
+
+def test_inspect_written_dataset(tmp_path, capsys):
+    cfg = PhantomConfig(num_labelled=6, num_unlabelled=4, size=(40, 40), num_classes=3, num_groups=3)
+    root = D.write_phantom_dataset(tmp_path / "ds", cfg)
+    assert main(["data", "inspect", str(root), "--json"]) == EXIT_OK
+    report = json.loads(capsys.readouterr().out)
+    assert (report["labelled"], report["unlabelled"], report["num_classes"]) == (6, 4, 3)
+    assert report["group_column"] == "group" and report["groups"]["labelled_count"] == 3
+    assert report["image_sizes"] == [[[40, 40], 10]] and report["problems"] == []
+
+
+@pytest.mark.skipif(not HC18.is_dir(), reason="../shared/data/hc18 is not present")
+def test_inspect_hc18(capsys):
+    assert main(["data", "inspect", str(HC18), "--json"]) == EXIT_OK
+    report = json.loads(capsys.readouterr().out)
+    assert (report["labelled"], report["unlabelled"], report["num_classes"]) == (999, 335, 2)
+    assert report["group_column"] == "exam_id"  # guessed from meta.csv
+    assert report["groups"]["count"] < report["labelled"] + report["unlabelled"]  # exams hold several frames
+    assert report["problems"] == []
+
+
+def test_run_refuses_a_bad_config_naming_the_key(tmp_path, capsys):
+    config = write_config(tmp_path / "run.yaml", tmp_path / "run")
+    code = main(["run", "--no-ray", "--quiet", "--config", str(config), "--set", "calibrator.guidance_strength=-1"])
+    assert code == EXIT_REFUSED
+    assert "calibrator.guidance_strength" in capsys.readouterr().err
+    assert main(["run", "--no-ray", "--config", str(config), "--set", "calibrator.guidance=1"]) == EXIT_REFUSED
+    assert "calibrator.guidance" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # refused before any work started
+
+
+def test_run_with_a_bad_pool_file_exits_3(tmp_path, capsys):
+    data = D.write_phantom_dataset(tmp_path / "ds", PhantomConfig(num_labelled=12, num_unlabelled=6, size=(32, 32), num_groups=6))
+    bad = sorted((data / "unlabeled").iterdir())[0]
+    bad.write_bytes(b"not a png")
+    config = write_config(tmp_path / "run.yaml", tmp_path / "run", **{"data.path": str(data)})
+    assert main(["run", "--no-ray", "--quiet", "--config", str(config)]) == EXIT_SKIPPED
+    err = capsys.readouterr().err
+    assert bad.name in err
+    store = PseudoLabelStore.open(str(tmp_path / "run" / "store.zarr"))
+    assert list(store.skipped) == [D.file_stem(bad)]
+    assert not store.done(0)[store.case_ids.index(D.file_stem(bad))]
+    # A rerun finds the run complete and still reports the skipped file.
+    assert main(["run", "--no-ray", "--quiet", "--config", str(config)]) == EXIT_SKIPPED
+    assert bad.name in capsys.readouterr().err
+
+
+def test_export_writes_labels_at_original_geometry(finished, tmp_path, capsys):
+    out = tmp_path / "labels"
+    assert main(["export", "--work-dir", str(finished), str(out)]) == EXIT_OK
+    store = PseudoLabelStore.open(str(finished / "store.zarr"))
+    done = np.flatnonzero(store.done(0))
+    written = sorted(out.iterdir())
+    assert [p.name for p in written] == sorted(f"{store.case_ids[i]}.png" for i in done)
+    for i, geometry in zip(done, store.geometries(done)):
+        mask = np.asarray(Image.open(out / f"{store.case_ids[i]}.png"))
+        source = Image.open(geometry["source"])
+        assert mask.shape == (source.height, source.width) != tuple(store.working_size)
+        assert mask.max() < store.num_classes
+    selected = tmp_path / "selected"
+    assert main(["export", "--work-dir", str(finished), "--selected-only", "--which", "initial", str(selected)]) == EXIT_OK
+    assert sorted(p.name for p in selected.iterdir()) == sorted(f"{store.case_ids[i]}.png" for i in np.flatnonzero(store.selected(0)))
+
+
+def test_queries_lists_the_least_reliable_ascending(finished, capsys):
+    capsys.readouterr()
+    assert main(["queries", "--work-dir", str(finished), "-k", "4", "--json"]) == EXIT_OK
+    rows = json.loads(capsys.readouterr().out)
+    assert len(rows) == 4
+    rel = [r["reliability"] for r in rows]
+    assert rel == sorted(rel)
+    store = PseudoLabelStore.open(str(finished / "store.zarr"))
+    scores = store.read_scores(0)["reliability"]
+    usable = store.usable_mask()
+    others = [s for cid, s, ok in zip(store.case_ids, scores, usable) if ok and cid not in {r["case_id"] for r in rows}]
+    assert max(rel) <= min(others)
+    assert main(["queries", "--work-dir", str(finished)]) == EXIT_OK
+    assert len([line for line in capsys.readouterr().out.splitlines() if "reliability=" in line]) == 5  # num_queries
