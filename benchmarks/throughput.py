@@ -13,8 +13,9 @@ Measured side by side in one run (issue 4):
   store I/O and Ray's per-batch overhead.
 
 Models are UNTRAINED networks of the demo's sizes (``caudo_ray/configs/demo.yaml``): the work per case does not
-depend on the weights. Rates are medians over repeats; the bare/pipeline and 2w/1w ratios are medians of ratios
-paired within a repeat, so drift in the machine's load between repeats cancels. End-to-end rates include what a
+depend on the weights. Rates are medians over repeats; the pipeline/bare ratio is the median of ratios paired
+within a repeat (bare and 1-worker rounds alternate, so drift in the machine's load hits both); the 2w/1w
+ratio is a ratio of medians, since each pool holds the CPUs while it is up. End-to-end rates include what a
 round pays once (actor start, model build); steady rates time from the first finished batch to the last.
 
 Usage::
@@ -66,8 +67,8 @@ class Profile:
         repeats: repetitions of every timed measurement (medians are quoted).
         memory_counts: (small, large) pools streamed through no-op workers for the driver's peak memory.
         ceiling_cases: pool streamed through no-op workers for the ceiling.
-        ceiling_batch_sizes: batch sizes tried for the ceiling; the first is the config's ``runtime.batch_size``.
-        warmup: run one untimed pass of each kind first (first imports and allocations).
+        ceiling_batch_sizes: batch sizes tried for the ceiling; must include the config's ``runtime.batch_size``.
+        warmup: run two untimed bare batches first (lazy torch initialisation).
     """
 
     model_cases: int

@@ -272,7 +272,9 @@ def calibrate(
         num_steps: DDIM steps over the full schedule.
 
     Returns:
-        (B, C, H, W) calibrated probabilities, softmax of the decoded latent.
+        (B, C, H, W) calibrated probabilities: ``p + softmax(D(z_0')) - softmax(D(E(p)))``, clipped at 0 and
+        renormalised, where ``z_0'`` is the calibrated latent. Where the diffusion leaves the latent unchanged the
+        initial label is returned as it is, whatever the autoencoder's reconstruction error.
     """
     _check_inputs(calibrator, image, probs, features)
     calibrator.eval()
@@ -296,7 +298,12 @@ def calibrate(
             eps_c, eps_u = calibrator.epsilon(torch.cat([z, z]), t, both_guidance).chunk(2)
             eps = eps_u + w * (eps_c - eps_u)
             z = _ddim_move(z, eps, _alpha_bar(calibrator, t_from, device), _alpha_bar(calibrator, t_to, device))
-        return torch.softmax(ae.decode(z), dim=1)
+        # Apply only the change the diffusion made: decode(E(p)) differs from p by the autoencoder's
+        # reconstruction error, which would otherwise be passed off as a calibration (on HC18 it cost 1.3 Dice
+        # points of every label). Both decodes sum to 1 per pixel, so p + delta does too before clipping.
+        delta = torch.softmax(ae.decode(z), dim=1) - torch.softmax(ae.decode(ae.encode(probs)), dim=1)
+        moved = (probs + delta).clamp_min(0.0)
+        return moved / moved.sum(1, keepdim=True)
 
 
 def _check_inputs(calibrator: Calibrator, image: torch.Tensor, probs: torch.Tensor, features: torch.Tensor) -> None:

@@ -18,7 +18,11 @@ def runs(ray_session, tmp_path_factory):
     from caudo_ray.actors import RayExecutor
 
     root = tmp_path_factory.mktemp("ray")
-    ray_cfg = tiny_config(root / "ray", **{"runtime.use_ray": True, "runtime.num_workers": 2, "runtime.cpus_per_worker": 1})
+    # A 0-CPU trainer fits beside both 1-CPU workers on the 2-CPU cluster, so all actors start once per run
+    # (training and labelling alternate, so they never compete for the cores).
+    ray_cfg = tiny_config(
+        root / "ray", **{"runtime.use_ray": True, "runtime.num_workers": 2, "runtime.cpus_per_worker": 1, "runtime.trainer_cpus": 0}
+    )
     local_cfg = tiny_config(root / "local")
     assert ray_cfg.method_hash() == local_cfg.method_hash()
     ray_result = Coordinator(ray_cfg, executor_factory=RayExecutor, progress=False).run()

@@ -184,10 +184,12 @@ def read_mask(path: str | Path, nifti_axis: int = 2, slice_index: int | None = N
 def write_mask(mask_original: np.ndarray, geometry: Geometry, out_path: str | Path) -> Path:
     """Write a class map at the original geometry of its source image.
 
-    PNG, JPEG and DICOM sources get a PNG of uint8 class indices (a ``.jpg``/``.jpeg``/``.dcm`` out_path is
-    changed to ``.png``: JPEG would corrupt class indices). A 2D NIfTI source gets a NIfTI with the source's
-    affine and array shape. A slice of a 3D volume gets a 2D NIfTI whose affine places it where the slice was;
-    use :func:`write_volume` to write the whole label volume.
+    The format follows ``out_path``'s extension where it names a mask format: ``.png`` (uint8 class indices) or
+    ``.nii``/``.nii.gz``. Any other extension gets the source's own mask format: PNG for PNG, JPEG and DICOM
+    sources (JPEG would corrupt class indices), NIfTI for NIfTI sources. A NIfTI written for a 2D NIfTI source
+    keeps the source's affine and array shape; a slice of a 3D volume gets a 2D NIfTI whose affine places it
+    where the slice was (use :func:`write_volume` for the whole label volume); a raster source gets an identity
+    affine.
 
     Args:
         mask_original: (rows, cols) integer class map, shape ``geometry.shape``.
@@ -203,13 +205,16 @@ def write_mask(mask_original: np.ndarray, geometry: Geometry, out_path: str | Pa
     mask = _as_label_map(mask_original, geometry)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    if geometry.format != "nifti":
-        if file_extension(out_path) != ".png":
-            out_path = out_path.with_name(file_stem(out_path) + ".png")
+    ext = file_extension(out_path)
+    if ext not in (".png", ".nii", ".nii.gz"):
+        ext = ".nii.gz" if geometry.format == "nifti" else ".png"
+        out_path = out_path.with_name(file_stem(out_path) + ext)
+    if ext == ".png":
         Image.fromarray(mask, mode="L").save(out_path)
         return out_path
-    if file_extension(out_path) not in (".nii", ".nii.gz"):
-        out_path = out_path.with_name(file_stem(out_path) + ".nii.gz")
+    if geometry.format != "nifti":
+        nib.save(nib.Nifti1Image(mask, np.eye(4)), str(out_path))
+        return out_path
     affine = np.asarray(geometry.affine, dtype=np.float64)
     if geometry.is_volume_slice:
         assert geometry.axis is not None and geometry.slice_index is not None

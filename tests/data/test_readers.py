@@ -82,6 +82,16 @@ def test_png_mask_round_trip(tmp_path):
     np.testing.assert_array_equal(np.asarray(Image.open(out)), mask)
 
 
+def test_mask_of_a_png_source_written_as_nifti_when_asked(tmp_path):
+    mask = np.zeros((20, 30), np.uint8)
+    mask[5:12, 8:20] = 1
+    Image.fromarray(mask).save(tmp_path / "m.png")
+    [(read, geom)] = read_mask(tmp_path / "m.png")
+    out = write_mask(read, geom, tmp_path / "w.nii.gz")
+    assert out.name == "w.nii.gz"
+    np.testing.assert_array_equal(np.asarray(nib.load(out).dataobj), mask)
+
+
 def test_nifti_2d_round_trip_keeps_affine(tmp_path):
     data = np.random.default_rng(0).random((16, 24, 1)).astype(np.float32)
     affine = np.diag([0.5, 0.7, 2.0, 1.0])

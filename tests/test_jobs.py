@@ -1,0 +1,112 @@
+"""``ray start --head`` on loopback with token auth, ``ray job submit`` of jobs/self_training.py, ``ray stop``."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from conftest import REPO_ROOT, tiny_config
+
+from caudo_ray.config import save_config
+from caudo_ray.store import PseudoLabelStore
+
+RAY = Path(sys.executable).with_name("ray")
+
+
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+@pytest.fixture
+def ray_cluster():
+    """A separate head node: own temp dir, ports and token file, so it never meets ``ray_session`` or other users.
+
+    Yields ``(env, dashboard_url)``; the cluster is stopped whatever the test does.
+    """
+    if not RAY.exists():
+        pytest.skip(f"no ray CLI at {RAY}")
+    # Short: Ray puts unix sockets under the temp dir, whose paths are limited to ~107 characters.
+    temp = Path(tempfile.mkdtemp(prefix="crj-", dir="/tmp"))
+    token = temp / "auth_token"
+    token.write_text(uuid.uuid4().hex)
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "token",  # keep Ray's token auth on; every client reads the token from this file
+        "RAY_AUTH_TOKEN_PATH": str(token),
+        "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
+        "PYTHONPATH": str(REPO_ROOT),
+    }
+    env.pop("RAY_ADDRESS", None)
+    gcs, dashboard, client, agent = free_ports(4)
+    start = [
+        str(RAY), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
+        "--num-cpus", "2", "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
+        "--dashboard-port", str(dashboard), "--ray-client-server-port", str(client),
+        "--dashboard-agent-listen-port", str(agent), "--temp-dir", str(temp), "--disable-usage-stats",
+    ]  # fmt: skip
+    try:
+        subprocess.run(start, env=env, check=True, capture_output=True, text=True, timeout=180)
+        yield env, f"http://127.0.0.1:{dashboard}"
+    finally:
+        # `ray stop` stops every cluster of this user on the machine; kill only this one's processes instead.
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for pid in _cluster_pids(temp):
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            time.sleep(2)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def _cluster_pids(temp: Path) -> list[int]:
+    """Processes of this cluster: every one inherits its token path, which names the cluster's own temp dir.
+
+    The environment rather than the command line: Ray's agents rename their process titles.
+    """
+    marker = f"RAY_AUTH_TOKEN_PATH={temp / 'auth_token'}".encode()
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit() and int(proc.name) != os.getpid():
+            try:
+                if marker in (proc / "environ").read_bytes().split(b"\0"):
+                    pids.append(int(proc.name))
+            except OSError:
+                continue
+    return pids
+
+
+def test_job_submit_runs_self_training(ray_cluster, tmp_path):
+    env, address = ray_cluster
+    work = tmp_path / "run"
+    config = tmp_path / "job.yaml"
+    overrides = {"rounds": 1, "calibrator.enabled": False, "tracking.num_overlays": 0, "runtime.num_workers": 1}
+    save_config(tiny_config(work, **overrides), config)
+    submit = [
+        str(RAY), "job", "submit", "--address", address, "--working-dir", str(REPO_ROOT),
+        "--runtime-env-json", '{"excludes": [".venv", ".git", "runs", "benchmarks/results", "*.zarr"]}',
+        "--", sys.executable, "jobs/self_training.py", "--config", str(config), "--quiet",
+    ]  # fmt: skip
+    proc = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=420)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-4000:]
+    assert re.search(r"Job '\S+' succeeded", output), output[-4000:]
+    store = PseudoLabelStore.open(str(work / "store.zarr"))
+    assert store.committed_rounds() == [0] and store.done(0)[store.usable_mask()].all()
+    assert (work / "models" / "final.pt").is_file() and (work / "mlflow.db").is_file()

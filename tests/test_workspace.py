@@ -1,0 +1,68 @@
+"""prepare_run: idempotent preparation of a work dir, config guard, skipped pool files, annotations as exemplars."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import tiny_config
+from PIL import Image
+
+from caudo_ray import data as D
+from caudo_ray.config import PhantomConfig
+from caudo_ray.errors import DataError, StoreError
+from caudo_ray.workspace import load_labelled, prepare_run
+
+
+def test_prepare_is_idempotent(tmp_path):
+    cfg = tiny_config(tmp_path / "run")
+    first = prepare_run(cfg, progress=False)
+    ws = first.workspace
+    assert ws.config_path.is_file() and ws.split_path.is_file() and (ws.phantom_dir / "meta.csv").is_file()
+    assert len(first.split.pool) == first.store.num_cases and first.store.images_missing().size == 0
+    split_text, images = ws.split_path.read_text(), first.store.read_images()
+
+    again = prepare_run(cfg, progress=False)
+    assert ws.split_path.read_text() == split_text
+    np.testing.assert_array_equal(again.store.read_images(), images)
+    assert again.store.exemplars()[0] == first.split.exemplars
+    val_images, val_labels = load_labelled(again, again.split.val)
+    assert val_images.shape == val_labels.shape == (len(again.split.val), *cfg.data.working_size)
+
+
+def test_another_config_is_refused_in_the_same_work_dir(tmp_path):
+    prepare_run(tiny_config(tmp_path / "run"), progress=False)
+    with pytest.raises(StoreError, match="different config"):
+        prepare_run(tiny_config(tmp_path / "run", **{"calibrator.guidance_strength": 3.0}), progress=False)
+    # Runtime knobs do not change results, so they may differ between invocations.
+    prepare_run(tiny_config(tmp_path / "run", **{"runtime.num_workers": 1}), progress=False)
+
+
+def test_bad_pool_files_are_skipped_and_reported_again_on_resume(tmp_path):
+    data = D.write_phantom_dataset(tmp_path / "ds", PhantomConfig(num_labelled=8, num_unlabelled=4, size=(32, 32), num_groups=4))
+    bad = sorted((data / "unlabeled").iterdir())[1]
+    bad.write_bytes(b"\x89PNG truncated")
+    cfg = tiny_config(tmp_path / "run", **{"data.path": str(data)})
+    seen: list[str] = []
+    first = prepare_run(cfg, progress=False, on_skip=lambda source, reason: seen.append(source))
+    assert list(first.skipped) == seen == [str(bad)]
+    assert not first.store.usable_mask()[first.store.case_ids.index(D.file_stem(bad))]
+    again = prepare_run(cfg, progress=False)
+    assert again.skipped == first.skipped
+
+
+def test_annotations_join_the_exemplars(tmp_path):
+    cfg = tiny_config(tmp_path / "run")
+    prepared = prepare_run(cfg, progress=False)
+    pool_case = next(c for c in prepared.split.pool if c.startswith("u"))
+    image = Image.open(prepared.index.by_id()[pool_case].image_path)
+    mask = np.zeros((image.height, image.width), np.uint8)
+    mask[10:30, 12:34] = 1
+    Image.fromarray(mask).save(prepared.workspace.annotations_dir / f"{pool_case}.png")
+    again = prepare_run(cfg, progress=False)
+    ids, _, labels = again.store.exemplars()
+    assert ids == [*prepared.split.exemplars, pool_case]
+    assert labels[-1].max() == 1
+
+    (prepared.workspace.annotations_dir / "nobody.png").write_bytes((prepared.workspace.annotations_dir / f"{pool_case}.png").read_bytes())
+    with pytest.raises(DataError, match="nobody"):
+        prepare_run(cfg, progress=False)
