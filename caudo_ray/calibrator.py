@@ -33,6 +33,7 @@ SegmentFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 BETA_SCHEDULE = "squaredcos_cap_v2"  # keeps useful signal at large t, where few-step DDIM spends most steps
 CORRUPTION_PROBABILITY = 0.5
+AFFINE_SCALE_RANGE = (0.6, 1.6)  # whole-object rescaling of corrupt_labels, drawn log-uniformly
 _AE_WIDTHS = (16, 32)  # full-resolution and downsampled widths of the label autoencoder
 
 
@@ -360,7 +361,8 @@ def _affine(p: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
     mass = fg.sum().clamp_min(1e-6)
     cy = float((fg.sum(1) * ys).sum() / mass)
     cx = float((fg.sum(0) * xs).sum() / mass)
-    scale = float(rng.uniform(0.6, 1.6))
+    lo, hi = AFFINE_SCALE_RANGE
+    scale = float(np.exp(rng.uniform(math.log(lo), math.log(hi))))
     dx, dy = (float(v) for v in rng.uniform(-0.4, 0.4, size=2))  # normalised coords span 2: +-20% of the frame
     # affine_grid maps output coords to input coords: in = c + (out - c - d) / scale
     theta = torch.tensor(

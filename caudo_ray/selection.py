@@ -34,19 +34,22 @@ def reliability_scores(initial_probs: np.ndarray, calibrated_probs: np.ndarray) 
     - ``agreement``: mean over foreground classes of Dice(a == c, b == c), a class empty in both counting 1.
       The calibrator moves a label when it disagrees with it, so a large move flags a case whose initial label
       was wrong, and whose calibrated label is an uncertain repair.
-    - ``confidence``: 1 - mean normalised entropy of the calibrated probabilities over the *uncertain band*:
-      pixels within ``BAND_RADIUS`` of a class boundary of ``a`` or ``b``. Whole-image entropy would be
-      dominated by the easy background far from any object; the band is where a label is right or wrong.
-      Cases where both maps are empty use the whole image.
+    - ``confidence``: 1 - mean over the *uncertain band* of the larger of the two maps' normalised entropies,
+      the band being the pixels within ``BAND_RADIUS`` of a class boundary of ``a`` or ``b``. Whole-image
+      entropy would be dominated by the easy background far from any object; the band is where a label is right
+      or wrong. The larger entropy counts because a label is sure only where the segmenter that made it and the
+      calibrated map both are: on HC18 a poorly trained calibrator's map alone ranked true Dice at Spearman 0.19,
+      the segmenter's 0.60. Cases where both maps are empty use the whole image.
     - ``entropy``: mean normalised entropy of the initial probabilities over the whole image (diagnostic).
     - ``area``: foreground fraction of ``b`` (for size strata).
-    - ``compactness``: mean over foreground classes of the share of the class's pixels in its largest
-      connected component of ``b``; 0 for a class missing from ``b``. Our targets (fetal head, phantom
-      structures) are single objects present in every image, so fragments and empty maps are errors.
-    - ``reliability = sqrt(agreement * confidence) * compactness``, in [0, 1]. The geometric mean needs both
-      signals to be high (a confident label the calibrator had to move a lot, or a stable but blurry one, are
-      both doubtful); the compactness factor removes the failure modes both of them can miss: an empty map
-      agrees perfectly with an empty initial label, and a split object can be confident at every boundary.
+    - ``compactness``: mean over foreground classes of the Dice between the class's pixels in ``b`` and the
+      ellipse with the same centroid and second moments; 0 for a class missing from ``b``. Our targets (fetal
+      head, phantom structures) are single convex, roughly elliptical objects present in every image, so
+      fragments, stray blobs, holes, truncation by the frame and empty maps all lower it. It is a shape prior:
+      on targets that are not convex blobs it would rank by shape, not by correctness.
+    - ``reliability = (agreement * confidence * compactness) ** (1/3)``, in [0, 1]. The geometric mean needs
+      every signal to be high: a confident label the calibrator had to move a lot, a stable but blurry one, and
+      a confident, stable but misshapen one (a missed head whose label covers part of it) are all doubtful.
 
     Args:
         initial_probs: (N, C, H, W) segmenter softmax.
@@ -65,7 +68,7 @@ def reliability_scores(initial_probs: np.ndarray, calibrated_probs: np.ndarray) 
     a = initial_probs.argmax(1)
     b = calibrated_probs.argmax(1)
     h_init = _normalised_entropy(initial_probs)
-    h_cal = _normalised_entropy(calibrated_probs)
+    h_max = np.maximum(h_init, _normalised_entropy(calibrated_probs))
 
     out = {k: np.empty(n, np.float32) for k in ("agreement", "confidence", "entropy", "area", "compactness")}
     band_struct = ndimage.generate_binary_structure(2, 2)
@@ -74,15 +77,14 @@ def reliability_scores(initial_probs: np.ndarray, calibrated_probs: np.ndarray) 
         band = _boundary(a[i]) | _boundary(b[i])
         if band.any():
             band = ndimage.binary_dilation(band, band_struct, iterations=BAND_RADIUS)
-            out["confidence"][i] = 1.0 - h_cal[i][band].mean()
+            out["confidence"][i] = 1.0 - h_max[i][band].mean()
         else:
-            out["confidence"][i] = 1.0 - h_cal[i].mean()
+            out["confidence"][i] = 1.0 - h_max[i].mean()
         out["entropy"][i] = h_init[i].mean()
         out["area"][i] = np.mean(b[i] > 0)
-        out["compactness"][i] = np.mean([_largest_share(b[i] == k) for k in range(1, c)])
-    out["reliability"] = (
-        np.sqrt(np.clip(out["agreement"], 0, 1) * np.clip(out["confidence"], 0, 1)) * out["compactness"]
-    ).astype(np.float32)
+        out["compactness"][i] = np.mean([_ellipse_fit(b[i] == k) for k in range(1, c)])
+    product = np.clip(out["agreement"], 0, 1) * np.clip(out["confidence"], 0, 1) * np.clip(out["compactness"], 0, 1)
+    out["reliability"] = np.cbrt(product).astype(np.float32)
     return out
 
 
@@ -177,14 +179,23 @@ def _dice(x: np.ndarray, y: np.ndarray) -> float:
     return 1.0 if total == 0 else 2.0 * np.logical_and(x, y).sum() / total
 
 
-def _largest_share(mask: np.ndarray) -> float:
-    total = int(mask.sum())
-    if total == 0:
+def _ellipse_fit(mask: np.ndarray) -> float:
+    """Dice between a mask and the solid ellipse of its centroid and second moments; 0 for an empty mask.
+
+    A uniform solid ellipse has covariance ``diag(a^2, b^2) / 4`` in its axes, so it is the set of points at
+    squared Mahalanobis distance <= 4. Each pixel adds the variance 1/12 of a unit square, which keeps the
+    covariance invertible for one-pixel-thin masks.
+    """
+    ys, xs = np.nonzero(mask)
+    if len(ys) == 0:
         return 0.0
-    components, count = ndimage.label(mask)
-    if count == 1:
-        return 1.0
-    return float(np.bincount(components.ravel())[1:].max() / total)
+    cy, cx = ys.mean(), xs.mean()
+    cov = np.cov(np.stack([ys - cy, xs - cx]), bias=True) + np.eye(2) / 12.0
+    inv = np.linalg.inv(cov)
+    gy, gx = np.mgrid[: mask.shape[0], : mask.shape[1]]
+    dy, dx = gy - cy, gx - cx
+    ellipse = inv[0, 0] * dy * dy + 2.0 * inv[0, 1] * dy * dx + inv[1, 1] * dx * dx <= 4.0
+    return float(2.0 * np.logical_and(ellipse, mask).sum() / (ellipse.sum() + len(ys)))
 
 
 def _nan_low(rel: np.ndarray) -> np.ndarray:

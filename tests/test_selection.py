@@ -49,7 +49,7 @@ def test_identical_maps_agree_and_corruption_lowers_reliability():
     p = soft(truth, 0.5)[None]
     same = reliability_scores(p, p)
     assert same["agreement"][0] == pytest.approx(1.0)
-    assert same["compactness"][0] == pytest.approx(1.0)
+    assert same["compactness"][0] > 0.95  # a pixelated ellipse against its moment ellipse
     assert same["area"][0] == pytest.approx(truth.mean())
     assert 0.0 <= same["reliability"][0] <= 1.0
 
@@ -60,7 +60,23 @@ def test_identical_maps_agree_and_corruption_lowers_reliability():
         assert reliability_scores(p, corrupted)["reliability"][0] < same["reliability"][0]
     assert reliability_scores(p, shifted)["agreement"][0] < 1.0
     assert reliability_scores(p, blurry)["confidence"][0] < same["confidence"][0]
-    assert reliability_scores(p, fragmented)["compactness"][0] < 1.0
+    assert reliability_scores(p, fragmented)["compactness"][0] < same["compactness"][0]
+    # The segmenter's own uncertainty counts too: a blurry initial label with a sharp calibrated one is doubtful.
+    assert reliability_scores(blurry, p)["confidence"][0] < same["confidence"][0]
+
+
+def test_compactness_is_an_ellipse_prior():
+    truth = ellipse(16, 16, 8, 6)
+    half = truth & (np.mgrid[:32, :32][1] < 16)  # a head cut in half still fits its own ellipse ...
+    crescent = truth & ~ellipse(16, 20, 8, 6)  # ... a crescent or a ring does not
+    ring = truth & ~ellipse(16, 16, 5, 3)
+    scores = {name: reliability_scores(soft(m, 0.5)[None], soft(m, 0.5)[None])["compactness"][0]
+              for name, m in (("ellipse", truth), ("half", half), ("crescent", crescent), ("ring", ring))}
+    assert scores["ellipse"] > 0.95 and scores["half"] > 0.85
+    assert scores["crescent"] < scores["ellipse"] - 0.15 and scores["ring"] < scores["ellipse"] - 0.15
+    one_pixel = np.zeros(SHAPE, bool)
+    one_pixel[5, 5] = True
+    assert reliability_scores(soft(one_pixel, 0.5)[None], soft(one_pixel, 0.5)[None])["compactness"][0] == 1.0
 
 
 def test_empty_maps():
