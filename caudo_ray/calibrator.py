@@ -259,9 +259,9 @@ def calibrate(
     discretisation) the identity, so inverting with the conditional eps makes w = 1 return the initial label
     unchanged whatever the model learned. Inverting along the label prior (eps_u) and coming back along the
     guided eps translates ``E(p)`` from the prior to the guided model, as in dual diffusion implicit bridges:
-    w = 0 keeps the initial label, w = 1 follows the guidance, w > 1 amplifies it. On 32x32 ellipse phantoms
-    with scale/shift-corrupted labels this took mean Dice 0.63 -> 0.79 at w = 1.5, s = 0.5, where conditional
-    inversion gave 0.66 (0.63 at w = 1).
+    w = 0 keeps the initial label, w = 1 follows the guidance, w > 1 amplifies it. On the 32x32 ellipse
+    phantoms of ``tests/test_calibrator.py`` with scale/shift-corrupted one-hot labels this takes mean Dice
+    0.632 -> 0.666 after 300 denoiser iterations and 0.632 -> 0.717 after 1,200 (w = 1.5, s = 0.5).
 
     Args:
         calibrator: trained calibrator; it is put in eval mode.
@@ -323,8 +323,8 @@ def _check_inputs(calibrator: Calibrator, image: torch.Tensor, probs: torch.Tens
 def corrupt_labels(probs: torch.Tensor, rng: np.random.Generator, probability: float = CORRUPTION_PROBABILITY) -> torch.Tensor:
     """Inject whole-object errors like those a one-shot segmenter makes on real data.
 
-    Each map is, with ``probability``, given one of: rescaling of the foreground about its centroid by
-    0.6-1.6 together with a shift of up to 20% of the frame; a dropped (missed) object; a false elliptical blob
+    Each map is, with ``probability``, given one of: rescaling of the foreground about its centroid by a factor
+    drawn log-uniformly from ``AFFINE_SCALE_RANGE`` (so shrinking and growing are equally likely) together with a shift of up to 20% of the frame; a dropped (missed) object; a false elliptical blob
     of a random foreground class; erosion or dilation by a few pixels. The rest pass unchanged.
 
     Args:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -214,21 +213,13 @@ def _ray_writer(url: str, indices: list[int]) -> int:
     return len(indices)
 
 
-def test_two_ray_tasks_write_interleaved_cases_of_one_round(tmp_path, monkeypatch):
-    ray = pytest.importorskip("ray")
+def test_two_ray_tasks_write_interleaved_cases_of_one_round(tmp_path, ray_session):
     url = str(tmp_path / "store.zarr")
     store = _create(url, n=24)
     store.begin_round(0, {"w": 1.0})
-    # Workers import this test module and caudo_ray through the environment they inherit from the driver.
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO_ROOT), str(REPO_ROOT / "tests")]))
-    monkeypatch.setenv("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        task = ray.remote(_ray_writer)
-        evens, odds = list(range(0, 24, 2)), list(range(1, 24, 2))
-        assert ray.get([task.remote(url, evens), task.remote(url, odds)]) == [12, 12]
-    finally:
-        ray.shutdown()
+    task = ray_session.remote(_ray_writer)
+    evens, odds = list(range(0, 24, 2)), list(range(1, 24, 2))
+    assert ray_session.get([task.remote(url, evens), task.remote(url, odds)]) == [12, 12]
 
     reopened = PseudoLabelStore.open(url)
     assert reopened.missing(0).size == 0
