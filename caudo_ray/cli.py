@@ -164,11 +164,12 @@ def _run(cfg: RunConfig, progress: bool) -> int:
 
 def _open_store(work_dir: str):
     from caudo_ray.store import PseudoLabelStore
+    from caudo_ray.workspace import Workspace
 
-    path = Path(work_dir) / "store.zarr"
-    if not path.exists():
-        raise StoreError(f"{work_dir} has no store.zarr: is it the work dir of a run?")
-    return PseudoLabelStore.open(str(path), mode="r")
+    config = Path(work_dir) / "config.yaml"
+    if not config.exists():
+        raise StoreError(f"{work_dir} has no config.yaml: is it the work dir of a run?")
+    return PseudoLabelStore.open(Workspace.of(load_config(config)).store_url, mode="r")
 
 
 def _last_round(store, asked: int | None) -> int:

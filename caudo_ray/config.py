@@ -190,6 +190,9 @@ class RuntimeConfig:
     batch_size: int = 16  # cases per calibration batch
     max_in_flight: int = 2  # batches in flight per worker (backpressure)
     dashboard_host: str = "127.0.0.1"
+    # Pseudo-label store: a path or an fsspec URL (s3://bucket/run/store.zarr) every node can open;
+    # None: <work_dir>/store.zarr. Where the store lives never changes results.
+    store_url: str | None = None
 
     def validate(self, key: str) -> None:
         _positive(f"{key}.num_workers", self.num_workers)

@@ -352,7 +352,7 @@ def calibrate_dataset(
     from caudo_ray.workspace import Workspace, load_pool
 
     run = Workspace(Path(run_dir))
-    cfg = load_config(run.config_path, {"work_dir": str(out_dir)})
+    cfg = load_config(run.config_path, {"work_dir": str(out_dir), "runtime.store_url": None})
     rounds = sorted(int(p.stem.split("_")[1]) for p in run.models_dir.glob("round_*.pt"))
     if not rounds:
         raise FileNotFoundError(f"{run.models_dir}: no round models; is {run_dir} the work dir of a run?")

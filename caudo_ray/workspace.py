@@ -37,9 +37,14 @@ log = logging.getLogger("caudo_ray")
 
 @dataclass
 class Workspace:
-    """Paths of one run's work dir."""
+    """Paths of one run's work dir, and where its store lives (``runtime.store_url``, default inside it)."""
 
     root: Path
+    store_location: str | None = None
+
+    @classmethod
+    def of(cls, cfg: RunConfig) -> Workspace:
+        return cls(Path(cfg.work_dir), cfg.runtime.store_url)
 
     @property
     def config_path(self) -> Path:
@@ -51,7 +56,7 @@ class Workspace:
 
     @property
     def store_url(self) -> str:
-        return str(self.root / "store.zarr")
+        return self.store_location or str(self.root / "store.zarr")
 
     @property
     def models_dir(self) -> Path:
@@ -112,7 +117,7 @@ def prepare_run(cfg: RunConfig, *, progress: bool = True, on_skip: Callable[[str
         DataError: an exemplar or a validation case is unusable (the pool skips bad files instead).
         StoreError: the work dir holds a store written under another config, or another run holds its lock.
     """
-    ws = Workspace(Path(cfg.work_dir))
+    ws = Workspace.of(cfg)
     ws.root.mkdir(parents=True, exist_ok=True)
     ws.models_dir.mkdir(exist_ok=True)
     ws.annotations_dir.mkdir(exist_ok=True)

@@ -66,3 +66,18 @@ def test_annotations_join_the_exemplars(tmp_path):
     (prepared.workspace.annotations_dir / "nobody.png").write_bytes((prepared.workspace.annotations_dir / f"{pool_case}.png").read_bytes())
     with pytest.raises(DataError, match="nobody"):
         prepare_run(cfg, progress=False)
+
+
+@pytest.mark.parametrize("scheme", ["path", "fsspec"])
+def test_store_can_live_outside_the_work_dir(tmp_path, scheme):
+    """runtime.store_url: a path or an fsspec URL that a cluster shares; the CLI finds it from the work dir."""
+    from caudo_ray.cli import main
+    from caudo_ray.coordinator import Coordinator
+
+    location = tmp_path / "shared" / "store.zarr"
+    url = str(location) if scheme == "path" else f"file://{location}"
+    cfg = tiny_config(tmp_path / "run", **{"runtime.store_url": url, "rounds": 1})
+    result = Coordinator(cfg, progress=False).run()
+    assert result.store_url == url
+    assert (location / "zarr.json").exists() and not (tmp_path / "run" / "store.zarr").exists()
+    assert main(["queries", "--work-dir", str(tmp_path / "run"), "-k", "2"]) == 0
