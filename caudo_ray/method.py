@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -67,9 +68,7 @@ class RoundModels:
         tmp = f"{path}.tmp"
         with open(tmp, "wb") as fh:
             fh.write(self.to_bytes())
-        import os
-
-        os.replace(tmp, path)
+        os.replace(tmp, path)  # atomic: a killed run never leaves a half-written model behind
 
     @classmethod
     def load(cls, path) -> RoundModels:
