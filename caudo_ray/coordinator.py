@@ -11,6 +11,7 @@ and nothing per-pixel, so its footprint does not grow with the images in the poo
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
@@ -89,8 +90,6 @@ class TrainContext:
 
 
 def _without_calibrator(cfg: RunConfig) -> RunConfig:
-    import copy
-
     out = copy.deepcopy(cfg)
     out.calibrator.enabled = False
     return out

@@ -5,8 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from conftest import tiny_config
-from mlflow import MlflowClient
-from test_coordinator import ROUND_METRICS, artifact_paths, assert_complete_run
+from test_coordinator import assert_complete_run, assert_mlflow_run
 
 from caudo_ray.coordinator import Coordinator
 from caudo_ray.store import PseudoLabelStore
@@ -34,13 +33,7 @@ def test_ray_run_fills_the_store_and_mlflow(runs):
     cfg, result, _ = runs
     store = assert_complete_run(cfg, result)
     assert result.recomputed == cfg.rounds * int(store.usable_mask().sum())
-    client = MlflowClient(tracking_uri=result.tracking_uri)
-    assert client.get_run(result.run_id).info.status == "FINISHED"
-    for name in ROUND_METRICS:
-        assert [m.step for m in client.get_metric_history(result.run_id, name)] == [0, 1], name
-    arts = artifact_paths(client, result.run_id)
-    assert {"config.yaml", "split.json", "model/final.pt", "rounds/round_0/summary.json", "rounds/round_1/summary.json"} <= arts
-    assert any(a.startswith("overlays/round_1/") for a in arts)
+    assert_mlflow_run(cfg, result)
 
 
 def test_ray_results_equal_the_local_executors(runs):

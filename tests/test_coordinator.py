@@ -86,24 +86,30 @@ def test_local_loop_fills_the_store(local_run):
     assert [s["round"] for s in first.rounds] == [0, 1]
 
 
+def assert_mlflow_run(cfg, result):
+    """The run is FINISHED, each documented round metric has one value per round, every artifact is there."""
+    client = MlflowClient(tracking_uri=result.tracking_uri)
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    for name in ROUND_METRICS:
+        assert [m.step for m in client.get_metric_history(result.run_id, name)] == list(range(cfg.rounds)), name
+    arts = artifact_paths(client, result.run_id)
+    summaries = {f"rounds/round_{r}/summary.json" for r in range(cfg.rounds)}
+    assert {"config.yaml", "split.json", "model/final.pt", *summaries} <= arts
+    for r in range(cfg.rounds):
+        overlays = [a for a in arts if a.startswith(f"overlays/round_{r}/") and a.endswith(".png")]
+        assert len(overlays) == cfg.tracking.num_overlays
+    return client, run
+
+
 def test_local_loop_logs_the_mlflow_run(local_run):
     cfg, first, _ = local_run
     work = Path(cfg.work_dir)
     assert first.tracking_uri == tracking.default_tracking_uri(work) and (work / "mlflow.db").is_file()
-    client = MlflowClient(tracking_uri=first.tracking_uri)
-    run = client.get_run(first.run_id)
-    assert run.info.status == "FINISHED"
+    client, run = assert_mlflow_run(cfg, first)
     assert run.data.params["rounds"] == "2" and run.data.params["calibrator.guidance_strength"] == "1.5"
-    for name in ROUND_METRICS:
-        steps = [m.step for m in client.get_metric_history(first.run_id, name)]
-        assert steps == [0, 1], name
     selected = {m.step: m.value for m in client.get_metric_history(first.run_id, tracking.SELECTED)}
     assert selected == {s["round"]: s["selected"] for s in first.rounds}
-    arts = artifact_paths(client, first.run_id)
-    assert {"config.yaml", "split.json", "model/final.pt", "rounds/round_0/summary.json", "rounds/round_1/summary.json"} <= arts
-    for r in (0, 1):
-        overlays = [a for a in arts if a.startswith(f"overlays/round_{r}/") and a.endswith(".png")]
-        assert len(overlays) == cfg.tracking.num_overlays
     # Artifacts live in the work dir, next to the sqlite store.
     assert Path(run.info.artifact_uri.removeprefix("file://")).is_relative_to(work.resolve())
 
