@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections import deque
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -241,9 +242,13 @@ class RayExecutor:
         retry: deque[tuple[np.ndarray, int]] = deque()
         in_flight: dict[Any, tuple[int, np.ndarray, int]] = {}  # ref -> (worker, indices, attempts)
         load = [0] * len(workers)
+        # A worker whose batch failed gets no new batch until a readiness probe (its pid() call) answers: a
+        # restarting actor refuses tasks at once, which would burn a batch's retries in milliseconds.
+        probes: dict[Any, int] = {}  # probe ref -> worker
         exhausted = False
         while True:
-            while min(load) < limit and (retry or not exhausted):
+            up = [i for i in range(len(workers)) if i not in probes.values()]
+            while up and min(load[i] for i in up) < limit and (retry or not exhausted):
                 if retry:
                     indices, attempts = retry.popleft()
                 else:
@@ -251,12 +256,20 @@ class RayExecutor:
                     if indices is None:
                         exhausted = True
                         break
-                w = int(np.argmin(load))
+                w = min(up, key=load.__getitem__)
                 in_flight[workers[w].label.remote(r, models_ref, indices)] = (w, indices, attempts)
                 load[w] += 1
-            if not in_flight:
-                return
-            [done], _ = ray.wait(list(in_flight), num_returns=1)
+            if not in_flight and not (probes and (retry or not exhausted)):
+                return  # nothing running, and no work waiting for a restarting worker
+            [done], _ = ray.wait(list(in_flight) + list(probes), num_returns=1)
+            if done in probes:
+                w = probes.pop(done)
+                try:
+                    ray.get(done)
+                except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+                    time.sleep(0.5)  # still restarting: ask again shortly instead of spinning
+                    probes[workers[w].pid.remote()] = w
+                continue
             w, indices, attempts = in_flight.pop(done)
             load[w] -= 1
             try:
@@ -267,6 +280,8 @@ class RayExecutor:
                 self.restarts += 1
                 log.warning("calibration worker %d died (%s); re-queueing %d cases", w, type(err).__name__, len(indices))
                 retry.append((indices, attempts + 1))
+                if w not in probes.values():
+                    probes[workers[w].pid.remote()] = w
                 continue
             yield stats
 

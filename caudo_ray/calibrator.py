@@ -476,6 +476,9 @@ def train_calibrator(
     device: str | torch.device = "cpu",
     num_views: int = 256,
     progress: bool = False,
+    checkpoint_fn: Callable[[dict[str, Any]], None] | None = None,
+    checkpoint_every: int = 0,
+    resume: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Train the label autoencoder, then the conditional denoiser, in place.
 
@@ -511,9 +514,13 @@ def train_calibrator(
         device: where to train.
         num_views: augmented exemplar views in the training bank.
         progress: show tqdm bars.
+        checkpoint_fn: called with a training state (phase, iterations done, calibrator and optimizer state
+            dicts, both RNG states) every ``checkpoint_every`` iterations of each phase; 0 disables it.
+        checkpoint_every: checkpoint interval in iterations.
+        resume: such a state: training continues from it exactly as the uninterrupted run would.
 
     Returns:
-        ``{"autoencoder_loss": [...], "denoiser_loss": [...], "latent_scale": float}``.
+        ``{"autoencoder_loss": [...], "denoiser_loss": [...], "latent_scale": float}`` (losses of this call).
     """
     if exemplar_images.shape != exemplar_labels.shape or exemplar_images.ndim != 3:
         raise DataError("exemplar", f"images {exemplar_images.shape} and labels {exemplar_labels.shape} must both be (K, H, W)")
@@ -545,24 +552,59 @@ def train_calibrator(
             f"returned {bank.probs.shape[1]} classes and {bank.features.shape[1]} feature channels; the calibrator "
             f"expects {calibrator.num_classes} and {calibrator.feature_channels}",
         )
-    ae_losses = _train_autoencoder(calibrator, bank, cfg, rng, gen, device, progress)
-    den_losses = _train_denoiser(calibrator, bank, cfg, rng, gen, device, progress)
+    ckpt = _Checkpointer(calibrator, rng, gen, checkpoint_fn, checkpoint_every)
+    ae_losses: list[float] = []
+    if resume is not None:
+        calibrator.load_state_dict(resume["calibrator"])
+        rng.bit_generator.state = resume["numpy_rng"]
+        gen.set_state(resume["torch_rng"])
+    if resume is None or resume["phase"] == "autoencoder":
+        ae_losses = _train_autoencoder(calibrator, bank, cfg, rng, gen, device, progress, ckpt, resume)
+        resume = None
+    den_losses = _train_denoiser(calibrator, bank, cfg, rng, gen, device, progress, ckpt, resume)
     calibrator.eval()
     return {"autoencoder_loss": ae_losses, "denoiser_loss": den_losses, "latent_scale": float(calibrator.autoencoder.latent_scale)}
+
+
+class _Checkpointer:
+    """Hands the full training state to ``fn`` every ``every`` iterations of a phase."""
+
+    def __init__(self, calibrator, rng: np.random.Generator, gen: torch.Generator, fn, every: int):
+        self.calibrator, self.rng, self.gen, self.fn, self.every = calibrator, rng, gen, fn, every
+
+    def after(self, phase: str, done: int, opt: torch.optim.Optimizer) -> None:
+        if self.fn is None or not self.every or done % self.every:
+            return
+        self.fn({
+            "phase": phase,
+            "iteration": done,
+            "calibrator": self.calibrator.state_dict(),
+            "optimizer": opt.state_dict(),
+            "numpy_rng": self.rng.bit_generator.state,
+            "torch_rng": self.gen.get_state(),
+        })
+
+
+def _start(opt: torch.optim.Optimizer, resume: dict[str, Any] | None) -> int:
+    """The first iteration of a phase: 0, or where ``resume`` left it (its optimizer state restored)."""
+    if resume is None:
+        return 0
+    opt.load_state_dict(resume["optimizer"])
+    return int(resume["iteration"])
 
 
 def _sample(bank: _PairBank, batch_size: int, gen: torch.Generator) -> torch.Tensor:
     return torch.randint(0, len(bank), (batch_size,), generator=gen)
 
 
-def _train_autoencoder(calibrator, bank, cfg, rng, gen, device, progress) -> list[float]:
+def _train_autoencoder(calibrator, bank, cfg, rng, gen, device, progress, ckpt: _Checkpointer, resume) -> list[float]:
     ae = calibrator.autoencoder
     ae.train()
     ae.latent_scale.fill_(1.0)
     opt = torch.optim.Adam(ae.parameters(), lr=cfg.learning_rate)
     losses = []
     half = max(1, cfg.batch_size // 2)
-    for _ in tqdm(range(cfg.autoencoder_iterations), desc="autoencoder", disable=not progress):
+    for it in tqdm(range(_start(opt, resume), cfg.autoencoder_iterations), desc="autoencoder", disable=not progress):
         onehot = _one_hot(bank.labels[_sample(bank, half, gen)], calibrator.num_classes)
         soft = bank.probs[_sample(bank, half, gen)]
         target = corrupt_labels(torch.cat([onehot, soft]), rng).to(device)
@@ -571,6 +613,7 @@ def _train_autoencoder(calibrator, bank, cfg, rng, gen, device, progress) -> lis
         loss.backward()
         opt.step()
         losses.append(float(loss.detach()))
+        ckpt.after("autoencoder", it + 1, opt)
     ae.eval()
     ae.latent_scale.fill_(1.0 / float(_target_latents(ae, bank, cfg.batch_size, device).std().clamp_min(1e-3)))
     return losses
@@ -584,7 +627,7 @@ def _target_latents(ae: LabelAutoencoder, bank: _PairBank, batch_size: int, devi
         ])
 
 
-def _train_denoiser(calibrator, bank, cfg, rng, gen, device, progress) -> list[float]:
+def _train_denoiser(calibrator, bank, cfg, rng, gen, device, progress, ckpt: _Checkpointer, resume) -> list[float]:
     ae = calibrator.autoencoder
     ae.requires_grad_(False)
     calibrator.denoiser.train()
@@ -592,7 +635,7 @@ def _train_denoiser(calibrator, bank, cfg, rng, gen, device, progress) -> list[f
     alphas = calibrator.alphas_cumprod
     targets = _target_latents(ae, bank, cfg.batch_size, device)  # the autoencoder is frozen from here on
     losses = []
-    for _ in tqdm(range(cfg.denoiser_iterations), desc="denoiser", disable=not progress):
+    for it in tqdm(range(_start(opt, resume), cfg.denoiser_iterations), desc="denoiser", disable=not progress):
         idx = _sample(bank, cfg.batch_size, gen)
         p = corrupt_labels(bank.probs[idx], rng).to(device)
         x = bank.images[idx].to(device)
@@ -613,6 +656,7 @@ def _train_denoiser(calibrator, bank, cfg, rng, gen, device, progress) -> list[f
         loss.backward()
         opt.step()
         losses.append(float(loss.detach()))
+        ckpt.after("denoiser", it + 1, opt)
     ae.requires_grad_(True)
     calibrator.eval()
     return losses

@@ -1,4 +1,4 @@
-"""``caudo-ray`` command line: run, demo, predict, export, queries, data inspect.
+"""``caudo-ray`` command line: run, tune, demo, predict, export, queries, data inspect, dashboard.
 
 Exit status: 0 done; 3 done, but some input files were skipped (listed in the log and in MLflow); 2 the config
 or the command line was refused before any work started; 1 the run failed.
@@ -44,6 +44,10 @@ def _parser() -> argparse.ArgumentParser:
     _run_options(run)
     run.set_defaults(func=cmd_run)
 
+    tune = sub.add_parser("tune", help="Ray Tune search over guidance strength, calibration strength and DDIM steps")
+    _run_options(tune, allow_no_ray=False)  # trials are Ray Tune trials: a search always runs on Ray
+    tune.set_defaults(func=cmd_tune)
+
     demo = sub.add_parser("demo", help="self-training on the embedded phantoms (what `make demo` runs)")
     _run_options(demo, config_required=False)
     demo.set_defaults(func=cmd_demo)
@@ -77,15 +81,28 @@ def _parser() -> argparse.ArgumentParser:
     ins.add_argument("--group-column", default=None, help="meta.csv column of groups (default: group, or exam_id)")
     ins.add_argument("--json", action="store_true")
     ins.set_defaults(func=cmd_inspect)
+
+    dash = sub.add_parser("dashboard", help="build the label-quality dashboard of MLflow runs (HTML + report run)")
+    which = dash.add_mutually_exclusive_group()
+    which.add_argument("--run-id", action="append", default=None, help="a source run (repeat for several)")
+    which.add_argument("--experiment", default=None, help="every self-training run and Tune search of an experiment")
+    where = dash.add_mutually_exclusive_group()
+    where.add_argument("--tracking-uri", default=None, help="MLflow tracking URI of the runs")
+    where.add_argument("--work-dir", default=None, help="a run's work dir: its MLflow store (and run, without --run-id)")
+    dash.add_argument(
+        "--out", type=Path, default=None, help="HTML file to write (default: <work dir>/dashboard.html, else ./dashboard.html)"
+    )
+    dash.set_defaults(func=cmd_dashboard)
     return p
 
 
-def _run_options(p: argparse.ArgumentParser, config_required: bool = False) -> None:
+def _run_options(p: argparse.ArgumentParser, config_required: bool = False, allow_no_ray: bool = True) -> None:
     p.add_argument("--config", type=Path, default=None, help="YAML run config")
     p.add_argument("--work-dir", default=None, help="overrides work_dir")
     p.add_argument("--data", default=None, help="dataset folder (overrides data.path)")
     p.add_argument("--group-column", default=None, help="overrides data.group_column")
-    p.add_argument("--no-ray", action="store_true", help="run in this process, without Ray")
+    if allow_no_ray:
+        p.add_argument("--no-ray", action="store_true", help="run in this process, without Ray")
     p.add_argument("--address", default=None, help="Ray cluster to join (e.g. auto, or host:6379)")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite in the work dir)")
     p.add_argument(
@@ -110,7 +127,7 @@ def config_from_args(args: argparse.Namespace, base: str | Path | dict | None = 
         "tracking.tracking_uri": args.tracking_uri,
     }
     overrides.update({k: v for k, v in flags.items() if v is not None})
-    if args.no_ray:
+    if getattr(args, "no_ray", False):
         overrides["runtime.use_ray"] = False
     return load_config(args.config if args.config is not None else base, overrides)
 
@@ -121,6 +138,20 @@ def demo_config_path() -> Path:
 
 def cmd_run(args: argparse.Namespace) -> int:
     return _run(config_from_args(args), progress=not args.quiet)
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from caudo_ray.tune import format_trials, run_tune
+
+    result = run_tune(config_from_args(args), progress=not args.quiet)
+    print(format_trials(result.trials, result.objective, result.best))
+    print(f"best {result.objective}: {result.best.metrics['objective']:.4f} with {result.best.params}")
+    print(
+        f"shared round-0 weights: {result.shared_train_s:.1f} s {'(reused)' if result.models_reused else 'trained once'}; "
+        f"saved {result.train_saved_s:.1f} s of per-trial training"
+    )
+    print(f"MLflow parent run {result.parent_run_id} in {result.tracking_uri}")
+    return EXIT_OK
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -154,6 +185,8 @@ def _run(cfg: RunConfig, progress: bool) -> int:
     if result.final_metrics:
         print("final segmenter on validation:", {k: round(v, 4) for k, v in result.final_metrics.items()})
     print(f"MLflow run {result.run_id} in {result.tracking_uri}")
+    if result.dashboard is not None:
+        print(f"dashboard: {result.dashboard}")
     if result.skipped:
         print(f"completed with {len(result.skipped)} skipped input(s); see {Path(cfg.work_dir) / 'run.log'}:", file=sys.stderr)
         for source, reason in sorted(result.skipped.items()):
@@ -215,6 +248,34 @@ def cmd_predict(args: argparse.Namespace) -> int:
     for source, reason in skipped.items():
         print(f"  skipped {source}: {reason}", file=sys.stderr)
     return EXIT_SKIPPED if skipped else EXIT_OK
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from caudo_ray.dashboard import DashboardError, build_dashboard
+    from caudo_ray.tracking import default_tracking_uri
+    from caudo_ray.workspace import Workspace
+
+    uri, run_ids, out = args.tracking_uri, args.run_id, args.out
+    if args.work_dir is not None:
+        info = Workspace(Path(args.work_dir)).read_run_info()
+        if not info and not (Path(args.work_dir) / "mlflow.db").exists():
+            print(f"error: {args.work_dir} has no run.json or mlflow.db: is it the work dir of a run?", file=sys.stderr)
+            return EXIT_REFUSED
+        uri = info.get("tracking_uri") or default_tracking_uri(args.work_dir)
+        if run_ids is None and args.experiment is None and info.get("run_id"):
+            run_ids = [info["run_id"]]
+        out = out or Path(args.work_dir) / "dashboard.html"
+    if uri is None or (run_ids is None and args.experiment is None):
+        print("error: name the runs (--run-id or --experiment) and their store (--tracking-uri or --work-dir)", file=sys.stderr)
+        return EXIT_REFUSED
+    try:
+        result = build_dashboard(uri, run_ids=run_ids, experiment=args.experiment, out=out)
+    except DashboardError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_REFUSED
+    print(f"dashboard of {len(result.source_run_ids)} run(s): {result.html_path} ({len(result.figures)} figures)")
+    print(f"logged as MLflow run {result.run_id}, artifact {result.artifact_path}, built in {result.build_s:.1f} s")
+    return EXIT_OK
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:

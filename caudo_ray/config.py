@@ -58,6 +58,12 @@ class DataConfig:
     working_size: tuple[int, int] = (64, 64)
     num_classes: int | None = None  # None: discovered from the masks
     nifti_axis: int = 2  # axis along which 3D volumes are cut into 2D slices
+    # Images larger than this many pixels are refused from their header, before decoding (a decompression bomb
+    # or a wrong file); 50 M pixels is above any 2D scan's size (a mammogram is ~15 M).
+    max_pixels: int = 50_000_000
+    # false: a grayscale modality, where a colour picture is the wrong modality and is refused; true: colour
+    # pictures are expected and read as luminance.
+    color: bool = False
     phantom: PhantomConfig = field(default_factory=PhantomConfig)
 
     def validate(self, key: str) -> None:
@@ -69,6 +75,7 @@ class DataConfig:
             raise ConfigError(f"{key}.num_classes", f"must be >= 2 (background + at least one class), got {self.num_classes}")
         if self.nifti_axis not in (0, 1, 2):
             raise ConfigError(f"{key}.nifti_axis", f"must be 0, 1 or 2, got {self.nifti_axis}")
+        _positive(f"{key}.max_pixels", self.max_pixels)
         self.phantom.validate(f"{key}.phantom")
 
 
@@ -189,6 +196,8 @@ class RuntimeConfig:
     num_train_workers: int = 1  # >1: data-parallel training through Ray Train
     batch_size: int = 16  # cases per calibration batch
     max_in_flight: int = 2  # batches in flight per worker (backpressure)
+    # Training checkpoints (segmenter, autoencoder, denoiser) every this many iterations; 0 disables them.
+    checkpoint_every: int = 50
     dashboard_host: str = "127.0.0.1"
     # Pseudo-label store: a path or an fsspec URL (s3://bucket/run/store.zarr) every node can open;
     # None: <work_dir>/store.zarr. Where the store lives never changes results.
@@ -204,6 +213,7 @@ class RuntimeConfig:
         _positive(f"{key}.num_train_workers", self.num_train_workers)
         _positive(f"{key}.batch_size", self.batch_size)
         _positive(f"{key}.max_in_flight", self.max_in_flight)
+        _non_negative(f"{key}.checkpoint_every", self.checkpoint_every)
 
 
 @dataclass
@@ -217,6 +227,68 @@ class TrackingConfig:
 
     def validate(self, key: str) -> None:
         _non_negative(f"{key}.num_overlays", self.num_overlays)
+
+
+@dataclass
+class SearchDimConfig:
+    """One dimension of a Tune search: exactly one of ``grid``, ``choice`` or ``range``."""
+
+    grid: list[float] | None = None  # every value, crossed with the other grid dimensions
+    choice: list[float] | None = None  # one value drawn per sample
+    range: tuple[float, float] | None = None  # [low, high], drawn uniformly per sample (integers for step counts)
+
+    def validate(self, key: str, *, low: float, high: float, integer: bool = False, open_low: bool = False) -> None:
+        given = [name for name in ("grid", "choice", "range") if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ConfigError(key, f"needs exactly one of grid, choice or range, got {given or 'none'}")
+        name = given[0]
+        values = list(getattr(self, name))
+        if not values:
+            raise ConfigError(f"{key}.{name}", "needs at least one value")
+        if name == "range" and values[0] > values[1]:
+            raise ConfigError(f"{key}.range", f"needs low <= high, got {values}")
+        for i, v in enumerate(values):
+            where = f"{key}.{name}[{i}]"
+            if integer and v != int(v):
+                raise ConfigError(where, f"must be a whole number, got {v}")
+            if v > high or v < low or (open_low and v == low):
+                raise ConfigError(where, f"must be in {'(' if open_low else '['}{low:g}, {high:g}], got {v}")
+
+
+@dataclass
+class TuneConfig:
+    """``caudo-ray tune``: search over guidance strength w, calibration strength s and DDIM steps (Ray Tune, ASHA)."""
+
+    guidance_strength: SearchDimConfig = field(default_factory=lambda: SearchDimConfig(grid=[0.0, 1.0, 2.0, 4.0]))
+    calibration_strength: SearchDimConfig = field(default_factory=lambda: SearchDimConfig(grid=[0.3, 0.6]))
+    inference_steps: SearchDimConfig = field(default_factory=lambda: SearchDimConfig(grid=[10]))
+    num_samples: int = 1  # repeats of the grid; each repeat draws its own choice/range values
+    objective: str = "auto"  # auto (val_dice when a validation split exists, else proxy) | val_dice | proxy
+    eval_cases: int = 64  # validation cases (or pool sample for the proxy) each trial labels
+    eval_batch_size: int = 16  # cases per evaluation step: ASHA's time unit
+    max_t: int | None = None  # evaluation steps of a full trial; None: all of eval_cases
+    grace_period: int = 1
+    reduction_factor: float = 2.0
+    cpus_per_trial: float = 1.0
+    max_concurrent_trials: int = 2
+    seed: int = 0  # pool sample and random draws
+
+    def validate(self, key: str) -> None:
+        self.guidance_strength.validate(f"{key}.guidance_strength", low=0.0, high=float("inf"))
+        self.calibration_strength.validate(f"{key}.calibration_strength", low=0.0, high=1.0, open_low=True)
+        self.inference_steps.validate(f"{key}.inference_steps", low=1, high=float("inf"), integer=True)
+        _positive(f"{key}.num_samples", self.num_samples)
+        if self.objective not in ("auto", "val_dice", "proxy"):
+            raise ConfigError(f"{key}.objective", f"must be auto, val_dice or proxy, got {self.objective!r}")
+        _positive(f"{key}.eval_cases", self.eval_cases)
+        _positive(f"{key}.eval_batch_size", self.eval_batch_size)
+        if self.max_t is not None:
+            _positive(f"{key}.max_t", self.max_t)
+        _positive(f"{key}.grace_period", self.grace_period)
+        if not self.reduction_factor > 1:
+            raise ConfigError(f"{key}.reduction_factor", f"must be > 1, got {self.reduction_factor}")
+        _positive_float(f"{key}.cpus_per_trial", self.cpus_per_trial)
+        _positive(f"{key}.max_concurrent_trials", self.max_concurrent_trials)
 
 
 @dataclass
@@ -234,6 +306,7 @@ class RunConfig:
     selection: SelectionConfig = field(default_factory=SelectionConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
 
     def validate(self, key: str = "") -> None:
         _positive("rounds", self.rounds)
@@ -253,13 +326,13 @@ class RunConfig:
         return _to_plain(dataclasses.asdict(self))
 
     def method_hash(self) -> str:
-        """Hash of everything that changes results; runtime and tracking knobs are left out.
+        """Hash of everything that changes results; runtime, tracking and tune knobs are left out.
 
         A store written under one method hash is refused by a run with another, so resumed work never mixes
         labels from different settings.
         """
         d = self.to_dict()
-        for key in ("runtime", "tracking", "work_dir", "device"):
+        for key in ("runtime", "tracking", "tune", "work_dir", "device"):
             d.pop(key)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 

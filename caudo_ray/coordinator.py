@@ -23,11 +23,18 @@ from typing import Protocol
 import numpy as np
 from tqdm.auto import tqdm
 
-from caudo_ray import pipeline, tracking
+from caudo_ray import dashboard, pipeline, tracking
 from caudo_ray.config import RunConfig
-from caudo_ray.method import LabelingEngine, RoundModels, resolve_device, train_round_models
+from caudo_ray.method import (
+    LabelingEngine,
+    RoundModels,
+    TrainingCheckpoint,
+    resolve_device,
+    train_round_models,
+    training_checkpoint_path,
+)
 from caudo_ray.store import PseudoLabelStore
-from caudo_ray.workspace import PreparedRun, load_labelled, prepare_run
+from caudo_ray.workspace import PreparedRun, Workspace, load_labelled, prepare_run
 
 log = logging.getLogger("caudo_ray")
 
@@ -63,13 +70,18 @@ class TrainContext:
         *,
         with_calibrator: bool = True,
         progress: bool = False,
-        checkpoint_fn=None,
         wrap_model=None,
         rank: int = 0,
     ) -> RoundModels | None:
         store = PseudoLabelStore.open(self.store_url)
         inputs = pipeline.training_inputs(store, r)
         cfg = self.cfg if with_calibrator else _without_calibrator(self.cfg)
+        # Data-parallel ranks would each need the same resume point; only single-process training checkpoints.
+        checkpoint = None
+        if wrap_model is None:
+            previous_version = previous.version if previous is not None else None
+            key = f"{cfg.method_hash()} round {r} calibrator={with_calibrator} previous={previous_version}"
+            checkpoint = TrainingCheckpoint(training_checkpoint_path(cfg, r), key)
         return train_round_models(
             cfg,
             r,
@@ -83,7 +95,7 @@ class TrainContext:
             val_images=self.val_images,
             val_labels=self.val_labels,
             progress=progress,
-            checkpoint_fn=checkpoint_fn,
+            checkpoint=checkpoint,
             wrap_model=wrap_model,
             rank=rank,
         )
@@ -128,6 +140,7 @@ class RunResult:
     final_metrics: dict = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
     recomputed: int = 0  # cases labelled by this invocation (0 for rounds already complete)
+    dashboard: Path | None = None  # the run's dashboard page, when it could be built
 
 
 def batches_of(indices: np.ndarray, size: int) -> Iterator[np.ndarray]:
@@ -152,11 +165,14 @@ class Coordinator:
     def run(self) -> RunResult:
         cfg = self.cfg
         skipped_log: list[tuple[str, str]] = []
+        # Logged to the work dir from the start, so files skipped while the pool loads are in run.log too.
+        Workspace.of(cfg).root.mkdir(parents=True, exist_ok=True)
+        _attach_file_log(Workspace.of(cfg).log_path)
         prepared = prepare_run(cfg, progress=self.progress, on_skip=lambda s, r: skipped_log.append((s, r)))
         ws, store = prepared.workspace, prepared.store
-        _attach_file_log(ws.log_path)
         tracker = _open_tracker(cfg, prepared)
-        val_images, val_labels = load_labelled(prepared, prepared.split.val)
+        # A bad validation case is skipped and reported like a bad pool file; a bad exemplar stops the run.
+        val_images, val_labels = load_labelled(prepared, prepared.split.val, skip_bad=True)
         ctx = TrainContext(cfg, ws.store_url, prepared.num_classes, val_images, val_labels)
         if prepared.skipped:
             tracker.log_dict(prepared.skipped, "data/skipped.json")
@@ -178,11 +194,12 @@ class Coordinator:
         finally:
             executor.close()
             store.release_lock()
+        result.dashboard = dashboard.build_and_link(result.tracking_uri, result.run_id, ws.root / "dashboard.html")
         return result
 
     def _round(self, r, previous, executor: Executor, prepared: PreparedRun, tracker: tracking.Tracker, result: RunResult) -> RoundModels:
         cfg, ws, store = self.cfg, prepared.workspace, prepared.store
-        models = _load_or_train(ws.model_path(r), lambda: executor.train(r, previous))
+        models = _load_or_train(ws.model_path(r), lambda: executor.train(r, previous), training_checkpoint_path(cfg, r))
         if store.is_committed(r):
             result.rounds.append(store.round_summary(r))
             return models
@@ -193,6 +210,8 @@ class Coordinator:
         result.rounds.append(summary)
         _log_round(tracker, r, summary, models)
         _log_overlays(tracker, store, r, cfg.tracking.num_overlays)
+        # A read-only handle of our own: under Ray ``store`` is the owner actor's proxy, which would ship every label.
+        dashboard.log_round_views(tracker, PseudoLabelStore.open(ws.store_url, mode="r"), r, cfg.tracking.num_overlays)
         tracker.log_artifact(tracking.round_curves_png(tracker, ws.root / "round_curves.png"), "curves")
         log.info("round %d committed: %s", r, {k: v for k, v in summary.items() if not isinstance(v, dict)})
         return models
@@ -200,7 +219,11 @@ class Coordinator:
     def _final(self, previous, executor: Executor, prepared: PreparedRun, tracker: tracking.Tracker) -> dict:
         """Train the final segmenter on the exemplars plus the last round's selection, log it, report validation."""
         ws = prepared.workspace
-        final = _load_or_train(ws.final_model_path, lambda: executor.train(self.cfg.rounds, previous, with_calibrator=False))
+        final = _load_or_train(
+            ws.final_model_path,
+            lambda: executor.train(self.cfg.rounds, previous, with_calibrator=False),
+            training_checkpoint_path(self.cfg, self.cfg.rounds),
+        )
         tracker.log_artifact(ws.final_model_path, "model")
         tracker.log_artifact(ws.config_path)
         tracker.log_artifact(ws.split_path)
@@ -223,7 +246,14 @@ def stream_round(cfg: RunConfig, owner, executor: Executor, r: int, models: Roun
             "model_version": models.version,
         },
     )
+    # Resume: cases an earlier invocation finished are kept, but only once their chunks read back intact.
+    corrupt = owner.verify(r)
+    if corrupt:
+        ids = owner.case_ids
+        log.warning("round %d: %d stored cases are corrupt and will be recomputed: %s", r, len(corrupt), [ids[i] for i in corrupt])
+        owner.invalidate(r, corrupt)
     todo = owner.missing(r)
+    log.info("round %d: labelling %d cases, keeping %d already done", r, len(todo), int(owner.usable_mask().sum()) - len(todo))
     t0 = time.perf_counter()
     sums = {"infer_s": 0.0, "ddim_s": 0.0, "store_s": 0.0}
     bar = tqdm(total=len(todo), desc=f"round {r}: labelling", unit="case", disable=not progress)
@@ -243,11 +273,13 @@ def stream_round(cfg: RunConfig, owner, executor: Executor, r: int, models: Roun
     return perf, len(todo)
 
 
-def _load_or_train(path: Path, train) -> RoundModels:
+def _load_or_train(path: Path, train, checkpoint: Path) -> RoundModels:
+    """The saved models at ``path``, or newly trained ones saved there; their training checkpoint goes once saved."""
     if path.exists():
         return RoundModels.load(path)
     models = train()
     models.save(path)
+    checkpoint.unlink(missing_ok=True)
     return models
 
 

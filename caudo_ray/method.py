@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,6 +25,7 @@ from caudo_ray import selection
 from caudo_ray.config import RunConfig
 from caudo_ray.store import NO_TRUTH
 
+log = logging.getLogger("caudo_ray")
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
@@ -76,6 +79,44 @@ class RoundModels:
             return cls.from_bytes(fh.read())
 
 
+def training_checkpoint_path(cfg: RunConfig, r: int) -> Path:
+    """Where round ``r``'s training checkpoint lives (the final segmenter's is round ``cfg.rounds``)."""
+    return Path(cfg.work_dir) / "checkpoints" / f"train_{r}.pt"
+
+
+class TrainingCheckpoint:
+    """The latest training state of one round, written atomically, read with ``torch.load(weights_only=True)``.
+
+    A state records its phase (``segmenter``, ``autoencoder`` or ``denoiser``), the iterations done in it, the
+    state dicts of the networks and optimizer and, for the calibrator, its RNG states; the segmenter needs none,
+    since its iteration ``i`` draws everything from ``(seed, i)``. ``key`` ties the file to the config, round and
+    warm start it was written under, so a checkpoint of other training is ignored rather than resumed.
+    """
+
+    def __init__(self, path: Path, key: str):
+        self.path = Path(path)
+        self.key = key
+
+    def load(self) -> dict[str, Any] | None:
+        if not self.path.exists():
+            return None
+        state = torch.load(self.path, weights_only=True, map_location="cpu")
+        if state.get("key") != self.key:
+            log.warning("%s belongs to other training (%s); starting this round's training afresh", self.path, state.get("key"))
+            return None
+        log.info("resuming training from %s: %s iteration %d", self.path, state["phase"], state["iteration"])
+        return state
+
+    def save(self, state: dict[str, Any]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        torch.save({**state, "key": self.key}, tmp)
+        os.replace(tmp, self.path)  # atomic: a kill mid-write leaves the previous checkpoint intact
+
+    def delete(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
 def build_models(cfg: RunConfig, models: RoundModels, device: torch.device) -> tuple[torch.nn.Module, cal.Calibrator | None]:
     """Instantiate the networks of ``models`` on ``device`` in eval mode."""
     net = seg.build_segmenter(cfg.segmenter, models.num_classes)
@@ -110,7 +151,7 @@ def train_round_models(
     val_labels: np.ndarray | None = None,
     device: torch.device | None = None,
     progress: bool = False,
-    checkpoint_fn=None,
+    checkpoint: TrainingCheckpoint | None = None,
     wrap_model=None,
     rank: int = 0,
 ) -> RoundModels | None:
@@ -123,6 +164,10 @@ def train_round_models(
     process's ``rank``: each rank draws its own batches and DDP averages the gradients, so the segmenter sees
     ``world_size`` times the batch per iteration. The calibrator then trains on rank 0 alone, which returns the
     models; other ranks return None.
+
+    With a ``checkpoint``, the training state is saved every ``runtime.checkpoint_every`` iterations of each
+    phase and training starts from the saved state when there is one; on CPU the result equals uninterrupted
+    training. The caller deletes the checkpoint once the returned models are saved.
     """
     device = device or resolve_device(cfg.device)
     t0 = time.perf_counter()
@@ -135,7 +180,17 @@ def train_round_models(
     else:
         iterations = cfg.segmenter.iterations
     net.to(device)
-    if iterations:
+    every = cfg.runtime.checkpoint_every if checkpoint is not None else 0
+    state = checkpoint.load() if every else None
+    start = 0
+    if state is not None:
+        net.load_state_dict(state["segmenter"])
+        start = state["iteration"] if state["phase"] == "segmenter" else iterations
+
+    def save_segmenter(done: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        checkpoint.save({"phase": "segmenter", "iteration": done, "segmenter": model.state_dict(), "optimizer": optimizer.state_dict()})
+
+    if start < iterations:
         seg.train_segmenter(
             wrap_model(net) if wrap_model is not None else net,
             exemplar_images=exemplar_images,
@@ -148,7 +203,10 @@ def train_round_models(
             seed=seed + 7919 * rank,
             device=str(device),
             progress=progress,
-            checkpoint_fn=checkpoint_fn,
+            checkpoint_fn=save_segmenter if every else None,
+            checkpoint_every=every,
+            start_iteration=start,
+            optimizer_state=state["optimizer"] if state is not None and state["phase"] == "segmenter" else None,
         )
     if rank != 0:
         return None
@@ -176,6 +234,9 @@ def train_round_models(
             seed=seed,
             device=str(device),
             progress=progress,
+            checkpoint_fn=(lambda s: checkpoint.save({**s, "segmenter": net.state_dict()})) if every else None,
+            checkpoint_every=every,
+            resume=state if state is not None and state["phase"] != "segmenter" else None,
         )
         calibrator_state = {k: v.detach().cpu() for k, v in calib.state_dict().items()}
 
@@ -263,7 +324,7 @@ def evaluate(
 
     device = device or next(net.parameters()).device
     pred = seg.predict(net, images, device=str(device), return_features=False).probs.argmax(1)
-    onehot = lambda a: torch.nn.functional.one_hot(torch.from_numpy(a.astype(np.int64)), num_classes).permute(0, 3, 1, 2).float()  # noqa: E731
+    onehot = lambda a: torch.nn.functional.one_hot(torch.from_numpy(a.astype(np.int64)), num_classes).permute(0, 3, 1, 2).float()
     y_pred, y = onehot(pred), onehot(labels)
     dice = DiceMetric(include_background=False, reduction="none", ignore_empty=False)(y_pred, y)
     hd95 = HausdorffDistanceMetric(include_background=False, percentile=95, reduction="none")(y_pred, y)

@@ -44,13 +44,14 @@ import re
 import socket
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
+from zarr.core.sync import sync
 from zarr.storage import FsspecStore, LocalStore
 
 from caudo_ray.errors import DataError, StoreError
@@ -87,7 +88,7 @@ class StoreNotFoundError(StoreError, FileNotFoundError):
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def _json_default(obj: Any) -> Any:
@@ -757,7 +758,7 @@ class PseudoLabelStore:
 
     def read_scores(self, r: int) -> dict[str, np.ndarray]:
         """All cases' scores of round ``r``: ``{name: float32 (N,)}``."""
-        return self._score_dict(self._arrays(r)["scores"][:])
+        return self._score_dict(self._read_ordered(self._arrays(r)["scores"], np.arange(self.num_cases)))
 
     def round_summary(self, r: int) -> dict:
         """The summary recorded when round ``r`` was committed.
@@ -844,13 +845,21 @@ class PseudoLabelStore:
         return bad
 
     def invalidate(self, r: int, indices: Sequence[int] | np.ndarray) -> None:
-        """Marks the given cases of round ``r`` not done, so they are recomputed."""
+        """Marks the given cases of round ``r`` not done, so they are recomputed, and drops their result chunks.
+
+        Dropping the chunks lets a corrupt chunk be rewritten: zarr reads a chunk back before a scattered write.
+        """
         self._check_writable()
         arrays = self._arrays(r)
         idx = np.unique(self._indices(indices, f"round {r} invalidate"))
         if self.is_committed(r) and idx.size:
             raise StoreError(f"{self._url}: round {r} is committed; its cases can no longer be invalidated")
         _write_rows(arrays["done"], idx, np.zeros(idx.size, dtype=bool))
+        for name in (*_LABEL_ARRAYS, "scores"):
+            arr = arrays[name]
+            for i in idx:
+                key = arr.metadata.encode_chunk_key((int(i),) + (0,) * (arr.ndim - 1))
+                sync(arr.store_path.store.delete(f"{arr.store_path.path}/{key}"))
 
     # ------------------------------------------------------------------ export
 
@@ -892,9 +901,9 @@ class PseudoLabelStore:
             from caudo_ray.data import Geometry, restore_mask, write_mask
 
             if restore is None:
-                restore = lambda mask, geometry: restore_mask(mask, Geometry.from_dict(geometry))  # noqa: E731
+                restore = lambda mask, geometry: restore_mask(mask, Geometry.from_dict(geometry))
             if writer is None:
-                writer = lambda mask, geometry, path: write_mask(mask, Geometry.from_dict(geometry), path)  # noqa: E731
+                writer = lambda mask, geometry, path: write_mask(mask, Geometry.from_dict(geometry), path)
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         root_dir = out.resolve()
@@ -1081,12 +1090,27 @@ class PseudoLabelStore:
     def _score_dict(self, block: np.ndarray) -> dict[str, np.ndarray]:
         return {name: np.ascontiguousarray(block[:, k]) for k, name in enumerate(self._score_names)}
 
+    def _unreadable(self, arr: zarr.Array, idx: np.ndarray, err: Exception) -> StoreError:
+        """A StoreError naming the first case of ``idx`` whose chunk of ``arr`` cannot be read back."""
+        for i in idx:
+            try:
+                arr[int(i)]
+            except Exception as case_err:  # noqa: BLE001
+                return StoreError(
+                    f"{self._url}: case {self._case_ids[int(i)]} (index {int(i)}): chunk of {arr.path} is corrupt or "
+                    f"unreadable ({case_err}); a resumed run recomputes the corrupt cases of an unfinished round"
+                )
+        return StoreError(f"{self._url}: reading {arr.path} failed: {err}")
+
     def _read_ordered(self, arr: zarr.Array, idx: np.ndarray) -> np.ndarray:
         """Reads rows ``idx`` of ``arr`` in the order given."""
         if idx.size == 0:
             return np.zeros((0, *arr.shape[1:]), dtype=arr.dtype)
         order = np.argsort(idx, kind="stable")
-        rows = _read_rows(arr, idx[order])
+        try:
+            rows = _read_rows(arr, idx[order])
+        except Exception as err:  # a chunk that fails its checksum or decoding
+            raise self._unreadable(arr, idx[order], err) from err
         out = np.empty_like(rows)
         out[order] = rows
         return out

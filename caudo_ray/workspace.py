@@ -28,7 +28,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from caudo_ray import data as D
-from caudo_ray.config import RunConfig, load_config, save_config
+from caudo_ray.config import ConfigError, RunConfig, load_config, save_config
 from caudo_ray.errors import DataError, StoreError
 from caudo_ray.store import NO_TRUTH, PseudoLabelStore
 
@@ -152,14 +152,32 @@ def prepare_run(cfg: RunConfig, *, progress: bool = True, on_skip: Callable[[str
     return PreparedRun(cfg, ws, data_root, index, split, store, num_classes, skipped)
 
 
-def load_labelled(prepared: PreparedRun, case_ids: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Images and masks of labelled cases (validation, test) at the working size."""
+def load_labelled(prepared: PreparedRun, case_ids: list[str], *, skip_bad: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Images and masks of labelled cases (validation, test) at the working size.
+
+    Args:
+        skip_bad: leave out cases that cannot be loaded, recording each in ``prepared.skipped`` and the log
+            (a run validates on the remaining cases); False raises the first :class:`DataError`.
+    """
     refs = {r.case_id: r for r in prepared.index.labelled}
-    cases = [D.load_case(refs[c], prepared.cfg.data.working_size, prepared.num_classes) for c in case_ids]
+    cases = []
+    for c in case_ids:
+        try:
+            cases.append(load_case(refs[c], prepared.cfg, prepared.num_classes))
+        except DataError as err:
+            if not skip_bad:
+                raise
+            prepared.skipped[err.source] = err.problem
+            log.warning("skipped %s: %s", err.source, err.problem)
     if not cases:
         h, w = prepared.cfg.data.working_size
         return np.zeros((0, h, w), np.float32), np.zeros((0, h, w), np.uint8)
     return np.stack([c.image for c in cases]), np.stack([c.mask for c in cases])
+
+
+def load_case(ref: D.CaseRef, cfg: RunConfig, num_classes: int) -> D.Case:
+    """A case at the config's working size, with its input limits (``data.max_pixels``, ``data.color``)."""
+    return D.load_case(ref, cfg.data.working_size, num_classes, max_pixels=cfg.data.max_pixels, grayscale=not cfg.data.color)
 
 
 def _check_saved_config(cfg: RunConfig, ws: Workspace) -> None:
@@ -177,14 +195,20 @@ def _load_or_make_split(cfg: RunConfig, ws: Workspace, index: D.DatasetIndex) ->
     if ws.split_path.exists():
         return D.Split.from_json(ws.split_path)
     s = cfg.split
-    split = D.make_split(
-        index,
-        seed=s.seed,
-        val_fraction=s.val_fraction,
-        test_fraction=s.test_fraction,
-        exemplars=s.exemplars,
-        num_exemplars=s.num_exemplars,
-    )
+    try:
+        split = D.make_split(
+            index,
+            seed=s.seed,
+            val_fraction=s.val_fraction,
+            test_fraction=s.test_fraction,
+            exemplars=s.exemplars,
+            num_exemplars=s.num_exemplars,
+        )
+    except DataError as err:
+        if err.source.startswith("split."):
+            # The split's settings cannot work with this data set: a config error, refused before any work.
+            raise ConfigError(err.source, err.problem) from None
+        raise
     split.to_json(ws.split_path)
     return split
 
@@ -234,7 +258,7 @@ def load_pool(store: PseudoLabelStore, pool_refs, cfg: RunConfig, num_classes: i
     for i in tqdm(todo, desc="loading pool", unit="case", disable=not progress):
         ref = pool_refs[i]
         try:
-            case = D.load_case(ref, cfg.data.working_size, num_classes)
+            case = load_case(ref, cfg, num_classes)
         except DataError as err:
             store.mark_skipped(i, err.problem)
             skip(err.source, err.problem)
@@ -262,7 +286,7 @@ def _load_exemplars(store: PseudoLabelStore, refs: list[D.CaseRef], cfg: RunConf
     current, _, _ = store.exemplars()
     if list(current) == ids:
         return
-    cases = [D.load_case(r, cfg.data.working_size, num_classes) for r in refs]
+    cases = [load_case(r, cfg, num_classes) for r in refs]
     for case in cases:
         D.check_exemplar(case)
     store.set_exemplars(ids, np.stack([c.image for c in cases]), np.stack([c.mask for c in cases]))

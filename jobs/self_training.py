@@ -14,8 +14,8 @@ from pathlib import Path
 # A job runs from its --working-dir checkout; make the package importable there without installing it.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from caudo_ray.cli import EXIT_OK, EXIT_SKIPPED, config_from_args  # noqa: E402
-from caudo_ray.coordinator import Coordinator  # noqa: E402
+from caudo_ray.cli import EXIT_OK, EXIT_SKIPPED, config_from_args
+from caudo_ray.coordinator import Coordinator
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -7,10 +7,10 @@ import json
 import math
 
 import pytest
+from conftest import REPO_ROOT
 from mlflow import MlflowClient
 
 from caudo_ray import tracking
-from conftest import REPO_ROOT
 
 HEADLINE = (
     "bare_cases_per_s",

@@ -10,6 +10,8 @@ from caudo_ray.coordinator import Coordinator
 from caudo_ray.errors import StoreError
 from caudo_ray.workspace import prepare_run
 
+pytestmark = pytest.mark.faults
+
 HOLD = """
 import sys, time
 from caudo_ray.store import PseudoLabelStore

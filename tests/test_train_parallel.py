@@ -4,10 +4,10 @@ import os
 
 import numpy as np
 import pytest
+from conftest import tiny_config
 
 from caudo_ray.coordinator import TrainContext
 from caudo_ray.workspace import prepare_run
-from conftest import tiny_config
 
 
 @pytest.mark.slow

@@ -17,9 +17,9 @@ from __future__ import annotations
 import csv
 import re
 from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 from PIL import Image
@@ -195,7 +195,14 @@ def index_dataset(root: str | Path, group_column: str | None = "group", nifti_ax
     )
 
 
-def load_case(ref: CaseRef, working_size: Sequence[int], num_classes: int | None = None) -> Case:
+def load_case(
+    ref: CaseRef,
+    working_size: Sequence[int],
+    num_classes: int | None = None,
+    *,
+    max_pixels: int | None = None,
+    grayscale: bool = False,
+) -> Case:
     """Read a case, check its mask and bring it to the working size.
 
     Intensities are normalised per image: clipped to the 1st-99th percentile and scaled to [0, 1] (a constant
@@ -206,11 +213,13 @@ def load_case(ref: CaseRef, working_size: Sequence[int], num_classes: int | None
         ref: the case.
         working_size: (H, W).
         num_classes: when given, mask values must lie in [0, num_classes).
+        max_pixels: refuse larger images (``data.max_pixels``).
+        grayscale: refuse colour pictures (``data.color: false``).
 
     Raises:
         DataError: naming the file, for unreadable files, a mask of another shape, or mask values out of range.
     """
-    [(image, geometry)] = read_image(ref.image_path, nifti_axis=ref.nifti_axis, slice_index=ref.slice_index)
+    [(image, geometry)] = read_image(ref.image_path, nifti_axis=ref.nifti_axis, slice_index=ref.slice_index, max_pixels=max_pixels, grayscale=grayscale)
     mask = None
     if ref.mask_path is not None:
         [(mask_orig, _)] = read_mask(ref.mask_path, nifti_axis=ref.nifti_axis, slice_index=ref.slice_index)

@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -30,6 +31,7 @@ from caudo_ray.errors import DataError
 
 SUPPORTED_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".nii", ".nii.gz", ".dcm")
 MIN_SIDE = 8  # smaller images carry no usable structure and break the U-Net's downsampling
+COLOR_SPREAD = 4.0  # mean max-min channel difference (0..255 levels) above which an RGB image is a colour picture
 
 _FORMATS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".nii": "nifti", ".nii.gz": "nifti", ".dcm": "dicom"}
 # ITU-R BT.601 luma, the weights PIL uses for RGB -> L, so RGB and grayscale copies of a picture read alike.
@@ -127,7 +129,14 @@ def nifti_slice_count(path: str | Path, nifti_axis: int = 2) -> int | None:
     return None if _is_2d(spatial) else spatial[nifti_axis]
 
 
-def read_image(path: str | Path, nifti_axis: int = 2, slice_index: int | None = None) -> list[tuple[np.ndarray, Geometry]]:
+def read_image(
+    path: str | Path,
+    nifti_axis: int = 2,
+    slice_index: int | None = None,
+    *,
+    max_pixels: int | None = None,
+    grayscale: bool = False,
+) -> list[tuple[np.ndarray, Geometry]]:
     """Read an image file as float32 2D arrays with their geometry.
 
     Args:
@@ -135,6 +144,10 @@ def read_image(path: str | Path, nifti_axis: int = 2, slice_index: int | None = 
         nifti_axis: axis along which a 3D NIfTI volume is sliced.
         slice_index: for a 3D volume, read only this slice (the rest of the volume is not decoded where the
             file allows it).
+        max_pixels: refuse a 2D image (or slice) with more pixels; PNG/JPEG are checked from the header,
+            before decoding.
+        grayscale: the data set is a grayscale modality: refuse a colour picture (channels that differ) as the
+            wrong modality instead of reading its luminance.
 
     Returns:
         One (array, geometry) per 2D image: one for a 2D file, one per slice (or the one asked) for a volume.
@@ -142,9 +155,10 @@ def read_image(path: str | Path, nifti_axis: int = 2, slice_index: int | None = 
 
     Raises:
         DataError: naming the file, for an unreadable, truncated or non-image file, an unsupported extension,
-            NaN/inf intensities or an image smaller than 8 pixels a side.
+            NaN/inf intensities, an image smaller than 8 pixels a side or larger than ``max_pixels``, or a colour
+            picture where ``grayscale`` is asked.
     """
-    items = _read(path, nifti_axis, slice_index, is_mask=False)
+    items = _read(path, nifti_axis, slice_index, is_mask=False, max_pixels=max_pixels, grayscale=grayscale)
     out = []
     for arr, geom in items:
         arr = arr.astype(np.float32, copy=False)
@@ -269,14 +283,22 @@ def _as_label_map(mask: np.ndarray, geometry: Geometry) -> np.ndarray:
     return np.ascontiguousarray(mask.astype(np.uint8))
 
 
-def _read(path: str | Path, nifti_axis: int, slice_index: int | None, *, is_mask: bool) -> list[tuple[np.ndarray, Geometry]]:
+def _read(
+    path: str | Path,
+    nifti_axis: int,
+    slice_index: int | None,
+    *,
+    is_mask: bool,
+    max_pixels: int | None = None,
+    grayscale: bool = False,
+) -> list[tuple[np.ndarray, Geometry]]:
     path = Path(path)
     fmt = file_format(path)
     if not path.is_file():
         raise DataError(str(path), "file does not exist")
     try:
         if fmt in ("png", "jpeg"):
-            items = [_read_pil(path, fmt, is_mask)]
+            items = [_read_pil(path, fmt, is_mask, max_pixels, grayscale)]
         elif fmt == "dicom":
             items = [_read_dicom(path)]
         else:
@@ -288,7 +310,13 @@ def _read(path: str | Path, nifti_axis: int, slice_index: int | None, *, is_mask
     for arr, _ in items:
         if arr.ndim != 2 or min(arr.shape) < MIN_SIDE:
             raise DataError(str(path), f"image is {'x'.join(map(str, arr.shape))} pixels; need 2D with at least {MIN_SIDE} a side")
+        _check_pixels(path, arr.shape, max_pixels)
     return items
+
+
+def _check_pixels(path: Path, shape: tuple[int, ...], max_pixels: int | None) -> None:
+    if max_pixels is not None and int(np.prod(shape)) > max_pixels:
+        raise DataError(str(path), f"image is {'x'.join(map(str, shape))} = {int(np.prod(shape)):,} pixels, more than data.max_pixels = {max_pixels:,}")
 
 
 def _pil_converter(is_mask: bool):
@@ -307,9 +335,14 @@ def _pil_converter(is_mask: bool):
     return convert
 
 
-def _read_pil(path: Path, fmt: str, is_mask: bool) -> tuple[np.ndarray, Geometry]:
+def _read_pil(path: Path, fmt: str, is_mask: bool, max_pixels: int | None = None, grayscale: bool = False) -> tuple[np.ndarray, Geometry]:
     reader = PILReader(converter=_pil_converter(is_mask), reverse_indexing=False)
-    with Image.open(path) as probe:
+    with warnings.catch_warnings():
+        # PIL warns about large headers; the size is checked here against data.max_pixels instead.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        probe = Image.open(path)
+    with probe:
+        _check_pixels(path, (probe.height, probe.width), max_pixels)  # from the header: nothing decoded yet
         probe.verify()  # catches truncated / corrupt PNG data before decoding
     img = reader.read(str(path))
     try:
@@ -325,7 +358,12 @@ def _read_pil(path: Path, fmt: str, is_mask: bool) -> tuple[np.ndarray, Geometry
                     raise DataError(str(path), "mask is a colour image; expected one channel of class indices")
                 arr = rgb[..., 0]
             else:
-                arr = rgb.astype(np.float32) @ _LUMA
+                rgb = rgb.astype(np.float32)
+                # JPEG chroma noise leaves a grey picture's channels ~1 level apart; a colour picture differs by far more.
+                spread = float(np.mean(rgb.max(axis=2) - rgb.min(axis=2)))
+                if grayscale and spread > COLOR_SPREAD:
+                    raise DataError(str(path), f"colour image (mean channel spread {spread:.1f} levels) in a grayscale data set; wrong modality? (set data.color: true for colour data)")
+                arr = rgb @ _LUMA
         elif arr.shape[2] == 1:
             arr = arr[..., 0]
     return arr, Geometry(shape=(int(arr.shape[0]), int(arr.shape[1])), format=fmt, source=str(path))

@@ -1,0 +1,218 @@
+"""Dashboards from a real sqlite MLflow store: per-round artifacts, the report run, the page in headless Chromium."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import tiny_config
+from mlflow import MlflowClient
+from test_coordinator import artifact_paths
+
+from caudo_ray import dashboard, tracking
+from caudo_ray.cli import main
+from caudo_ray.coordinator import Coordinator
+from caudo_ray.store import PseudoLabelStore
+
+TUNE_EXPERIMENT = "caudo-ray-tune"
+# (w, s, steps, objective per evaluation step) as a Tune search logs them. ASHA stopped trial 2 after one step: its
+# objective is the highest but covers fewer cases, so the search chose trial 1 (caudo_ray.tune.pick_best).
+TRIALS = [
+    (0.5, 0.3, 4, [0.61, 0.66]),
+    (1.5, 0.5, 4, [0.70, 0.78]),
+    (3.0, 0.7, 4, [0.80]),
+]
+CHOSEN = 1
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A finished tiny local run (it builds and links its own dashboard) and its config."""
+    cfg = tiny_config(tmp_path_factory.mktemp("dash") / "run")
+    return cfg, Coordinator(cfg, progress=False).run()
+
+
+@pytest.fixture(scope="module")
+def tune_parent(run) -> str:
+    """A Tune-shaped search logged by hand into the run's store: a parent tagged as a search, nested trials."""
+    _, result = run
+    uri = result.tracking_uri
+    parent = tracking.Tracker(uri, TUNE_EXPERIMENT, run_name="search", tags={dashboard.KIND_TAG: "tune"})
+    for n, (w, s, steps, objectives) in enumerate(TRIALS):
+        trial = tracking.Tracker(uri, TUNE_EXPERIMENT, run_name=f"trial_{n}", parent_run_id=parent.run_id)
+        params = {
+            "guidance_strength": w,
+            "calibration_strength": s,
+            "inference_steps": steps,
+        }
+        trial.log_params({"calibrator": params})
+        for step, value in enumerate(objectives):
+            trial.log_metrics({dashboard.TUNE_OBJECTIVE: value}, step=step)
+        trial.set_tags({dashboard.TUNE_STOPPED_TAG: str(len(objectives) < 2).lower()})
+        trial.finish()
+        if n == CHOSEN:
+            parent.log_params({"best": {"calibrator": params}})
+            parent.log_metrics({dashboard.TUNE_BEST_OBJECTIVE: objectives[-1]}, step=0)
+    parent.finish()
+    return parent.run_id
+
+
+def test_rounds_log_case_tables_and_galleries(run, tmp_path):
+    cfg, result = run
+    client = MlflowClient(result.tracking_uri)
+    store = PseudoLabelStore.open(result.store_url, mode="r")
+    usable = np.flatnonzero(store.usable_mask())
+    paths = artifact_paths(client, result.run_id)
+    k = cfg.tracking.num_overlays
+    for r in range(cfg.rounds):
+        table = json.loads(
+            Path(client.download_artifacts(result.run_id, dashboard.CASE_TABLE.format(r=r), str(tmp_path))).read_text()
+        )
+        assert table["index"] == usable.tolist()
+        assert table["case_id"] == [store.case_ids[i] for i in usable]
+        assert sum(table["selected"]) == store.round_summary(r)["selected"] == int(store.selected(r).sum())
+        scores = store.read_round(r, usable)["scores"]
+        np.testing.assert_allclose(table["reliability"], scores["reliability"], atol=1e-5)
+        # Labelled phantoms in the pool carry hidden truth, unlabelled ones none: their Dice cells are null.
+        dice = [v for v in table["calibrated_dice"] if v is not None]
+        assert 0 < len(dice) < len(usable)
+        assert np.mean(dice) == pytest.approx(store.round_summary(r)["pseudo_dice_calibrated"], abs=1e-4)
+        assert all(0.0 <= v <= 1.0 for v in table["changed_fraction"])
+        for group in dashboard.GALLERY_GROUPS:
+            entries = table["gallery"][group]
+            assert len(entries) == k
+            assert {e["artifact"] for e in entries} <= paths
+        least = min(table["reliability"])
+        assert table["reliability"][table["case_id"].index(table["gallery"]["least_reliable"][0]["case_id"])] == least
+
+
+def test_finished_run_links_its_dashboard(run):
+    _, result = run
+    client = MlflowClient(result.tracking_uri)
+    source = client.get_run(result.run_id)
+    report_id = source.data.tags[dashboard.DASHBOARD_RUN_TAG]
+    assert f"runs/{report_id}/artifactPath/dashboard/index.html" in source.data.tags[dashboard.NOTE_TAG]
+    report = client.get_run(report_id)
+    assert report.data.tags[dashboard.KIND_TAG] == "dashboard"
+    assert report.data.tags[dashboard.SOURCES_TAG] == result.run_id
+    assert report.info.experiment_id == source.info.experiment_id and report.info.status == "FINISHED"
+    paths = artifact_paths(client, report_id)
+    assert "dashboard/index.html" in paths
+    assert {
+        "run0_quality",
+        "run0_selection",
+        "run0_reliability",
+        "run0_throughput",
+    } <= {Path(p).stem for p in paths if p.startswith("dashboard/figures/")}
+    assert result.dashboard == result.work_dir / "dashboard.html" and result.dashboard.exists()
+
+
+def test_dashboard_of_a_run_and_a_tune_search(run, tune_parent, tmp_path):
+    _, result = run
+    built = dashboard.build_dashboard(
+        result.tracking_uri,
+        run_ids=[result.run_id, tune_parent],
+        out=tmp_path / "d.html",
+    )
+    keys = [f.key for f in built.figures]
+    assert keys == [
+        "run0_quality",
+        "run0_selection",
+        "run0_reliability",
+        "run0_gallery_most_changed",
+        "run0_gallery_least_reliable",
+        "run0_throughput",
+        "tune0_objective",
+    ]
+    assert sorted(p.name for p in (tmp_path / "d_figures").iterdir()) == sorted(f"{k}.png" for k in keys)
+    page = built.html_path.read_text()
+    assert page.count("<img ") == len(keys)
+    # Self-contained: every src/href is inline data or an in-page anchor.
+    assert not re.findall(r"""(?:src|href)=["'](?!data:|#)""", page)
+    assert "<link" not in page and "<script src" not in page
+    # The table marks the trial the search chose, not the stopped trial with the higher partial objective.
+    best_row = re.search(r'<tr class="best">(.*?)</tr>', page).group(1)
+    assert f"trial_{CHOSEN}" in best_row and "0.78" in best_row and "1.5" in best_row
+    assert page.count('<tr class="best">') == 1 and "best objective 0.78" in page
+
+    # A whole experiment: the search and its trials, without the report runs of earlier builds.
+    tune_only = dashboard.build_dashboard(result.tracking_uri, experiment=TUNE_EXPERIMENT, out=tmp_path / "t.html")
+    assert [f.key for f in tune_only.figures] == ["tune0_objective"]
+    assert tune_only.source_run_ids == [tune_parent]
+    with pytest.raises(dashboard.DashboardError, match="not found"):
+        dashboard.build_dashboard(result.tracking_uri, experiment="no-such-experiment")
+
+
+def test_cli_builds_from_a_work_dir(run, tmp_path, capsys):
+    _, result = run
+    out = tmp_path / "cli.html"
+    assert main(["dashboard", "--work-dir", str(result.work_dir), "--out", str(out)]) == 0
+    assert "6 figures" in capsys.readouterr().out and out.exists()
+    assert main(["dashboard", "--work-dir", str(tmp_path)]) == 2
+    assert main(["dashboard", "--tracking-uri", result.tracking_uri, "--run-id", "0" * 32]) == 2
+
+
+def _chromium() -> str:
+    exe = shutil.which("chromium")
+    if exe is None:
+        if os.environ.get("CAUDO_REQUIRE_CHROMIUM") == "1":
+            pytest.fail("chromium is not installed but CAUDO_REQUIRE_CHROMIUM=1 (apt-get install chromium)")
+        pytest.skip("chromium is not installed (apt-get install -y --no-install-recommends chromium)")
+    return exe
+
+
+def _body_of(page: Path, profile: Path) -> dict[str, str]:
+    """The <body> attributes after the page loaded in headless Chromium (its status script writes them)."""
+    dom = subprocess.run(
+        [
+            _chromium(),
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            f"--user-data-dir={profile}",
+            "--virtual-time-budget=5000",
+            "--dump-dom",
+            page.resolve().as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
+    body = re.search(r"<body([^>]*)>", dom)
+    assert body, dom[:500]
+    return dict(re.findall(r'([\w-]+)="([^"]*)"', body.group(1)))
+
+
+def test_page_loads_in_headless_chromium(run, tmp_path):
+    _, result = run
+    figures = result.dashboard.read_text().count("<img ")
+    assert figures == 6
+    body = _body_of(result.dashboard, tmp_path / "profile")
+    assert body["data-status"] == "ok", body
+    assert body["data-figures"] == str(figures)
+
+    # The status script does check: a figure that cannot decode turns the page's status to error.
+    broken = tmp_path / "broken.html"
+    broken.write_text(
+        re.sub(
+            r"data:image/png;base64,[^\"']+",
+            "data:image/png;base64,AAAA",
+            result.dashboard.read_text(),
+            count=1,
+        )
+    )
+    body = _body_of(broken, tmp_path / "profile")
+    assert body["data-status"] == "error" and body["data-broken"] == "1"
+
+
+def test_dashboard_failure_is_only_a_warning(run, tmp_path, caplog):
+    _, result = run
+    assert dashboard.build_and_link(result.tracking_uri, "0" * 32, tmp_path / "x.html") is None
+    assert "could not be built" in caplog.text

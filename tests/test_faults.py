@@ -1,0 +1,297 @@
+"""Faults a long run survives: a calibration worker, the driver or the trainer killed; a corrupt store chunk.
+
+Each fault is injected for real (SIGKILL of an actor's or a command's process, flipped bytes in a chunk file) and
+the outcome compared with an uninterrupted run of the same config, bit for bit: training is seeded and DDIM
+calibration is deterministic on CPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import REPO_ROOT, tiny_config
+from mlflow import MlflowClient
+from test_cli import write_config
+from test_coordinator import FailingExecutor, _chunk_mtimes, assert_complete_run
+
+from caudo_ray import tracking
+from caudo_ray.config import load_config, save_config
+from caudo_ray.coordinator import Coordinator, TrainContext
+from caudo_ray.errors import StoreError
+from caudo_ray.method import training_checkpoint_path
+from caudo_ray.store import PseudoLabelStore
+from caudo_ray.workspace import Workspace, prepare_run
+
+pytestmark = pytest.mark.faults
+
+# One round on the phantoms; every fault test compares its outcome with this config's clean run.
+ONE_ROUND = {"rounds": 1, "tracking.num_overlays": 1}
+# Metrics that are results (perf/* are timings and differ between any two runs).
+RESULT_METRICS = [
+    tracking.PSEUDO_DICE_INITIAL,
+    tracking.PSEUDO_DICE_CALIBRATED,
+    tracking.SELECTED,
+    tracking.RELIABILITY_MEAN,
+    tracking.AGREEMENT_MEAN,
+    tracking.VAL_DICE,
+]
+
+
+@pytest.fixture(scope="module")
+def clean(tmp_path_factory):
+    """An uninterrupted one-round run in this process: the reference every fault is compared with."""
+    cfg = tiny_config(tmp_path_factory.mktemp("clean") / "run", **ONE_ROUND)
+    return cfg, Coordinator(cfg, progress=False).run()
+
+
+def assert_same_results(store: PseudoLabelStore, reference: PseudoLabelStore, rounds: int) -> None:
+    """Label maps and selections equal bit for bit; scores to float32 rounding.
+
+    A case labelled in a batch of other cases (a re-queued or recomputed batch, another ``runtime.batch_size``)
+    gets its scores from batched float32 reductions, which may differ from the reference in the last bit.
+    """
+    assert store.case_ids == reference.case_ids
+    for r in range(rounds):
+        a, b = store.read_round(r), reference.read_round(r)
+        np.testing.assert_array_equal(a["initial"], b["initial"])
+        np.testing.assert_array_equal(a["calibrated"], b["calibrated"])
+        for name, values in a["scores"].items():
+            np.testing.assert_allclose(
+                values,
+                b["scores"][name],
+                rtol=1e-5,
+                atol=1e-6,
+                err_msg=f"round {r} {name}",
+            )
+        np.testing.assert_array_equal(store.selected(r), reference.selected(r))
+
+
+def result_metrics(tracking_uri: str, run_id: str) -> dict[str, list[tuple[int, float]]]:
+    client = MlflowClient(tracking_uri=tracking_uri)
+    names = RESULT_METRICS + [k for k in client.get_run(run_id).data.metrics if k.startswith("final/")]
+    return {n: sorted((m.step, m.value) for m in client.get_metric_history(run_id, n)) for n in names}
+
+
+def done_files(store_url: str, r: int) -> int:
+    """Cases of round ``r`` written done so far, counted from the chunk files (cheap enough to poll)."""
+    folder = Path(store_url) / "rounds" / str(r) / "done" / "c"
+    return len(os.listdir(folder)) if folder.is_dir() else 0
+
+
+def flip_bytes(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+# ----------------------------------------------------------------------------------------------- 1. worker death
+
+
+def test_killed_calibration_worker_is_replaced_and_its_batches_requeued(ray_session, clean, tmp_path):
+    """SIGKILL one of two workers while it has batches in flight: the round completes, each case labelled once."""
+    from caudo_ray.actors import RayExecutor
+
+    class KillingExecutor(RayExecutor):
+        """Kills worker 0's process when the coordinator hands out the ``kill_at``-th batch of the round."""
+
+        kill_at = 4
+
+        def label(self, r, models, batches):
+            self.labelled = []
+            for stats in super().label(r, models, self._killing(batches)):
+                self.labelled.extend(stats.indices.tolist())
+                yield stats
+
+        def _killing(self, batches):
+            for n, indices in enumerate(batches):
+                if n == 0:  # the pool exists by now; ask before any batch queues up behind the call
+                    self.victim = ray_session.get(self._workers[0].pid.remote())
+                if n == self.kill_at:  # worker 0 has max_in_flight batches queued
+                    os.kill(self.victim, signal.SIGKILL)
+                yield indices
+
+    cfg_ray = {
+        "runtime.use_ray": True,
+        "runtime.cpus_per_worker": 1,
+        "runtime.trainer_cpus": 0,
+        "runtime.batch_size": 2,
+    }
+    cfg = tiny_config(tmp_path / "run", **ONE_ROUND, **cfg_ray)
+    executors = []
+    result = Coordinator(
+        cfg,
+        executor_factory=lambda ctx: executors.append(KillingExecutor(ctx)) or executors[-1],
+        progress=False,
+    ).run()
+
+    executor = executors[0]
+    store = assert_complete_run(cfg, result)
+    usable = np.flatnonzero(store.usable_mask())
+    assert sorted(executor.labelled) == usable.tolist()  # every case reported exactly once
+    assert executor.restarts >= 1  # batches of the dead worker were re-queued
+    assert_same_results(store, PseudoLabelStore.open(clean[1].store_url), cfg.rounds)
+
+
+# ----------------------------------------------------------------------------------------------- 2. driver death
+
+
+def test_killed_driver_resumes_without_recomputing_done_cases(clean, tmp_path):
+    """SIGKILL `caudo-ray run --no-ray` mid-round; the same command again resumes and ends where a clean run does.
+
+    ``--no-ray``: the resume path is the coordinator's and the same with either executor; a Ray driver would add a
+    local cluster start (10-25 s each on 2 loaded cores) to each of the two invocations without testing more of it.
+    """
+    config = write_config(tmp_path / "run.yaml", tmp_path / "run", **{"runtime.batch_size": 1})
+    cfg = load_config(config)
+    assert cfg.method_hash() == clean[0].method_hash()
+    command = [
+        str(REPO_ROOT / ".venv" / "bin" / "caudo-ray"),
+        "run",
+        "--no-ray",
+        "--quiet",
+        "--config",
+        str(config),
+    ]
+    store_url = Workspace.of(cfg).store_url
+
+    driver = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300  # generous: the start alone takes minutes when the cores are shared
+        while done_files(store_url, 0) < 3 and driver.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        os.kill(driver.pid, signal.SIGKILL)
+    finally:
+        driver.wait()
+    assert driver.returncode == -signal.SIGKILL  # killed, not finished
+
+    store = PseudoLabelStore.open(store_url)
+    usable = store.usable_mask()
+    done_before = np.flatnonzero(store.done(0) & usable)
+    assert 0 < len(done_before) < usable.sum() and store.committed_rounds() == []
+    mtimes = _chunk_mtimes(store_url, 0, done_before)
+
+    rerun = subprocess.run(command, check=False, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr
+    labelled, kept = map(
+        int,
+        re.search(r"round 0: labelling (\d+) cases, keeping (\d+) already done", rerun.stderr).groups(),
+    )
+    assert (labelled, kept) == (usable.sum() - len(done_before), len(done_before))
+    assert _chunk_mtimes(store_url, 0, done_before) == mtimes  # the kept cases were not rewritten
+
+    store = PseudoLabelStore.open(store_url)
+    assert store.committed_rounds() == [0]
+    assert_same_results(store, PseudoLabelStore.open(clean[1].store_url), cfg.rounds)
+    info = Workspace.of(cfg).read_run_info()
+    assert MlflowClient(tracking_uri=info["tracking_uri"]).get_run(info["run_id"]).info.status == "FINISHED"
+    assert result_metrics(info["tracking_uri"], info["run_id"]) == result_metrics(
+        clean[1].tracking_uri, clean[1].run_id
+    )
+    assert not (Path(cfg.work_dir) / "checkpoints").exists() or not any((Path(cfg.work_dir) / "checkpoints").iterdir())
+
+
+# ----------------------------------------------------------------------------------------------- 3. trainer death
+
+TRAIN = """
+import sys, torch
+torch.set_num_threads(1)
+from caudo_ray.config import load_config
+from caudo_ray.coordinator import TrainContext
+cfg = load_config(sys.argv[1])
+TrainContext(cfg, sys.argv[2], int(sys.argv[3])).train(0, None)
+"""
+
+
+def test_killed_trainer_resumes_from_its_last_checkpoint(tmp_path, caplog):
+    """SIGKILL a process training round 0 after a checkpoint: training resumes there and ends on the same weights."""
+    cfg = tiny_config(
+        tmp_path / "run",
+        **{
+            "segmenter.iterations": 60,
+            "calibrator.autoencoder_iterations": 30,
+            "calibrator.denoiser_iterations": 30,
+        },
+        **{"runtime.checkpoint_every": 5},
+    )
+    prepared = prepare_run(cfg, progress=False)
+    prepared.store.release_lock()
+    save_config(cfg, tmp_path / "train.yaml")
+    path = training_checkpoint_path(cfg, 0)
+    trainer = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            TRAIN,
+            str(tmp_path / "train.yaml"),
+            prepared.workspace.store_url,
+            str(prepared.num_classes),
+        ]
+    )
+    try:
+        deadline = time.monotonic() + 45
+        while not path.exists() and trainer.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        os.kill(trainer.pid, signal.SIGKILL)
+    finally:
+        trainer.wait()
+    assert trainer.returncode == -signal.SIGKILL
+    saved = torch.load(path, weights_only=True)  # a checkpoint is data: it loads without unpickling code
+    assert saved["iteration"] > 0
+
+    ctx = TrainContext(cfg, prepared.workspace.store_url, prepared.num_classes)
+    with caplog.at_level(logging.INFO, logger="caudo_ray"):
+        resumed = ctx.train(0, None)
+    assert f"{saved['phase']} iteration {saved['iteration']}" in caplog.text  # from the checkpoint, not from 0
+
+    path.unlink()
+    uninterrupted = ctx.train(0, None)
+    for name in ("segmenter", "calibrator"):
+        a, b = getattr(resumed, name), getattr(uninterrupted, name)
+        assert a.keys() == b.keys()
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=f"{name}.{key}")
+
+
+# ----------------------------------------------------------------------------------------------- 4. store integrity
+
+
+def test_corrupt_chunk_is_reported_with_its_case_and_recomputed_on_resume(clean, tmp_path, caplog):
+    cfg = tiny_config(tmp_path / "run", **ONE_ROUND, **{"runtime.batch_size": 4})
+    with pytest.raises(KeyboardInterrupt):
+        Coordinator(
+            cfg,
+            executor_factory=lambda ctx: FailingExecutor(ctx, fail_round=0, k=2),
+            progress=False,
+        ).run()
+    store = PseudoLabelStore.open(Workspace.of(cfg).store_url)
+    done_before = np.flatnonzero(store.done(0) & store.usable_mask())
+    victim = int(done_before[1])
+    case_id = store.case_ids[victim]
+    flip_bytes(Path(store.url) / "rounds" / "0" / "calibrated" / "c" / str(victim) / "0" / "0")
+
+    with pytest.raises(StoreError, match=f"case {re.escape(case_id)} "):
+        store.read_round(0, done_before)
+    assert store.verify(0) == [victim]
+
+    with caplog.at_level(logging.INFO, logger="caudo_ray"):
+        resumed = Coordinator(cfg, progress=False).run()
+    assert re.search(
+        rf"round 0: 1 stored cases are corrupt and will be recomputed: \['{re.escape(case_id)}'\]",
+        caplog.text,
+    )
+    assert resumed.recomputed == int(store.usable_mask().sum()) - len(done_before) + 1
+    assert_same_results(
+        PseudoLabelStore.open(resumed.store_url),
+        PseudoLabelStore.open(clean[1].store_url),
+        cfg.rounds,
+    )
