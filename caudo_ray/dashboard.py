@@ -41,11 +41,12 @@ from mlflow.environment_variables import MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR
 from mlflow.exceptions import MlflowException
 
 from caudo_ray import tracking
+from caudo_ray import tune as tune_names
 from caudo_ray.store import PseudoLabelStore
 
 log = logging.getLogger("caudo_ray")
 
-KIND_TAG = "caudo_ray.kind"  # "tune" on a Tune search's parent run, "dashboard" on a report run
+KIND_TAG = tune_names.TAG_KIND  # "tune" on a Tune search's parent run, "dashboard" on a report run
 PARENT_TAG = "mlflow.parentRunId"
 SOURCES_TAG = "caudo_ray.dashboard_sources"  # on a report run: the run ids it was built from
 DASHBOARD_RUN_TAG = "caudo_ray.dashboard_run_id"  # on a source run: its latest report run
@@ -56,16 +57,8 @@ GALLERY_DIR = "gallery/round_{r}"
 GALLERY_GROUPS = ("most_changed", "least_reliable")
 ARTIFACT_DIR = "dashboard"  # report run: dashboard/index.html, dashboard/figures/<key>.png
 
-# Tune trials (nested runs) log these; the parent logs the best objective (names as in caudo_ray/tune.py).
-TUNE_OBJECTIVE = "tune/objective"
-TUNE_BEST_OBJECTIVE = "tune/best_objective"
-TUNE_BEST_PREFIX = "best."  # parent params: the chosen trial's values, e.g. best.calibrator.guidance_strength
-TUNE_STOPPED_TAG = "caudo_ray.tune.stopped_early"  # trial tag, "true" when ASHA stopped it
-TUNE_PARAMS = {
-    "w": "calibrator.guidance_strength",
-    "s": "calibrator.calibration_strength",
-    "steps": "calibrator.inference_steps",
-}
+# What Tune searches log, by the names caudo_ray/tune.py writes them under.
+TUNE_PARAMS = {"w": tune_names.PARAM_GUIDANCE, "s": tune_names.PARAM_STRENGTH, "steps": tune_names.PARAM_STEPS}
 
 _READ_BLOCK = 64  # cases read from the store at a time when building the case table
 _DPI = 90
@@ -301,7 +294,7 @@ def collect(
     """The self-training runs and Tune searches to show, read from MLflow (artifacts go to ``scratch``)."""
     training, searches = [], []
     for run in _source_runs(client, run_ids, experiment):
-        if run.data.tags.get(KIND_TAG) == "tune":
+        if run.data.tags.get(KIND_TAG) == tune_names.KIND_TUNE:
             trials = _search_all(
                 client,
                 [run.info.experiment_id],
@@ -524,25 +517,25 @@ def _trial_value(run: Run, key: str) -> float | None:
 
 
 def _stopped_early(trial: Run) -> bool:
-    return trial.data.tags.get(TUNE_STOPPED_TAG) == "true"
+    return trial.data.tags.get(tune_names.TAG_STOPPED_EARLY) == "true"
 
 
 def _best_trial(search: TuneSearch) -> Run | None:
     """The trial the search chose (the parent's ``best.*`` params), else the highest final objective."""
-    chosen = {key: search.parent.data.params.get(TUNE_BEST_PREFIX + key) for key in TUNE_PARAMS.values()}
+    chosen = {key: search.parent.data.params.get(tune_names.BEST_PREFIX + key) for key in TUNE_PARAMS.values()}
     if all(v is not None for v in chosen.values()):
         for trial in search.trials:
             if all(_trial_value(trial, key) == float(v) for key, v in chosen.items()):
                 return trial
-    scored = [t for t in search.trials if TUNE_OBJECTIVE in t.data.metrics]
-    return max(scored, key=lambda t: t.data.metrics[TUNE_OBJECTIVE]) if scored else None
+    scored = [t for t in search.trials if tune_names.METRIC_OBJECTIVE in t.data.metrics]
+    return max(scored, key=lambda t: t.data.metrics[tune_names.METRIC_OBJECTIVE]) if scored else None
 
 
 def _tune_figure(search: TuneSearch) -> bytes | None:
     points = []
     for trial in search.trials:
         values = {name: _trial_value(trial, key) for name, key in TUNE_PARAMS.items()}
-        values["objective"] = trial.data.metrics.get(TUNE_OBJECTIVE)
+        values["objective"] = trial.data.metrics.get(tune_names.METRIC_OBJECTIVE)
         if all(values[k] is not None for k in ("objective", "w", "s")):
             points.append((trial, values))
     if not points:
@@ -572,10 +565,10 @@ def _tune_figure(search: TuneSearch) -> bytes | None:
                     marker=marker,
                     label=legend,
                 )
-        if best is not None and TUNE_OBJECTIVE in best.data.metrics:
+        if best is not None and tune_names.METRIC_OBJECTIVE in best.data.metrics:
             ax.scatter(
                 [_trial_value(best, TUNE_PARAMS[name])],
-                [best.data.metrics[TUNE_OBJECTIVE]],
+                [best.data.metrics[tune_names.METRIC_OBJECTIVE]],
                 marker="*",
                 s=260,
                 facecolors="none",
@@ -583,7 +576,7 @@ def _tune_figure(search: TuneSearch) -> bytes | None:
                 label="chosen",
             )
         fig.colorbar(sc, ax=ax, label=colour_by)
-        ax.set(title=f"objective vs {name}", xlabel=label, ylabel=TUNE_OBJECTIVE)
+        ax.set(title=f"objective vs {name}", xlabel=label, ylabel=tune_names.METRIC_OBJECTIVE)
         ax.legend(fontsize=7)
     return _png(fig)
 
@@ -662,13 +655,13 @@ def _round_table(tr: TrainingRun) -> str:
 
 
 def _tune_table(search: TuneSearch) -> str:
-    trials = sorted(search.trials, key=lambda t: -t.data.metrics.get(TUNE_OBJECTIVE, -math.inf))
+    trials = sorted(search.trials, key=lambda t: -t.data.metrics.get(tune_names.METRIC_OBJECTIVE, -math.inf))
     if not trials:
         return "<p class='meta'>no trials logged</p>"
     best = _best_trial(search)
     head = (
         "".join(f"<th>{name}</th>" for name in TUNE_PARAMS)
-        + f"<th>{TUNE_OBJECTIVE}</th><th>stopped early</th><th>status</th>"
+        + f"<th>{tune_names.METRIC_OBJECTIVE}</th><th>stopped early</th><th>status</th>"
     )
     rows = []
     for t in trials:
@@ -676,7 +669,7 @@ def _tune_table(search: TuneSearch) -> str:
         mark = ' class="best"' if t is best else ""
         rows.append(
             f"<tr{mark}><td class='text'>{html.escape(t.info.run_name or t.info.run_id)}</td>{cells}"
-            f"<td>{_fmt(t.data.metrics.get(TUNE_OBJECTIVE))}</td><td>{'yes' if _stopped_early(t) else ''}</td>"
+            f"<td>{_fmt(t.data.metrics.get(tune_names.METRIC_OBJECTIVE))}</td><td>{'yes' if _stopped_early(t) else ''}</td>"
             f"<td class='text'>{html.escape(t.info.status)}</td></tr>"
         )
     return f"<table><tr><th class='text'>trial</th>{head}</tr>{''.join(rows)}</table>"
@@ -743,7 +736,7 @@ def _render(training: list[TrainingRun], searches: list[TuneSearch]) -> tuple[li
         sections.append("\n".join(p for p in parts if p))
 
     for n, search in enumerate(searches):
-        best = search.parent.data.metrics.get(TUNE_BEST_OBJECTIVE)
+        best = search.parent.data.metrics.get(tune_names.METRIC_BEST)
         parts = [
             f"<h2>Tune search {html.escape(search.parent.info.run_name or search.parent.info.run_id)}</h2>",
             f"<p class='meta'>run id {search.parent.info.run_id} &middot; {len(search.trials)} trials"

@@ -16,6 +16,7 @@ from mlflow import MlflowClient
 from test_coordinator import artifact_paths
 
 from caudo_ray import dashboard, tracking
+from caudo_ray import tune as tune_names
 from caudo_ray.cli import main
 from caudo_ray.coordinator import Coordinator
 from caudo_ray.store import PseudoLabelStore
@@ -43,7 +44,7 @@ def tune_parent(run) -> str:
     """A Tune-shaped search logged by hand into the run's store: a parent tagged as a search, nested trials."""
     _, result = run
     uri = result.tracking_uri
-    parent = tracking.Tracker(uri, TUNE_EXPERIMENT, run_name="search", tags={dashboard.KIND_TAG: "tune"})
+    parent = tracking.Tracker(uri, TUNE_EXPERIMENT, run_name="search", tags={tune_names.TAG_KIND: tune_names.KIND_TUNE})
     for n, (w, s, steps, objectives) in enumerate(TRIALS):
         trial = tracking.Tracker(uri, TUNE_EXPERIMENT, run_name=f"trial_{n}", parent_run_id=parent.run_id)
         params = {
@@ -53,12 +54,12 @@ def tune_parent(run) -> str:
         }
         trial.log_params({"calibrator": params})
         for step, value in enumerate(objectives):
-            trial.log_metrics({dashboard.TUNE_OBJECTIVE: value}, step=step)
-        trial.set_tags({dashboard.TUNE_STOPPED_TAG: str(len(objectives) < 2).lower()})
+            trial.log_metrics({tune_names.METRIC_OBJECTIVE: value}, step=step)
+        trial.set_tags({tune_names.TAG_STOPPED_EARLY: str(len(objectives) < 2).lower()})
         trial.finish()
         if n == CHOSEN:
             parent.log_params({"best": {"calibrator": params}})
-            parent.log_metrics({dashboard.TUNE_BEST_OBJECTIVE: objectives[-1]}, step=0)
+            parent.log_metrics({tune_names.METRIC_BEST: objectives[-1]}, step=0)
     parent.finish()
     return parent.run_id
 
