@@ -201,6 +201,7 @@ class Coordinator:
         cfg, ws, store = self.cfg, prepared.workspace, prepared.store
         models = _load_or_train(ws.model_path(r), lambda: executor.train(r, previous), training_checkpoint_path(cfg, r))
         if store.is_committed(r):
+            result.recomputed += repair_round(cfg, store, executor, r, models)
             result.rounds.append(store.round_summary(r))
             return models
         perf, labelled = stream_round(cfg, store, executor, r, models, self.progress)
@@ -246,12 +247,7 @@ def stream_round(cfg: RunConfig, owner, executor: Executor, r: int, models: Roun
             "model_version": models.version,
         },
     )
-    # Resume: cases an earlier invocation finished are kept, but only once their chunks read back intact.
-    corrupt = owner.verify(r)
-    if corrupt:
-        ids = owner.case_ids
-        log.warning("round %d: %d stored cases are corrupt and will be recomputed: %s", r, len(corrupt), [ids[i] for i in corrupt])
-        owner.invalidate(r, corrupt)
+    _drop_corrupt(owner, r)
     todo = owner.missing(r)
     log.info("round %d: labelling %d cases, keeping %d already done", r, len(todo), int(owner.usable_mask().sum()) - len(todo))
     t0 = time.perf_counter()
@@ -271,6 +267,30 @@ def stream_round(cfg: RunConfig, owner, executor: Executor, r: int, models: Roun
         "store_write_s_per_case": sums["store_s"] / n,
     }
     return perf, len(todo)
+
+
+def repair_round(cfg: RunConfig, owner, executor: Executor, r: int, models: RoundModels) -> int:
+    """Recompute the cases of committed round ``r`` whose chunks are corrupt; returns how many were relabelled.
+
+    The round's saved models label them again, which gives the same labels, so the committed selection and
+    summary stay valid. Cases an interrupted repair left not done are picked up the same way.
+    """
+    _drop_corrupt(owner, r)
+    todo = owner.missing(r)
+    if todo.size:  # a Ray executor would start its worker pool even for nothing
+        log.info("round %d (committed): relabelling %d cases", r, todo.size)
+        for _ in executor.label(r, models, batches_of(todo, cfg.runtime.batch_size)):
+            pass
+    return int(todo.size)
+
+
+def _drop_corrupt(owner, r: int) -> None:
+    """Resume keeps the cases an earlier invocation finished only once their chunks read back intact."""
+    corrupt = owner.verify(r)
+    if corrupt:
+        ids = owner.case_ids
+        log.warning("round %d: %d stored cases are corrupt and will be recomputed: %s", r, len(corrupt), [ids[i] for i in corrupt])
+        owner.invalidate(r, corrupt)
 
 
 def _load_or_train(path: Path, train, checkpoint: Path) -> RoundModels:

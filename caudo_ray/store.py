@@ -684,7 +684,8 @@ class PseudoLabelStore:
         self._check_writable()
         arrays = self._arrays(r)
         idx = self._indices(indices, f"round {r} results")
-        if self.is_committed(r):
+        # A committed round takes writes only for cases it lost (see invalidate): results never change once done.
+        if self.is_committed(r) and self.done(r)[idx].any():
             raise StoreError(f"{self._url}: round {r} is committed; its results can no longer change")
         initial = np.asarray(initial)
         calibrated = np.asarray(calibrated)
@@ -848,12 +849,12 @@ class PseudoLabelStore:
         """Marks the given cases of round ``r`` not done, so they are recomputed, and drops their result chunks.
 
         Dropping the chunks lets a corrupt chunk be rewritten: zarr reads a chunk back before a scattered write.
+        A committed round keeps its selection and summary: recomputing a case with the round's saved models gives
+        the same labels (labelling is deterministic), so they stay true.
         """
         self._check_writable()
         arrays = self._arrays(r)
         idx = np.unique(self._indices(indices, f"round {r} invalidate"))
-        if self.is_committed(r) and idx.size:
-            raise StoreError(f"{self._url}: round {r} is committed; its cases can no longer be invalidated")
         _write_rows(arrays["done"], idx, np.zeros(idx.size, dtype=bool))
         for name in (*_LABEL_ARRAYS, "scores"):
             arr = arrays[name]

@@ -295,3 +295,21 @@ def test_corrupt_chunk_is_reported_with_its_case_and_recomputed_on_resume(clean,
         PseudoLabelStore.open(clean[1].store_url),
         cfg.rounds,
     )
+
+
+def test_corrupt_chunk_of_a_committed_round_is_recomputed_on_rerun(clean, tmp_path, caplog):
+    cfg = tiny_config(tmp_path / "run", **ONE_ROUND)
+    finished = Coordinator(cfg, progress=False).run()
+    store = PseudoLabelStore.open(finished.store_url)
+    assert store.is_committed(0)
+    victim = int(np.flatnonzero(store.selected(0))[0])  # a selected case: the final segmenter trained on it
+    case_id = store.case_ids[victim]
+    flip_bytes(Path(store.url) / "rounds" / "0" / "initial" / "c" / str(victim) / "0" / "0")
+
+    with caplog.at_level(logging.INFO, logger="caudo_ray"):
+        rerun = Coordinator(cfg, progress=False).run()
+    assert re.search(rf"round 0: 1 stored cases are corrupt and will be recomputed: \['{re.escape(case_id)}'\]", caplog.text)
+    assert rerun.recomputed == 1
+    repaired = PseudoLabelStore.open(rerun.store_url)
+    assert repaired.is_committed(0) and repaired.verify(0) == []
+    assert_same_results(repaired, PseudoLabelStore.open(clean[1].store_url), cfg.rounds)
