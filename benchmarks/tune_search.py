@@ -49,10 +49,9 @@ PROFILES: dict[str, dict[str, Any]] = {
         "segmenter.iterations": 120,
         "calibrator.autoencoder_iterations": 60,
         "calibrator.denoiser_iterations": 150,
-        # Wide on purpose: at this budget the calibrator moves few labels, and only strong settings move them.
-        "tune.guidance_strength": {"grid": [0.0, 1.5, 4.0, 8.0]},
-        "tune.calibration_strength": {"grid": [0.3, 0.8]},
-        "tune.inference_steps": {"grid": [10]},
+        "tune.guidance_strength": {"grid": [0.0, 1.0, 2.0, 4.0]},
+        "tune.calibration_strength": {"grid": [0.6, 1.0]},
+        "tune.inference_steps": {"grid": [6]},
         "tune.eval_cases": 64,
     },
     "full": {
@@ -60,9 +59,9 @@ PROFILES: dict[str, dict[str, Any]] = {
         "segmenter.iterations": 1000,
         "calibrator.autoencoder_iterations": 300,
         "calibrator.denoiser_iterations": 1200,
-        "tune.guidance_strength": {"grid": [0.0, 0.5, 1.0, 2.0, 3.0, 4.0]},
-        "tune.calibration_strength": {"grid": [0.2, 0.4, 0.6, 0.8]},
-        "tune.inference_steps": {"grid": [10]},
+        "tune.guidance_strength": {"grid": [0.0, 1.0, 2.0, 3.0, 4.0, 6.0]},
+        "tune.calibration_strength": {"grid": [0.4, 0.6, 0.8, 1.0]},
+        "tune.inference_steps": {"grid": [6]},
         "tune.eval_cases": 256,
     },
 }

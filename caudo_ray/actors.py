@@ -26,9 +26,10 @@ import torch
 
 from caudo_ray import pipeline
 from caudo_ray.config import RunConfig
-from caudo_ray.coordinator import TrainContext
+from caudo_ray.coordinator import TrainContext, attach_file_log
 from caudo_ray.method import LabelingEngine, RoundModels, resolve_device
 from caudo_ray.store import PseudoLabelStore
+from caudo_ray.workspace import Workspace
 
 log = logging.getLogger("caudo_ray")
 
@@ -96,6 +97,9 @@ def train_data_parallel(ctx: TrainContext, r: int, previous: RoundModels | None,
         run_config=ray.train.RunConfig(
             name=f"round_{r}" if with_calibrator else "final",
             storage_path=str(Path(ctx.cfg.work_dir).resolve() / "ray_train"),
+            # A dead worker restarts the group; the round then trains again from its start (no mid-round
+            # checkpoints across ranks).
+            failure_config=ray.train.FailureConfig(max_failures=2),
         ),
     )
     result = trainer.fit()
@@ -134,14 +138,26 @@ class OwnedStore:
 
 @ray.remote
 class SegmenterTrainer:
-    """Trains each round's segmenter and calibrator where the trainer's resources are."""
+    """Trains each round's segmenter and calibrator where the trainer's resources are.
+
+    Started with restarts and task retries: when its process dies, Ray starts a new one and calls ``train``
+    again, which resumes from the round's training checkpoint in the work dir (``TrainContext.train``).
+    """
 
     def __init__(self, ctx: TrainContext, threads: int):
         torch.set_num_threads(threads)
         self.ctx = ctx
+        # The trainer's own lines (a resume from a checkpoint, above all) belong in the run's log, where the work
+        # dir is on this node's file system.
+        log_path = Workspace.of(ctx.cfg).log_path
+        if log_path.parent.is_dir():
+            attach_file_log(log_path)
 
     def train(self, r: int, previous: RoundModels | None, with_calibrator: bool = True) -> RoundModels:
         return self.ctx.train(r, previous, with_calibrator=with_calibrator)
+
+    def pid(self) -> int:
+        return os.getpid()
 
 
 @ray.remote
@@ -182,13 +198,16 @@ class RayExecutor:
     Args:
         ctx: the trainer's context (config, store location, validation cases).
         max_batch_retries: how often one batch may be re-queued after worker deaths before the run fails.
+        max_trainer_restarts: how often the trainer's process may die (and a round's training resume from its
+            checkpoint) before the run fails.
         engine_factory: what each :class:`CalibrationWorker` labels with (default: :class:`LabelingEngine`).
     """
 
-    def __init__(self, ctx: TrainContext, *, max_batch_retries: int = 3, engine_factory=LabelingEngine):
+    def __init__(self, ctx: TrainContext, *, max_batch_retries: int = 3, max_trainer_restarts: int = 3, engine_factory=LabelingEngine):
         init_ray(ctx.cfg)
         self.ctx = ctx
         self.max_batch_retries = max_batch_retries
+        self.max_trainer_restarts = max_trainer_restarts
         self.engine_factory = engine_factory
         self.restarts = 0
         rt = ctx.cfg.runtime
@@ -211,15 +230,22 @@ class RayExecutor:
         if rt.num_train_workers > 1:
             self._release_workers()  # Ray Train's workers need the resources the pool holds
             return train_data_parallel(self.ctx, r, previous, with_calibrator)
-        if self._trainer is None:
-            self._trainer = SegmenterTrainer.options(num_cpus=rt.trainer_cpus, num_gpus=rt.trainer_gpus).remote(
-                self.ctx, max(1, int(rt.trainer_cpus))
-            )
+        self._start_trainer()
         try:
             return ray.get(self._trainer.train.remote(r, previous, with_calibrator))
         finally:
             if not self.keep_alive:
                 self._release_trainer()
+
+    def _start_trainer(self) -> None:
+        if self._trainer is None:
+            rt = self.ctx.cfg.runtime
+            self._trainer = SegmenterTrainer.options(
+                num_cpus=rt.trainer_cpus,
+                num_gpus=rt.trainer_gpus,
+                max_restarts=self.max_trainer_restarts,
+                max_task_retries=self.max_trainer_restarts,
+            ).remote(self.ctx, max(1, int(rt.trainer_cpus)))
 
     def label(self, r: int, models: RoundModels, batches: Iterable[np.ndarray]) -> Iterator[pipeline.BatchStats]:
         rt = self.ctx.cfg.runtime

@@ -167,7 +167,7 @@ class Coordinator:
         skipped_log: list[tuple[str, str]] = []
         # Logged to the work dir from the start, so files skipped while the pool loads are in run.log too.
         Workspace.of(cfg).root.mkdir(parents=True, exist_ok=True)
-        _attach_file_log(Workspace.of(cfg).log_path)
+        attach_file_log(Workspace.of(cfg).log_path)
         prepared = prepare_run(cfg, progress=self.progress, on_skip=lambda s, r: skipped_log.append((s, r)))
         ws, store = prepared.workspace, prepared.store
         tracker = _open_tracker(cfg, prepared)
@@ -372,7 +372,8 @@ def _log_overlays(tracker: tracking.Tracker, store: PseudoLabelStore, r: int, k:
         tracker.log_image(panel, f"overlays/round_{r}/{store.case_ids[int(i)]}.png")
 
 
-def _attach_file_log(path: Path) -> None:
+def attach_file_log(path: Path) -> None:
+    """Send the ``caudo_ray`` logger's lines of this process to ``path`` too (once per path)."""
     root = logging.getLogger("caudo_ray")
     if not any(isinstance(h, logging.FileHandler) and Path(h.baseFilename) == path.resolve() for h in root.handlers):
         handler = logging.FileHandler(path)

@@ -33,6 +33,7 @@ import numpy as np
 
 from caudo_ray import tracking
 from caudo_ray.config import ConfigError, RunConfig, TuneConfig
+from caudo_ray.errors import DataError
 
 log = logging.getLogger("caudo_ray")
 
@@ -387,13 +388,21 @@ class TuneResult:
 
 
 def _eval_set(prepared, objective: str, tcfg: TuneConfig) -> EvalSet:
-    """The validation split's first ``eval_cases`` cases, or a seeded sample of the usable pool for the proxy."""
-    from caudo_ray.workspace import load_labelled
+    """The validation split's first ``eval_cases`` readable cases, or a seeded sample of the usable pool for the proxy."""
+    from caudo_ray.workspace import load_case
 
     if objective == OBJECTIVE_VAL_DICE:
-        ids = list(prepared.split.val[: tcfg.eval_cases])
-        images, labels = load_labelled(prepared, ids)
-        return EvalSet(images, labels, ids, "validation")
+        refs = {r.case_id: r for r in prepared.index.labelled}
+        ids, cases = [], []
+        for case_id in prepared.split.val:
+            if len(cases) == tcfg.eval_cases:
+                break
+            try:
+                cases.append(load_case(refs[case_id], prepared.cfg, prepared.num_classes))
+            except DataError:
+                continue  # reported and skipped where run_tune loads the validation split
+            ids.append(case_id)
+        return EvalSet(np.stack([c.image for c in cases]), np.stack([c.mask for c in cases]), ids, "validation")
     store = prepared.store
     usable = np.flatnonzero(store.usable_mask())
     if not len(usable):
@@ -454,7 +463,7 @@ def run_tune(cfg: RunConfig, *, progress: bool = True) -> TuneResult:
     prepared = prepare_run(cfg, progress=progress)
     try:
         ws = prepared.workspace
-        val_images, val_labels = load_labelled(prepared, prepared.split.val)
+        val_images, val_labels = load_labelled(prepared, prepared.split.val, skip_bad=True)
         objective = resolve_objective(tcfg.objective, len(val_images))
         ev = _eval_set(prepared, objective, tcfg)
         full_steps = num_steps(len(ev.images), tcfg.eval_batch_size, tcfg.max_t)
@@ -491,7 +500,7 @@ def run_tune(cfg: RunConfig, *, progress: bool = True) -> TuneResult:
         tuner = tune.Tuner(
             tune.with_resources(
                 tune.with_parameters(_trial, shared=shared),
-                {"cpu": tcfg.cpus_per_trial},
+                {"cpu": tcfg.cpus_per_trial, **({"gpu": tcfg.gpus_per_trial} if tcfg.gpus_per_trial else {})},
             ),
             param_space=_tune_space(space),
             tune_config=tune.TuneConfig(

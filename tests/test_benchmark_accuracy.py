@@ -10,8 +10,8 @@ import pytest
 from conftest import HC18, REPO_ROOT
 
 
-def _load_benchmark():
-    spec = importlib.util.spec_from_file_location("accuracy_benchmark", REPO_ROOT / "benchmarks" / "accuracy.py")
+def _load_benchmark(name: str = "accuracy"):
+    spec = importlib.util.spec_from_file_location(f"{name}_benchmark", REPO_ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -46,6 +46,19 @@ def test_fast_smoke_on_hc18_writes_every_field(tmp_path):
     assert isinstance(report["reliability_spearman"], float) or math.isnan(report["reliability_spearman"])
     # The subset is made of whole exam groups, so the split stays group-wise: no exam on both sides.
     assert report["split"]["test"] >= 1 and report["split"]["val"] >= 1
+
+    # The ablations run on the caudo run's work dir: three calibrator variants on round 1's labels, and the
+    # reliability factors of every round.
+    ablations = _load_benchmark("ablations").main(
+        ["--run-dir", str(tmp_path / "work" / report["exemplars"][0] / "caudo"), "--round", "1", "--cases", "4",
+         "--finetune", "2", "--threads", "1", "--out", str(tmp_path / "ablations.json")]
+    )
+    assert [row["variant"] for row in ablations["calibrator_variants"]] == [
+        "round-0 calibrator", "fine-tuned on exemplar views", "fine-tuned with pseudo pairs"
+    ]
+    assert all(0.0 <= row["dice"] <= 1.0 for row in ablations["calibrator_variants"])
+    assert [row["round"] for row in ablations["reliability"]] == list(range(rounds))
+    assert json.loads((tmp_path / "ablations.json").read_text())["cases"] == ablations["cases"] > 0
 
 
 def test_refuses_a_work_dir_it_did_not_make(tmp_path):

@@ -21,6 +21,11 @@ def test_cloud_cluster_config_is_valid():
     assert any("pip install" in c and "-e ." in c for c in config["setup_commands"])
     # The dashboard stays on the head's loopback.
     assert all("--dashboard-host=127.0.0.1" in c for c in config["head_start_ray_commands"] if "ray start" in c)
+    # Token authentication on every node (Ray 2.60 enables it by itself only for local clusters), all with the
+    # same token file.
+    starts = [c for key in ("head_start_ray_commands", "worker_start_ray_commands") for c in config[key] if "ray start" in c]
+    assert len(starts) == 2 and all(c.startswith("RAY_AUTH_MODE=token ") for c in starts)
+    assert any(target.endswith("/.ray/auth_token") for target in config["file_mounts"])
 
 
 def test_on_prem_variant_is_valid():

@@ -107,7 +107,7 @@ def test_local_loop_logs_the_mlflow_run(local_run):
     work = Path(cfg.work_dir)
     assert first.tracking_uri == tracking.default_tracking_uri(work) and (work / "mlflow.db").is_file()
     client, run = assert_mlflow_run(cfg, first)
-    assert run.data.params["rounds"] == "2" and run.data.params["calibrator.guidance_strength"] == "1.5"
+    assert run.data.params["rounds"] == "2" and run.data.params["calibrator.guidance_strength"] == str(cfg.calibrator.guidance_strength)
     selected = {m.step: m.value for m in client.get_metric_history(first.run_id, tracking.SELECTED)}
     assert selected == {s["round"]: s["selected"] for s in first.rounds}
     # Artifacts live in the work dir, next to the sqlite store.

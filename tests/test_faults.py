@@ -13,6 +13,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -260,6 +261,53 @@ def test_killed_trainer_resumes_from_its_last_checkpoint(tmp_path, caplog):
         assert a.keys() == b.keys()
         for key in a:
             torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=f"{name}.{key}")
+
+
+def test_killed_trainer_actor_is_restarted_and_resumes_its_round(ray_session, tmp_path):
+    """SIGKILL the Ray trainer actor after its first checkpoint: Ray restarts it, training resumes, the run ends
+    with the same labels and selection as an uninterrupted run."""
+    from caudo_ray.actors import RayExecutor
+
+    overrides = {
+        **ONE_ROUND,
+        "segmenter.iterations": 60,
+        "calibrator.autoencoder_iterations": 30,
+        "calibrator.denoiser_iterations": 30,
+        "runtime.checkpoint_every": 5,
+    }
+
+    class KillingExecutor(RayExecutor):
+        """Kills the trainer's process once round 0's first training checkpoint is on disk."""
+
+        def train(self, r, previous, *, with_calibrator=True):
+            self._start_trainer()
+            if r == 0:
+                victim = ray_session.get(self._trainer.pid.remote())
+                path = training_checkpoint_path(self.ctx.cfg, 0)
+
+                def kill_after_checkpoint():
+                    deadline = time.monotonic() + 120
+                    while not path.exists() and time.monotonic() < deadline:
+                        time.sleep(0.01)
+                    self.killed_at = torch.load(path, weights_only=True)["iteration"] if path.exists() else None
+                    os.kill(victim, signal.SIGKILL)
+
+                self.killer = threading.Thread(target=kill_after_checkpoint)
+                self.killer.start()
+            return super().train(r, previous, with_calibrator=with_calibrator)
+
+    cfg = tiny_config(tmp_path / "run", **overrides, **{"runtime.use_ray": True, "runtime.trainer_cpus": 1, "runtime.cpus_per_worker": 1})
+    executors = []
+    result = Coordinator(cfg, executor_factory=lambda ctx: executors.append(KillingExecutor(ctx)) or executors[-1], progress=False).run()
+    executors[0].killer.join()
+    assert executors[0].killed_at  # killed mid-training, after a checkpoint
+    store = assert_complete_run(cfg, result)
+    # The restarted trainer said in the run's log where it resumed: not from iteration 0.
+    resumed = re.findall(r"resuming training from \S+: (\w+) iteration (\d+)", (Path(cfg.work_dir) / "run.log").read_text())
+    assert resumed and int(resumed[0][1]) > 0, resumed
+
+    reference = Coordinator(tiny_config(tmp_path / "clean", **overrides), progress=False).run()
+    assert_same_results(store, PseudoLabelStore.open(reference.store_url), cfg.rounds)
 
 
 # ----------------------------------------------------------------------------------------------- 4. store integrity

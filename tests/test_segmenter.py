@@ -1,6 +1,7 @@
 """Segmenter: shapes, the feature hook, augmentation, weighted and resumable training, on tiny ellipse images."""
 
 import copy
+import dataclasses
 
 import numpy as np
 import pytest
@@ -109,9 +110,15 @@ def test_augment_views_deterministic_in_range_and_scale_covering():
     assert a_lab.shape == (64, SIZE, SIZE) and a_lab.dtype == np.uint8
     assert a_img.min() >= 0.0 and a_img.max() <= 1.0
     assert set(np.unique(a_lab)) <= {0, 1, 2}
-    # Zoom over scale_range (0.5, 1.6) scales the area by 0.25..2.56: both much smaller and larger targets.
-    ratio = (a_lab > 0).reshape(64, -1).sum(1) / (label > 0).sum()
-    assert ratio.min() < 0.5 and ratio.max() > 1.5
+    # Zoom follows target_area_range (0.05, 0.8): the target covers from ~5% of the frame to most of it, whatever
+    # its size in the exemplar (here 11%).
+    share = (a_lab > 0).reshape(64, -1).mean(1)
+    assert share.min() < 0.08 and share.max() > 0.4
+    # Without it, zoom over scale_range (0.5, 1.6) scales the area by 0.25..2.56.
+    plain = dataclasses.replace(CFG, target_area_range=None)
+    _, p_lab = augment_views(images, labels, 64, cfg=plain, rng_seed=7)
+    ratio = (p_lab > 0).reshape(64, -1).sum(1) / (label > 0).sum()
+    assert ratio.min() < 0.5 and ratio.max() > 1.5 and ratio.max() < 3.0
     # Image and label stay aligned: the bright target is under the label.
     inside = [img[lab > 0].mean() - img[lab == 0].mean() for img, lab in zip(a_img, a_lab) if lab.any()]
     assert np.median(inside) > 0.2

@@ -53,12 +53,19 @@ def test_identical_maps_agree_and_corruption_lowers_reliability():
     assert same["area"][0] == pytest.approx(truth.mean())
     assert 0.0 <= same["reliability"][0] <= 1.0
 
+    assert same["consistency"][0] == 1.0  # no flipped map given
+    assert reliability_scores(p, p, p)["consistency"][0] == pytest.approx(1.0)
+
     shifted = soft(ellipse(20, 19, 8, 6), 0.5)[None]
     blurry = soft(truth, 4.0)[None]
     fragmented = soft(truth | ellipse(4, 4, 2.5, 2.5), 0.5)[None]
     for corrupted in (shifted, blurry, fragmented):
-        assert reliability_scores(p, corrupted)["reliability"][0] < same["reliability"][0]
+        # The segmenter gives its initial label again on the flipped image; the corrupted one is doubtful.
+        assert reliability_scores(p, corrupted, p)["reliability"][0] < reliability_scores(p, p, p)["reliability"][0]
     assert reliability_scores(p, shifted)["agreement"][0] < 1.0
+    # A segmenter that answers differently on the flipped image makes even an unmoved label doubtful.
+    unstable = reliability_scores(p, p, shifted)
+    assert unstable["consistency"][0] < 0.9 and unstable["reliability"][0] < same["reliability"][0]
     assert reliability_scores(p, blurry)["confidence"][0] < same["confidence"][0]
     assert reliability_scores(p, fragmented)["compactness"][0] < same["compactness"][0]
     # The segmenter's own uncertainty counts too: a blurry initial label with a sharp calibrated one is doubtful.
@@ -99,7 +106,7 @@ def test_shape_mismatch_is_a_data_error():
 def test_reliability_ranks_true_dice_on_corrupted_ellipses():
     rng = np.random.default_rng(0)
     n = 60
-    initial, calibrated, truth = [], [], []
+    initial, calibrated, flipped, truth = [], [], [], []
     for i in range(n):
         severity = i / (n - 1)
         params = (rng.uniform(13, 19), rng.uniform(13, 19), rng.uniform(5, 9), rng.uniform(5, 9))
@@ -108,8 +115,9 @@ def test_reliability_ranks_true_dice_on_corrupted_ellipses():
         # disagree more, and are blurrier, when both are further from the truth.
         calibrated.append(soft(corrupt(rng, params, severity), 0.5 + 2.5 * severity * rng.uniform(0.5, 1.5)))
         initial.append(soft(corrupt(rng, params, severity), 0.5 + 2.5 * severity * rng.uniform(0.5, 1.5)))
+        flipped.append(soft(corrupt(rng, params, severity), 0.5 + 2.5 * severity * rng.uniform(0.5, 1.5)))
     calibrated = np.stack(calibrated)
-    scores = reliability_scores(np.stack(initial), calibrated)
+    scores = reliability_scores(np.stack(initial), calibrated, np.stack(flipped))
     true_dice = dice_per_case(calibrated.argmax(1).astype(np.uint8), np.stack(truth).astype(np.uint8), 2)
     rho = spearman(scores["reliability"], true_dice)
     assert rho > 0.7, f"Spearman(reliability, true Dice) = {rho:.3f}"

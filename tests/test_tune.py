@@ -202,6 +202,28 @@ def test_tiny_search_logs_nested_runs_and_picks_the_best(tmp_path, ray_session):
         assert math.isfinite(child.data.metrics[T.METRIC_POOL_DICE])
 
 
+@pytest.mark.slow
+def test_asha_stops_a_bad_setting_early(tmp_path, ray_session):
+    """Trials one at a time: the second, with a guidance strength that wrecks every label, is stopped at the
+    first rung (its objective is below the first trial's there), so it reports fewer steps than a full trial."""
+    cfg = _search_cfg(
+        tmp_path,
+        **{
+            "tune.guidance_strength": {"grid": [0.0, 200.0]},
+            "tune.max_concurrent_trials": 1,
+            "tune.grace_period": 1,
+            "tune.reduction_factor": 2.0,
+        },
+    )
+    result = T.run_tune(cfg, progress=False)
+    steps = {t.params[T.PARAM_GUIDANCE]: t.steps for t in result.trials}
+    objective = {t.params[T.PARAM_GUIDANCE]: t.metrics["objective"] for t in result.trials}
+    assert result.full_steps == 3
+    assert steps[0.0] == result.full_steps
+    assert steps[200.0] < result.full_steps, (steps, objective)  # stopped early by ASHA
+    assert result.best.params[T.PARAM_GUIDANCE] == 0.0
+
+
 def test_cli_tune_takes_the_run_options(tmp_path):
     from caudo_ray import cli
 

@@ -146,8 +146,8 @@ def index_dataset(root: str | Path, group_column: str | None = "group", nifti_ax
         nifti_axis: axis along which 3D NIfTI volumes are cut into slices.
 
     Raises:
-        DataError: missing ``images/`` folder, unsafe file names, duplicate case ids, an unreadable meta.csv,
-            or an unreadable NIfTI header.
+        DataError: missing ``images/`` folder, an unreadable meta.csv, or an unreadable NIfTI header. A file
+            with an unsafe name, or a second file of a case id, is left out and reported in ``problems``.
     """
     root = Path(root)
     images_dir = root / "images"
@@ -162,10 +162,8 @@ def index_dataset(root: str | Path, group_column: str | None = "group", nifti_ax
     for name in UNLABELLED_DIRS:
         if (root / name).is_dir():
             for stem, path in _list_files(root / name, problems).items():
-                _check_unique(stem, path, unlabelled_files.get(stem))
-                unlabelled_files[stem] = path
-    for stem, path in unlabelled_files.items():
-        _check_unique(stem, path, images.get(stem))
+                if _is_unique(stem, path, unlabelled_files.get(stem) or images.get(stem), problems):
+                    unlabelled_files[stem] = path
 
     labelled: list[CaseRef] = []
     unlabelled: list[CaseRef] = []
@@ -343,15 +341,22 @@ def _list_files(folder: Path, problems: list[tuple[str, str]]) -> dict[str, Path
             problems.append((str(path), f"unsupported extension {ext or '(none)'!r}; ignored (supported: {', '.join(SUPPORTED_EXTENSIONS)})"))
             continue
         stem = file_stem(path)
-        validate_case_id(stem, str(path))
-        _check_unique(stem, path, found.get(stem))
-        found[stem] = path
+        try:
+            validate_case_id(stem, str(path))
+        except DataError as err:
+            problems.append((err.source, f"{err.problem}; skipped"))
+            continue
+        if _is_unique(stem, path, found.get(stem), problems):
+            found[stem] = path
     return found
 
 
-def _check_unique(stem: str, path: Path, other: Path | None) -> None:
-    if other is not None:
-        raise DataError(str(path), f"duplicate case id {stem!r}: also {other}; rename one of them")
+def _is_unique(stem: str, path: Path, other: Path | None, problems: list[tuple[str, str]]) -> bool:
+    """Whether ``path`` is the first file of its case id; a second one is reported and left out."""
+    if other is None:
+        return True
+    problems.append((str(path), f"duplicate case id {stem!r}: also {other}; skipped, rename one of them"))
+    return False
 
 
 def _refs_for_file(stem: str, image_path: Path, mask_path: Path | None, group: str, nifti_axis: int) -> list[CaseRef]:

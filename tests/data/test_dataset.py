@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
@@ -139,23 +140,34 @@ def test_empty_exemplar_mask(tmp_path):
         check_exemplar(case)
 
 
-def test_duplicate_case_ids_name_both_files(tmp_path):
+def _problem(index, name: str) -> str:
+    reasons = [reason for source, reason in index.problems if Path(source).name == name]
+    assert len(reasons) == 1, index.problems
+    return reasons[0]
+
+
+def test_duplicate_case_ids_name_both_files_and_keep_the_first(tmp_path):
     root = _dataset(tmp_path)
     Image.fromarray(_image(5)).save(root / "images" / "c0.jpg")
-    with pytest.raises(DataError, match=r"c0\.(png|jpg).*duplicate case id 'c0'.*c0\.(png|jpg)"):
-        index_dataset(root)
+    index = index_dataset(root)
+    assert re.search(r"duplicate case id 'c0': also \S*c0\.jpg; skipped", _problem(index, "c0.png"))
+    assert [r.image_path.name for r in index.labelled if r.case_id == "c0"] == ["c0.jpg"]
+    # A labelled case's id reused in unlabeled/: the unlabelled file is the one left out.
     root2 = _dataset(tmp_path / "two")
     Image.fromarray(_image(5)).save(root2 / "unlabeled" / "c1.png")
-    with pytest.raises(DataError, match="duplicate case id 'c1'"):
-        index_dataset(root2)
+    index2 = index_dataset(root2)
+    assert "duplicate case id 'c1'" in _problem(index2, "c1.png")
+    assert [r.case_id for r in index2.cases if r.case_id == "c1"] == ["c1"] and "c1" not in {r.case_id for r in index2.unlabelled}
 
 
 @pytest.mark.parametrize("name", ["..evil.png", "has space.png", ".hidden.png", "a..b.png"])
-def test_unsafe_file_names(tmp_path, name):
+def test_unsafe_file_names_are_reported_and_left_out(tmp_path, name):
     root = _dataset(tmp_path)
+    before = {r.case_id for r in index_dataset(root).cases}
     Image.fromarray(_image(7)).save(root / "unlabeled" / name)
-    with pytest.raises(DataError, match="not safe"):
-        index_dataset(root)
+    index = index_dataset(root)
+    assert "not safe" in _problem(index, name) and "skipped" in _problem(index, name)
+    assert {r.case_id for r in index.cases} == before
 
 
 @pytest.mark.parametrize("case_id", ["../x", "a/b", "..evil", "", "x y", "a\\b"])

@@ -1,0 +1,151 @@
+"""Calibrator and reliability ablations on a finished run: what docs/method.md quotes, reproducible.
+
+Given the work dir of a calibrated run whose pool carries hidden truth (e.g. a ``caudo`` run of
+``benchmarks/accuracy.py``), for one round ``r >= 1`` it labels the first ``--cases`` pool cases with hidden truth
+with round r's segmenter and compares, on the same initial labels:
+
+- ``round-0 calibrator``: the calibrator trained in round 0, as the run uses it by default;
+- ``fine-tuned on exemplar views``: that calibrator's denoiser fine-tuned for ``--finetune`` iterations on exemplar
+  views with round r's segmenter (``calibrator.denoiser_finetune_iterations``);
+- ``fine-tuned with pseudo pairs``: the same plus round r-1's selected calibrated labels as training pairs
+  (``calibrator.pseudo_pairs: true``, the blueprint's design).
+
+It also prints, for every committed round of the run, the Spearman correlation of each reliability factor (and of
+the combinations considered) with the true Dice of the calibrated labels, from the run's store.
+
+Usage::
+
+    python benchmarks/ablations.py --run-dir runs/accuracy-full/780_HC/caudo --round 1 --out runs/ablations.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from caudo_ray import calibrator as cal
+from caudo_ray import pipeline, selection
+from caudo_ray import segmenter as seg
+from caudo_ray.config import load_config
+from caudo_ray.method import RoundModels, build_models
+from caudo_ray.store import PseudoLabelStore
+from caudo_ray.workspace import Workspace
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--run-dir", type=Path, required=True, help="work dir of a finished calibrated run with hidden truth")
+    p.add_argument("--round", type=int, default=1, help="round whose segmenter labels the cases (>= 1)")
+    p.add_argument("--cases", type=int, default=300, help="pool cases with hidden truth to label (the first ones)")
+    p.add_argument("--finetune", type=int, default=400, help="denoiser fine-tuning iterations of the two fine-tuned variants")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", type=Path, default=None, help="JSON results")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    ws = Workspace(args.run_dir)
+    cfg = load_config(ws.config_path)
+    if not cfg.calibrator.enabled:
+        raise SystemExit(f"--run-dir {args.run_dir}: a run without calibrator has nothing to ablate")
+    r = args.round
+    if r < 1 or not ws.model_path(r).is_file():
+        raise SystemExit(f"--round {r}: needs a round >= 1 whose models are in {ws.models_dir}")
+    store = PseudoLabelStore.open(ws.store_url, mode="r")
+    scores = store.read_scores(r)
+    cases = np.flatnonzero(store.usable_mask() & np.isfinite(scores["initial_dice"]))[: args.cases]
+    device = torch.device("cpu")
+    net, _ = build_models(cfg, RoundModels.load(ws.model_path(r)), device)
+    _, round0 = build_models(cfg, RoundModels.load(ws.model_path(0)), device)
+    x = torch.from_numpy(store.read_images(cases))[:, None]
+    truth = store.read_truth(cases)
+    with torch.no_grad():
+        probs, feats = seg.predict_tensor(net, x)
+    initial = selection.dice_per_case(probs.argmax(1).numpy().astype(np.uint8), truth, store.num_classes)
+
+    inputs = pipeline.training_inputs(store, r)
+    variants = {"round-0 calibrator": (round0, 0.0)}
+    for name, pseudo in (("fine-tuned on exemplar views", False), ("fine-tuned with pseudo pairs", True)):
+        calib = copy.deepcopy(round0)
+        t0 = time.perf_counter()
+        cal.train_calibrator(
+            calib,
+            lambda batch: seg.predict_tensor(net, batch),
+            exemplar_images=inputs.exemplar_images,
+            exemplar_labels=inputs.exemplar_labels,
+            pseudo_images=inputs.pseudo_images if pseudo else None,
+            pseudo_labels=inputs.pseudo_labels if pseudo else None,
+            pseudo_weights=inputs.pseudo_weights if pseudo else None,
+            cfg=dataclasses.replace(cfg.calibrator, denoiser_finetune_iterations=args.finetune),
+            seg_cfg=cfg.segmenter,
+            seed=cfg.seed * 1000 + r,
+            warm_start=True,
+        )
+        variants[name] = (calib, time.perf_counter() - t0)
+
+    c = cfg.calibrator
+    rows = []
+    for name, (calib, train_s) in variants.items():
+        out = torch.cat([
+            cal.calibrate(calib, x[i : i + 50], probs[i : i + 50], feats[i : i + 50], w=c.guidance_strength, s=c.calibration_strength, num_steps=c.inference_steps)
+            for i in range(0, len(x), 50)
+        ])
+        dice = selection.dice_per_case(out.argmax(1).numpy().astype(np.uint8), truth, store.num_classes)
+        rows.append({
+            "variant": name,
+            "dice": float(dice.mean()),
+            "gain": float(dice.mean() - initial.mean()),
+            "better": float(np.mean(dice > initial + 0.01)),
+            "worse": float(np.mean(dice < initial - 0.01)),
+            "train_s": train_s,
+        })
+    report = {
+        "run_dir": str(args.run_dir),
+        "round": r,
+        "cases": len(cases),
+        "initial_dice": float(initial.mean()),
+        "calibrator_variants": rows,
+        "reliability": reliability_factors(store),
+    }
+    print(f"round {r}, {len(cases)} pool cases with hidden truth: initial Dice {initial.mean():.4f}")
+    print(f"{'variant':32s} {'Dice':>7s} {'gain':>8s} {'better':>7s} {'worse':>6s} {'train s':>8s}")
+    for row in rows:
+        print(f"{row['variant']:32s} {row['dice']:7.4f} {row['gain']:+8.4f} {row['better']:7.2f} {row['worse']:6.2f} {row['train_s']:8.0f}")
+    for row in report["reliability"]:
+        print(f"round {row['round']} Spearman with true calibrated Dice: " + ", ".join(f"{k} {v:.3f}" for k, v in row["spearman"].items()))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=1))
+    return report
+
+
+def reliability_factors(store: PseudoLabelStore) -> list[dict]:
+    """Spearman(factor or combination, true calibrated Dice) per committed round."""
+    out = []
+    for r in store.committed_rounds():
+        s = store.read_scores(r)
+        has = store.usable_mask() & np.isfinite(s["calibrated_dice"])
+        dice = s["calibrated_dice"][has]
+        f = {k: s[k][has] for k in ("agreement", "consistency", "confidence", "compactness")}
+        candidates = {
+            **f,
+            "-entropy": -s["entropy"][has],
+            "confidence*compactness": f["confidence"] * f["compactness"],
+            "agreement*confidence*compactness": f["agreement"] * f["confidence"] * f["compactness"],
+            "reliability (confidence*compactness*consistency)": s["reliability"][has],
+        }
+        out.append({"round": r, "spearman": {k: selection.spearman(v, dice) for k, v in candidates.items()}})
+    return out
+
+
+if __name__ == "__main__":
+    main()
