@@ -53,8 +53,8 @@ PROFILES: dict[str, dict[str, Any]] = {
         "rounds": 2,
         "segmenter.iterations": 120,
         "segmenter.finetune_iterations": 60,
-        "calibrator.autoencoder_iterations": 150,
-        "calibrator.denoiser_iterations": 500,
+        "calibrator.autoencoder_iterations": 300,
+        "calibrator.denoiser_iterations": 1200,
         "selection.fractions": [0.5, 0.75],
     },
     "full": {
