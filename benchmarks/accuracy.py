@@ -325,6 +325,7 @@ def _pseudo_label_rows(store, exemplar: str, method: str, summaries: list[dict])
             "calibrated_dice": float(cal.mean()),
             "initial_below_0_5": float((init < 0.5).mean()),
             "calibrated_below_0_5": float((cal < 0.5).mean()),
+            "accepted_fraction": float(scores["accepted"][has].mean()) if method == "caudo" else math.nan,
             "selected": int(sel.sum()),
             "selected_calibrated_dice": float(cal[sel].mean()) if sel.any() else math.nan,
             "reliability_spearman": selection.spearman(scores["reliability"][has], cal),
@@ -375,11 +376,11 @@ def format_table(report: dict[str, Any]) -> str:
     for name, m in report["methods"].items():
         spread = f"{m['test_dice_mean']:.4f} ± {m['test_dice_std']:.4f}"
         lines.append(f"{name:15s} {spread:>16s} {m['test_hd95_mean']:>10.2f} {m['wall_s']:>8.0f}")
-    lines.append(f"{'method':15s} {'exemplar':>10s} {'round':>5s} {'initial':>8s} {'calibr.':>8s} {'rel.rho':>8s} {'ent.rho':>8s}")
+    lines.append(f"{'method':15s} {'exemplar':>10s} {'round':>5s} {'initial':>8s} {'calibr.':>8s} {'accepted':>8s} {'rel.rho':>8s} {'ent.rho':>8s}")
     for row in report["pseudo_labels"]:
         lines.append(
             f"{row['method']:15s} {row['exemplar']:>10s} {row['round']:>5d} {row['initial_dice']:>8.4f} {row['calibrated_dice']:>8.4f} "
-            f"{row['reliability_spearman']:>8.3f} {row['entropy_spearman']:>8.3f}"
+            f"{row['accepted_fraction']:>8.2f} {row['reliability_spearman']:>8.3f} {row['entropy_spearman']:>8.3f}"
         )
     lines.append(f"reliability Spearman (caudo, mean over rounds): {report['reliability_spearman']:.3f}")
     return "\n".join(lines)

@@ -47,8 +47,8 @@ PROFILES: dict[str, dict[str, Any]] = {
     "fast": {
         "data.working_size": [64, 64],
         "segmenter.iterations": 120,
-        "calibrator.autoencoder_iterations": 60,
-        "calibrator.denoiser_iterations": 150,
+        "calibrator.autoencoder_iterations": 300,
+        "calibrator.denoiser_iterations": 1200,
         "tune.guidance_strength": {"grid": [0.0, 1.0, 2.0, 4.0]},
         "tune.calibration_strength": {"grid": [0.6, 1.0]},
         "tune.inference_steps": {"grid": [6]},

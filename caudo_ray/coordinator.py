@@ -337,6 +337,7 @@ _METRIC_OF_SUMMARY = {
     "reliability_p50": tracking.RELIABILITY_P50,
     "reliability_spearman": tracking.RELIABILITY_SPEARMAN,
     "agreement_mean": tracking.AGREEMENT_MEAN,
+    "accepted_fraction": tracking.ACCEPTED_FRACTION,
 }
 _METRIC_OF_PERF = {
     "cases_per_s": tracking.CASES_PER_S,

@@ -389,11 +389,12 @@ def _selection_figure(tr: TrainingRun) -> bytes | None:
         tracking.RELIABILITY_P50,
         tracking.RELIABILITY_MEAN,
         tracking.AGREEMENT_MEAN,
+        tracking.ACCEPTED_FRACTION,
     ):
         s, v = tr.series(key)
         if s:
             ax.plot(s, v, marker="o", label=key.split("/", 1)[1])
-    ax.set(title="reliability of the pool", xlabel="round", ylim=(0, 1.05))
+    ax.set(title="reliability of the pool, calibrations accepted", xlabel="round", ylim=(0, 1.05))
     ax.legend(fontsize=8)
     return _png(fig)
 

@@ -308,8 +308,11 @@ class LabelingEngine:
             calibrated = probs
         t2 = time.perf_counter()
         p0 = probs.float().cpu().numpy()
-        p1 = calibrated.float().cpu().numpy()
-        scores = selection.reliability_scores(p0, p1, flipped.flip(-1).float().cpu().numpy())
+        pf = flipped.flip(-1).float().cpu().numpy()
+        if self.calibrator is not None:
+            p1, scores = selection.accept_calibration(p0, calibrated.float().cpu().numpy(), pf)
+        else:
+            p1, scores = p0, selection.reliability_scores(p0, p0, pf)
         initial = p0.argmax(1).astype(np.uint8)
         final = p1.argmax(1).astype(np.uint8)
         if truth is not None:

@@ -95,6 +95,7 @@ def select_and_commit(cfg: RunConfig, store: PseudoLabelStore, r: int, extra_sum
         "reliability_p10": float(np.quantile(rel, 0.1)) if len(rel) else math.nan,
         "reliability_p50": float(np.quantile(rel, 0.5)) if len(rel) else math.nan,
         "agreement_mean": _finite_mean(scores["agreement"][usable]),
+        "accepted_fraction": _finite_mean(scores["accepted"][usable]) if "accepted" in scores else math.nan,
     }
     if "initial_dice" in scores:
         init, calib = scores["initial_dice"][usable], scores["calibrated_dice"][usable]

@@ -63,6 +63,7 @@ SCHEMA_VERSION = 1
 DEFAULT_SCORE_NAMES = (
     "reliability",
     "agreement",
+    "accepted",
     "consistency",
     "confidence",
     "entropy",

@@ -31,6 +31,7 @@ RELIABILITY_P10 = "round/reliability_p10"
 RELIABILITY_P50 = "round/reliability_p50"
 RELIABILITY_SPEARMAN = "round/reliability_spearman"
 AGREEMENT_MEAN = "round/agreement_mean"
+ACCEPTED_FRACTION = "round/calibration_accepted"  # share of cases whose calibrated label passed the reliability test
 CHANGED_FRACTION = "round/changed_fraction"
 VAL_DICE = "val/dice"
 VAL_HD95 = "val/hd95"
@@ -193,7 +194,7 @@ def round_curves_png(tracker: Tracker, path: str | Path) -> Path:
     panels = [
         ("pseudo-label Dice", [PSEUDO_DICE_INITIAL, PSEUDO_DICE_CALIBRATED, VAL_DICE]),
         ("reliability", [RELIABILITY_MEAN, RELIABILITY_P10, RELIABILITY_P50, AGREEMENT_MEAN]),
-        ("selection", [SELECTED_FRACTION]),
+        ("selection", [SELECTED_FRACTION, ACCEPTED_FRACTION]),
     ]
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2))
     for ax, (title, keys) in zip(axes, panels):

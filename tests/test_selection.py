@@ -6,6 +6,7 @@ from scipy import ndimage
 
 from caudo_ray.errors import DataError
 from caudo_ray.selection import (
+    accept_calibration,
     annotation_queries,
     area_strata,
     dice_per_case,
@@ -70,6 +71,22 @@ def test_identical_maps_agree_and_corruption_lowers_reliability():
     assert reliability_scores(p, fragmented)["compactness"][0] < same["compactness"][0]
     # The segmenter's own uncertainty counts too: a blurry initial label with a sharp calibrated one is doubtful.
     assert reliability_scores(blurry, p)["confidence"][0] < same["confidence"][0]
+
+
+def test_calibration_is_kept_only_where_it_makes_the_label_more_reliable():
+    truth = ellipse(16, 16, 8, 6)
+    clean = soft(truth, 0.5)
+    fragmented = soft(truth | ellipse(4, 4, 2.5, 2.5) | ellipse(27, 27, 2, 2), 0.5)
+    # Case 0: the calibrator removed the fragments; case 1: it added them.
+    initial = np.stack([fragmented, clean])
+    calibrated = np.stack([clean, fragmented])
+    probs, scores = accept_calibration(initial, calibrated, initial)
+    assert scores["accepted"].tolist() == [1.0, 0.0]
+    np.testing.assert_array_equal(probs[0], calibrated[0])
+    np.testing.assert_array_equal(probs[1], initial[1])
+    # The scores are those of the label kept: an untouched label agrees with itself.
+    assert scores["agreement"][1] == 1.0 and scores["agreement"][0] < 1.0
+    assert scores["reliability"][1] == pytest.approx(reliability_scores(initial[1:], initial[1:], initial[1:])["reliability"][0])
 
 
 def test_compactness_is_an_ellipse_prior():
