@@ -10,7 +10,9 @@ with round r's segmenter and compares, on the same initial labels:
 - ``fine-tuned with pseudo pairs``: the same plus round r-1's selected calibrated labels as training pairs
   (``calibrator.pseudo_pairs: true``, the blueprint's design).
 
-It also prints, for every committed round of the run, the Spearman correlation of each reliability factor (and of
+Each variant is scored as it comes out of the calibrator and behind the accept gate the run applies
+(:func:`caudo_ray.selection.accept_calibration`: per case, the more reliable of the initial and the calibrated
+label), with the Spearman correlation of the labels' reliability with their true Dice. It also prints, for every committed round of the run, the Spearman correlation of each reliability factor (and of
 the combinations considered) with the true Dice of the calibrated labels, from the run's store.
 
 Usage::
@@ -70,7 +72,9 @@ def main(argv=None) -> dict:
     truth = store.read_truth(cases)
     with torch.no_grad():
         probs, feats = seg.predict_tensor(net, x)
+        flipped = seg.predict_tensor(net, x.flip(-1))[0].flip(-1).float().numpy()
     initial = selection.dice_per_case(probs.argmax(1).numpy().astype(np.uint8), truth, store.num_classes)
+    initial_scores = selection.reliability_scores(probs.numpy(), probs.numpy(), flipped)
 
     inputs = pipeline.training_inputs(store, r)
     variants = {"round-0 calibrator": (round0, 0.0)}
@@ -99,27 +103,42 @@ def main(argv=None) -> dict:
             cal.calibrate(calib, x[i : i + 50], probs[i : i + 50], feats[i : i + 50], w=c.guidance_strength, s=c.calibration_strength, num_steps=c.inference_steps)
             for i in range(0, len(x), 50)
         ])
-        dice = selection.dice_per_case(out.argmax(1).numpy().astype(np.uint8), truth, store.num_classes)
-        rows.append({
-            "variant": name,
-            "dice": float(dice.mean()),
-            "gain": float(dice.mean() - initial.mean()),
-            "better": float(np.mean(dice > initial + 0.01)),
-            "worse": float(np.mean(dice < initial - 0.01)),
-            "train_s": train_s,
-        })
+        ungated = out.numpy()
+        gated, gated_scores = selection.accept_calibration(probs.numpy(), ungated, flipped)
+        for label, maps, rel in (
+            (name, ungated, selection.reliability_scores(probs.numpy(), ungated, flipped)["reliability"]),
+            (f"{name}, accept gate", gated, gated_scores["reliability"]),
+        ):
+            dice = selection.dice_per_case(maps.argmax(1).astype(np.uint8), truth, store.num_classes)
+            rows.append({
+                "variant": label,
+                "dice": float(dice.mean()),
+                "gain": float(dice.mean() - initial.mean()),
+                "better": float(np.mean(dice > initial + 0.01)),
+                "worse": float(np.mean(dice < initial - 0.01)),
+                "accepted": float(gated_scores["accepted"].mean()) if label.endswith("gate") else 1.0,
+                "reliability_spearman": selection.spearman(rel, dice),
+                "train_s": train_s,
+            })
     report = {
         "run_dir": str(args.run_dir),
         "round": r,
         "cases": len(cases),
         "initial_dice": float(initial.mean()),
+        "initial_reliability_spearman": selection.spearman(initial_scores["reliability"], initial),
         "calibrator_variants": rows,
         "reliability": reliability_factors(store),
     }
-    print(f"round {r}, {len(cases)} pool cases with hidden truth: initial Dice {initial.mean():.4f}")
-    print(f"{'variant':32s} {'Dice':>7s} {'gain':>8s} {'better':>7s} {'worse':>6s} {'train s':>8s}")
+    print(
+        f"round {r}, {len(cases)} pool cases with hidden truth: initial Dice {initial.mean():.4f}, "
+        f"Spearman(reliability, Dice) of the initial labels {report['initial_reliability_spearman']:.3f}"
+    )
+    print(f"{'variant':46s} {'Dice':>7s} {'gain':>8s} {'better':>7s} {'worse':>6s} {'kept':>5s} {'rel.rho':>7s} {'train s':>8s}")
     for row in rows:
-        print(f"{row['variant']:32s} {row['dice']:7.4f} {row['gain']:+8.4f} {row['better']:7.2f} {row['worse']:6.2f} {row['train_s']:8.0f}")
+        print(
+            f"{row['variant']:46s} {row['dice']:7.4f} {row['gain']:+8.4f} {row['better']:7.2f} {row['worse']:6.2f} "
+            f"{row['accepted']:5.2f} {row['reliability_spearman']:7.3f} {row['train_s']:8.0f}"
+        )
     for row in report["reliability"]:
         print(f"round {row['round']} Spearman with true calibrated Dice: " + ", ".join(f"{k} {v:.3f}" for k, v in row["spearman"].items()))
     if args.out:

@@ -13,6 +13,7 @@ Usage::
     python benchmarks/accuracy.py --fast --out runs/accuracy-fast.json
     python benchmarks/accuracy.py --exemplars 693_HC 010_HC 200_HC --out runs/accuracy-full.json
     python benchmarks/accuracy.py --fast --smoke --limit 24 --work-dir /tmp/acc   # CI smoke test
+    python benchmarks/accuracy.py --methods caudo --set calibrator.accept_gate=true   # one method, one setting
 
 Prints a table and writes JSON (see ``docs/benchmarks.md``, section Accuracy).
 """
@@ -103,7 +104,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch threads (default: %(default)s; on a shared 2-core machine more threads spin against other processes and run slower)")
     p.add_argument("--work-dir", type=Path, default=None, help="where runs go (default: runs/accuracy-<profile> in the repo); wiped if made by this script")
     p.add_argument("--out", type=Path, default=None, help="JSON results (default: <work-dir>/accuracy.json)")
-    p.add_argument("--skip-supervised", action="store_true", help="leave out the supervised upper bound")
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="methods to run (default: all four)")
     return p.parse_args(argv)
 
 
@@ -132,10 +133,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit(f"--exemplars {unknown}: not labelled training cases of this split (val/test cases or unknown ids)")
 
     budget = base.segmenter.iterations + base.rounds * base.segmenter.finetune_iterations
-    results: dict[str, Any] = {m: {"test_dice_per_exemplar": [], "test_hd95_per_exemplar": [], "wall_s_per_exemplar": [], "per_class": []} for m in METHODS}
+    methods = [m for m in METHODS if m in args.methods]
+    results: dict[str, Any] = {m: {"test_dice_per_exemplar": [], "test_hd95_per_exemplar": [], "wall_s_per_exemplar": [], "per_class": []} for m in methods}
     pseudo: list[dict[str, Any]] = []
     test_images = test_labels = None
-    num_classes = 0
     for e in exemplars:
         print(f"== exemplar {e}", flush=True)
         e_split = D.Split(
@@ -146,15 +147,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             seed=split.seed,
             group_column=split.group_column,
         )
+        prepared = None
         for method, calibrated in (("caudo", True), ("self_training", False)):
+            if method not in methods:
+                continue
             cfg = _config(work / e / method, data_root, group_column, args.seed, {**overrides, "calibrator.enabled": calibrated, "split.exemplars": [e]})
-            Path(cfg.work_dir).mkdir(parents=True)
-            e_split.to_json(Path(cfg.work_dir) / "split.json")  # the shared split, not one redrawn around the exemplar
+            _make_work_dir(cfg, e_split)
             t0 = time.perf_counter()
             run = Coordinator(cfg, progress=False).run()
             wall = time.perf_counter() - t0
             prepared = prepare_run(cfg, progress=False)
-            num_classes = prepared.num_classes
             if test_images is None:
                 test_images, test_labels = load_labelled(prepared, split.test)
             metrics = _evaluate_models(cfg, RoundModels.load(prepared.workspace.final_model_path), test_images, test_labels)
@@ -162,7 +164,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             pseudo += _pseudo_label_rows(prepared.store, e, method, run.rounds)
             print(f"   {method:14s} test Dice {metrics['dice']:.4f}  HD95 {metrics['hd95']:.2f}  {wall:.0f} s", flush=True)
 
+        if prepared is None:  # neither self-training method ran: a work dir only for the exemplar and test images
+            cfg = _config(work / e / "data", data_root, group_column, args.seed, {**overrides, "split.exemplars": [e]})
+            _make_work_dir(cfg, e_split)
+            prepared = prepare_run(cfg, progress=False)
+        num_classes = prepared.num_classes
+        if test_images is None:
+            test_images, test_labels = load_labelled(prepared, split.test)
         _, ex_images, ex_labels = prepared.store.exemplars()
+        if "exemplar_only" not in methods:
+            continue
         cfg = _config(work / e / "exemplar_only", data_root, group_column, args.seed, {**overrides, "calibrator.enabled": False, "segmenter.iterations": budget})
         t0 = time.perf_counter()
         models = train_round_models(cfg, 0, num_classes=num_classes, exemplar_images=ex_images, exemplar_labels=ex_labels)
@@ -171,7 +182,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         _record(results["exemplar_only"], metrics, wall)
         print(f"   {'exemplar_only':14s} test Dice {metrics['dice']:.4f}  HD95 {metrics['hd95']:.2f}  {wall:.0f} s", flush=True)
 
-    if not args.skip_supervised:
+    if "supervised" in methods:
         # The upper bound does not depend on the exemplar: every labelled training case, the exemplar included,
         # at the same working size and budget; trained once.
         store = prepared.store
@@ -186,8 +197,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         _record(results["supervised"], metrics, wall)
         results["supervised"]["train_cases"] = len(images)
         print(f"   {'supervised':14s} test Dice {metrics['dice']:.4f}  HD95 {metrics['hd95']:.2f}  {wall:.0f} s ({len(images)} cases)", flush=True)
-    else:
-        del results["supervised"]
 
     report = _report(args, limit, profile, base, data_root, group_column, exemplars, split, len(train_cases), budget, results, pseudo)
     out = args.out or work / "accuracy.json"
@@ -297,6 +306,11 @@ def _draw_exemplars(train_cases: list[str], n: int, seed: int) -> list[str]:
 def _evaluate_models(cfg: RunConfig, models: RoundModels, images: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
     net, _ = build_models(cfg, models, torch.device("cpu"))
     return evaluate(net, images, labels, models.num_classes)
+
+
+def _make_work_dir(cfg: RunConfig, e_split: D.Split) -> None:
+    Path(cfg.work_dir).mkdir(parents=True)
+    e_split.to_json(Path(cfg.work_dir) / "split.json")  # the shared split, not one redrawn around the exemplar
 
 
 def _record(entry: dict[str, Any], metrics: dict[str, Any], wall: float) -> None:

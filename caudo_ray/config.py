@@ -168,6 +168,11 @@ class CalibratorConfig:
     # Classifier-free guidance dropout during training; 0.2 rather than the usual 0.1, because calibration
     # inverts along the unconditional model and that model must be good too.
     guidance_dropout: float = 0.2
+    # Keep a case's calibrated label only where it scores at least as reliable as its initial one
+    # (selection.accept_calibration). Off by default: on HC18 it kept the pseudo labels of an exemplar whose
+    # calibrator moved them the wrong way from getting worse, but cost 2-3 points of test Dice end to end
+    # (docs/benchmarks.md, "Accuracy").
+    accept_gate: bool = False
 
     def validate(self, key: str) -> None:
         _positive(f"{key}.latent_channels", self.latent_channels)

@@ -309,10 +309,13 @@ class LabelingEngine:
         t2 = time.perf_counter()
         p0 = probs.float().cpu().numpy()
         pf = flipped.flip(-1).float().cpu().numpy()
-        if self.calibrator is not None:
-            p1, scores = selection.accept_calibration(p0, calibrated.float().cpu().numpy(), pf)
+        p1 = calibrated.float().cpu().numpy() if self.calibrator is not None else p0
+        if self.calibrator is not None and c.accept_gate:
+            p1, scores = selection.accept_calibration(p0, p1, pf)
         else:
-            p1, scores = p0, selection.reliability_scores(p0, p0, pf)
+            scores = selection.reliability_scores(p0, p1, pf)
+            if self.calibrator is not None:
+                scores["accepted"] = np.ones(len(p1), dtype=np.float32)
         initial = p0.argmax(1).astype(np.uint8)
         final = p1.argmax(1).astype(np.uint8)
         if truth is not None:

@@ -11,8 +11,8 @@ Objective (``tune.objective``):
 - ``val_dice``: mean Dice of the calibrated pseudo labels on the labelled validation split (used by ``auto``
   whenever the split has validation cases).
 - ``proxy``: with no validation split (one-shot users), the mean reliability score
-  (:func:`caudo_ray.selection.reliability_scores`) of the calibrated labels over a fixed, seeded sample of the
-  pool. Where the pool has hidden truth (benchmarks), the sample's pseudo-label Dice is reported beside it as
+  (:func:`caudo_ray.selection.reliability_scores`) of the labels the run would keep (behind
+  :func:`caudo_ray.selection.accept_calibration`) over a fixed, seeded sample of the pool. Where the pool has hidden truth (benchmarks), the sample's pseudo-label Dice is reported beside it as
   ``tune/pool_dice``, never used to choose.
 
 MLflow: one parent run (tag ``caudo_ray.kind=tune``) and one nested child run per trial, written from the driver

@@ -47,16 +47,18 @@ def test_fast_smoke_on_hc18_writes_every_field(tmp_path):
     # The subset is made of whole exam groups, so the split stays group-wise: no exam on both sides.
     assert report["split"]["test"] >= 1 and report["split"]["val"] >= 1
 
-    # The ablations run on the caudo run's work dir: three calibrator variants on round 1's labels, and the
-    # reliability factors of every round.
+    # The ablations run on the caudo run's work dir: three calibrator variants on round 1's labels, each without
+    # and with the accept gate, and the reliability factors of every round.
     ablations = _load_benchmark("ablations").main(
         ["--run-dir", str(tmp_path / "work" / report["exemplars"][0] / "caudo"), "--round", "1", "--cases", "4",
          "--finetune", "2", "--threads", "1", "--out", str(tmp_path / "ablations.json")]
     )
-    assert [row["variant"] for row in ablations["calibrator_variants"]] == [
-        "round-0 calibrator", "fine-tuned on exemplar views", "fine-tuned with pseudo pairs"
-    ]
+    variants = ["round-0 calibrator", "fine-tuned on exemplar views", "fine-tuned with pseudo pairs"]
+    assert [row["variant"] for row in ablations["calibrator_variants"]] == [v + g for v in variants for g in ("", ", accept gate")]
     assert all(0.0 <= row["dice"] <= 1.0 for row in ablations["calibrator_variants"])
+    # The gate keeps, per case, the more reliable of the initial and the calibrated label; the ungated row keeps all.
+    assert all(0.0 <= row["accepted"] <= 1.0 for row in ablations["calibrator_variants"][1::2])
+    assert all(row["accepted"] == 1.0 for row in ablations["calibrator_variants"][::2])
     assert [row["round"] for row in ablations["reliability"]] == list(range(rounds))
     assert json.loads((tmp_path / "ablations.json").read_text())["cases"] == ablations["cases"] > 0
 

@@ -1,7 +1,8 @@
-"""``ray start --head`` on loopback with token auth, ``ray job submit`` of jobs/self_training.py, ``ray stop``."""
+"""``ray start --head`` on loopback with token auth, ``ray job submit`` of the jobs/ entry points, ``ray stop``."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -16,7 +17,9 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO_ROOT, tiny_config
+from mlflow import MlflowClient
 
+from caudo_ray import tune as T
 from caudo_ray.config import save_config
 from caudo_ray.store import PseudoLabelStore
 
@@ -33,7 +36,7 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def ray_cluster():
     """A separate head node: own temp dir, ports and token file, so it never meets ``ray_session`` or other users.
 
@@ -92,21 +95,50 @@ def _cluster_pids(temp: Path) -> list[int]:
     return pids
 
 
-def test_job_submit_runs_self_training(ray_cluster, tmp_path):
+def _submit(ray_cluster, job: str, config: Path) -> str:
+    """``ray job submit`` a jobs/ script with ``--config``; returns its output once the job succeeded."""
     env, address = ray_cluster
-    work = tmp_path / "run"
-    config = tmp_path / "job.yaml"
-    overrides = {"rounds": 1, "calibrator.enabled": False, "tracking.num_overlays": 0, "runtime.num_workers": 1}
-    save_config(tiny_config(work, **overrides), config)
     submit = [
         str(RAY), "job", "submit", "--address", address, "--working-dir", str(REPO_ROOT),
         "--runtime-env-json", '{"excludes": [".venv", ".git", "runs", "benchmarks/results", "*.zarr"]}',
-        "--", sys.executable, "jobs/self_training.py", "--config", str(config), "--quiet",
+        "--", sys.executable, job, "--config", str(config), "--quiet",
     ]  # fmt: skip
     proc = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=420)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-4000:]
     assert re.search(r"Job '\S+' succeeded", output), output[-4000:]
+    return output
+
+
+def test_job_submit_runs_self_training(ray_cluster, tmp_path):
+    work = tmp_path / "run"
+    config = tmp_path / "job.yaml"
+    overrides = {"rounds": 1, "calibrator.enabled": False, "tracking.num_overlays": 0, "runtime.num_workers": 1}
+    save_config(tiny_config(work, **overrides), config)
+    _submit(ray_cluster, "jobs/self_training.py", config)
     store = PseudoLabelStore.open(str(work / "store.zarr"))
     assert store.committed_rounds() == [0] and store.done(0)[store.usable_mask()].all()
     assert (work / "models" / "final.pt").is_file() and (work / "mlflow.db").is_file()
+
+
+def test_job_submit_runs_a_tune_search(ray_cluster, tmp_path):
+    work = tmp_path / "search"
+    config = tmp_path / "tune.yaml"
+    search = {
+        "tune.guidance_strength": {"grid": [0.0, 2.0]},
+        "tune.calibration_strength": {"grid": [1.0]},
+        "tune.inference_steps": {"grid": [4]},
+        "tune.eval_cases": 2,
+        "tune.eval_batch_size": 1,
+        "tune.cpus_per_trial": 0.5,
+    }
+    save_config(tiny_config(work, **search), config)
+    output = _submit(ray_cluster, "jobs/tune_guidance.py", config)
+    best = json.loads(next(line for line in output.splitlines() if line.startswith('{"best"')))
+    assert best["best"][T.PARAM_GUIDANCE] in (0.0, 2.0)
+    client = MlflowClient(tracking_uri=f"sqlite:///{work / 'mlflow.db'}")
+    parent = client.get_run(re.search(r"MLflow parent run (\w+)", output).group(1))
+    children = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+    )
+    assert parent.info.status == "FINISHED" and len(children) == 2
