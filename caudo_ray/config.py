@@ -154,8 +154,8 @@ class CalibratorConfig:
     # Each later round, warm-started; 0 (the default): the round-0 calibrator serves every round unchanged.
     denoiser_finetune_iterations: int = 0
     # From round 1, also train on the previous round's selected calibrated labels (and their images). Off by
-    # default: it teaches the denoiser the pseudo labels' own errors (HC18, round 1: pseudo-label Dice -3.0
-    # points after calibration, against +3.0 without); see docs/method.md.
+    # default: it teaches the denoiser the pseudo labels' own errors (HC18, round 1: pseudo-label Dice -2.2
+    # points after calibration, against +2.2 without; benchmarks/ablations.py); see docs/method.md.
     pseudo_pairs: bool = False
     batch_size: int = 16
     learning_rate: float = 1e-3
@@ -170,7 +170,7 @@ class CalibratorConfig:
     guidance_dropout: float = 0.2
     # Keep a case's calibrated label only where it scores at least as reliable as its initial one
     # (selection.accept_calibration). Off by default: on HC18 it kept the pseudo labels of an exemplar whose
-    # calibrator moved them the wrong way from getting worse, but cost 2-3 points of test Dice end to end
+    # calibrator moved them the wrong way from getting worse, but cost 0.8-2.9 points of test Dice end to end
     # (docs/benchmarks.md, "Accuracy").
     accept_gate: bool = False
 
