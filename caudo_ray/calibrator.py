@@ -470,14 +470,22 @@ def _leak(p: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
     return _set_class(p, _irregular(band, rng), k)
 
 
-def _bite(p: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+def _cut_from_object(p: torch.Tensor, rng: np.random.Generator, part: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Give ``part(obj)`` of a present class's object to the class around it (unchanged if no class is present)."""
     labels = _class_map(p)
     k = _present_class(labels, p.shape[0], rng)
     if k is None:
         return p.clone()
     obj = labels == k
-    inner = obj & ~(~_dilate(~obj, max(1, int(round(rng.uniform(0.05, 0.2) * max(labels.shape))))))
-    return _set_class(p, _irregular(inner, rng), _surrounding_class(labels, obj))
+    return _set_class(p, part(obj), _surrounding_class(labels, obj))
+
+
+def _bite(p: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    def inner_band(obj: torch.Tensor) -> torch.Tensor:
+        inner = obj & _dilate(~obj, max(1, int(round(rng.uniform(0.05, 0.2) * max(obj.shape)))))
+        return _irregular(inner, rng)
+
+    return _cut_from_object(p, rng, inner_band)
 
 
 def _ellipses(h: int, w: int, n: int, radius: tuple[float, float], rng: np.random.Generator) -> torch.Tensor:
@@ -497,12 +505,7 @@ def _fragments(p: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
 
 
 def _holes(p: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
-    labels = _class_map(p)
-    k = _present_class(labels, p.shape[0], rng)
-    if k is None:
-        return p.clone()
-    obj = labels == k
-    return _set_class(p, _ellipses(*labels.shape, int(rng.integers(1, 5)), (0.02, 0.06), rng) & obj, _surrounding_class(labels, obj))
+    return _cut_from_object(p, rng, lambda obj: _ellipses(*obj.shape, int(rng.integers(1, 5)), (0.02, 0.06), rng) & obj)
 
 
 def _affine(p: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
