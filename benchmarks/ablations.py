@@ -11,7 +11,7 @@ with round r's segmenter and compares, on the same initial labels:
   (``calibrator.pseudo_pairs: true``, the blueprint's design).
 
 Each variant is scored as it comes out of the calibrator and behind the accept gate the run applies
-(:func:`caudo_ray.selection.accept_calibration`: per case, the more reliable of the initial and the calibrated
+(:func:`caudo_ray.labelling.reliability.accept_calibration`: per case, the more reliable of the initial and the calibrated
 label), with the Spearman correlation of the labels' reliability with their true Dice. It also prints, for every committed round of the run, the Spearman correlation of each reliability factor (and of
 the combinations considered) with the true Dice of the calibrated labels, from the run's store.
 
@@ -32,11 +32,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from caudo_ray import calibrator as cal
-from caudo_ray import pipeline, selection
-from caudo_ray import segmenter as seg
+from caudo_ray.calibration.sampling import calibrate
+from caudo_ray.calibration.schedule import CalibrationSchedule
+from caudo_ray.calibration.training import train_calibrator
 from caudo_ray.config import load_config
-from caudo_ray.method import RoundModels, build_models
+from caudo_ray.labelling.reliability import accept_calibration, reliability_scores
+from caudo_ray.metrics import dice_per_case, spearman
+from caudo_ray.networks.bundle import RoundModels, build_models
+from caudo_ray.networks.segmenter import predict_tensor
+from caudo_ray.rounds.steps import training_inputs
 from caudo_ray.store import PseudoLabelStore
 from caudo_ray.workspace import Workspace
 
@@ -63,7 +67,7 @@ def main(argv=None) -> dict:
     if r < 1 or not ws.model_path(r).is_file():
         raise SystemExit(f"--round {r}: needs a round >= 1 whose models are in {ws.models_dir}")
     store = PseudoLabelStore.open(ws.store_url, mode="r")
-    scores = store.read_scores(r)
+    scores = store.rounds.scores(r)
     cases = np.flatnonzero(store.usable_mask() & np.isfinite(scores["initial_dice"]))[: args.cases]
     device = torch.device("cpu")
     net, _ = build_models(cfg, RoundModels.load(ws.model_path(r)), device)
@@ -71,24 +75,20 @@ def main(argv=None) -> dict:
     x = torch.from_numpy(store.read_images(cases))[:, None]
     truth = store.read_truth(cases)
     with torch.no_grad():
-        probs, feats = seg.predict_tensor(net, x)
-        flipped = seg.predict_tensor(net, x.flip(-1))[0].flip(-1).float().numpy()
-    initial = selection.dice_per_case(probs.argmax(1).numpy().astype(np.uint8), truth, store.num_classes)
-    initial_scores = selection.reliability_scores(probs.numpy(), probs.numpy(), flipped)
+        probs, feats = predict_tensor(net, x)
+        flipped = predict_tensor(net, x.flip(-1))[0].flip(-1).float().numpy()
+    initial = dice_per_case(probs.argmax(1).numpy().astype(np.uint8), truth, store.num_classes)
+    initial_scores = reliability_scores(probs.numpy(), probs.numpy(), flipped)
 
-    inputs = pipeline.training_inputs(store, r)
+    inputs = training_inputs(store, r)
     variants = {"round-0 calibrator": (round0, 0.0)}
     for name, pseudo in (("fine-tuned on exemplar views", False), ("fine-tuned with pseudo pairs", True)):
         calib = copy.deepcopy(round0)
         t0 = time.perf_counter()
-        cal.train_calibrator(
+        train_calibrator(
             calib,
-            lambda batch: seg.predict_tensor(net, batch),
-            exemplar_images=inputs.exemplar_images,
-            exemplar_labels=inputs.exemplar_labels,
-            pseudo_images=inputs.pseudo_images if pseudo else None,
-            pseudo_labels=inputs.pseudo_labels if pseudo else None,
-            pseudo_weights=inputs.pseudo_weights if pseudo else None,
+            lambda batch: predict_tensor(net, batch),
+            inputs if pseudo else inputs.exemplars_only(),
             cfg=dataclasses.replace(cfg.calibrator, denoiser_finetune_iterations=args.finetune),
             seg_cfg=cfg.segmenter,
             seed=cfg.seed * 1000 + r,
@@ -97,19 +97,20 @@ def main(argv=None) -> dict:
         variants[name] = (calib, time.perf_counter() - t0)
 
     c = cfg.calibrator
+    schedule = CalibrationSchedule(c.train_timesteps)
     rows = []
     for name, (calib, train_s) in variants.items():
         out = torch.cat([
-            cal.calibrate(calib, x[i : i + 50], probs[i : i + 50], feats[i : i + 50], w=c.guidance_strength, s=c.calibration_strength, num_steps=c.inference_steps)
+            calibrate(calib, schedule, x[i : i + 50], probs[i : i + 50], feats[i : i + 50], w=c.guidance_strength, s=c.calibration_strength, num_steps=c.inference_steps)
             for i in range(0, len(x), 50)
         ])
         ungated = out.numpy()
-        gated, gated_scores = selection.accept_calibration(probs.numpy(), ungated, flipped)
+        gated, gated_scores = accept_calibration(probs.numpy(), ungated, flipped)
         for label, maps, rel in (
-            (name, ungated, selection.reliability_scores(probs.numpy(), ungated, flipped)["reliability"]),
+            (name, ungated, reliability_scores(probs.numpy(), ungated, flipped)["reliability"]),
             (f"{name}, accept gate", gated, gated_scores["reliability"]),
         ):
-            dice = selection.dice_per_case(maps.argmax(1).astype(np.uint8), truth, store.num_classes)
+            dice = dice_per_case(maps.argmax(1).astype(np.uint8), truth, store.num_classes)
             rows.append({
                 "variant": label,
                 "dice": float(dice.mean()),
@@ -117,7 +118,7 @@ def main(argv=None) -> dict:
                 "better": float(np.mean(dice > initial + 0.01)),
                 "worse": float(np.mean(dice < initial - 0.01)),
                 "accepted": float(gated_scores["accepted"].mean()) if label.endswith("gate") else 1.0,
-                "reliability_spearman": selection.spearman(rel, dice),
+                "reliability_spearman": spearman(rel, dice),
                 "train_s": train_s,
             })
     report = {
@@ -125,7 +126,7 @@ def main(argv=None) -> dict:
         "round": r,
         "cases": len(cases),
         "initial_dice": float(initial.mean()),
-        "initial_reliability_spearman": selection.spearman(initial_scores["reliability"], initial),
+        "initial_reliability_spearman": spearman(initial_scores["reliability"], initial),
         "calibrator_variants": rows,
         "reliability": reliability_factors(store),
     }
@@ -150,8 +151,8 @@ def main(argv=None) -> dict:
 def reliability_factors(store: PseudoLabelStore) -> list[dict]:
     """Spearman(factor or combination, true calibrated Dice) per committed round."""
     out = []
-    for r in store.committed_rounds():
-        s = store.read_scores(r)
+    for r in store.rounds.committed():
+        s = store.rounds.scores(r)
         has = store.usable_mask() & np.isfinite(s["calibrated_dice"])
         dice = s["calibrated_dice"][has]
         f = {k: s[k][has] for k in ("agreement", "consistency", "confidence", "compactness")}
@@ -162,7 +163,7 @@ def reliability_factors(store: PseudoLabelStore) -> list[dict]:
             "agreement*confidence*compactness": f["agreement"] * f["confidence"] * f["compactness"],
             "reliability (confidence*compactness*consistency)": s["reliability"][has],
         }
-        out.append({"round": r, "spearman": {k: selection.spearman(v, dice) for k, v in candidates.items()}})
+        out.append({"round": r, "spearman": {k: spearman(v, dice) for k, v in candidates.items()}})
     return out
 
 

@@ -35,12 +35,14 @@ import numpy as np
 import torch
 
 from caudo_ray import data as D
-from caudo_ray import selection
 from caudo_ray.config import RunConfig, load_config
-from caudo_ray.coordinator import Coordinator
-from caudo_ray.method import RoundModels, build_models, evaluate, train_round_models
+from caudo_ray.metrics import spearman
+from caudo_ray.networks.bundle import RoundModels, build_models
+from caudo_ray.rounds.train import evaluate, train_round_models
+from caudo_ray.run.coordinator import Coordinator
+from caudo_ray.run.prepare import load_labelled, prepare_run
 from caudo_ray.store import NO_TRUTH
-from caudo_ray.workspace import load_labelled, prepare_run
+from caudo_ray.training.inputs import RoundInputs
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "hc18"
@@ -176,7 +178,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             continue
         cfg = _config(work / e / "exemplar_only", data_root, group_column, args.seed, {**overrides, "calibrator.enabled": False, "segmenter.iterations": budget})
         t0 = time.perf_counter()
-        models = train_round_models(cfg, 0, num_classes=num_classes, exemplar_images=ex_images, exemplar_labels=ex_labels)
+        models = train_round_models(cfg, 0, RoundInputs(ex_images, ex_labels), num_classes=num_classes)
         wall = time.perf_counter() - t0
         metrics = _evaluate_models(cfg, models, test_images, test_labels)
         _record(results["exemplar_only"], metrics, wall)
@@ -191,7 +193,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         labels = np.concatenate([ex_labels, store.read_truth(labelled)])
         cfg = _config(work / "supervised", data_root, group_column, args.seed, {**overrides, "calibrator.enabled": False, "segmenter.iterations": budget})
         t0 = time.perf_counter()
-        models = train_round_models(cfg, 0, num_classes=num_classes, exemplar_images=images, exemplar_labels=labels)
+        models = train_round_models(cfg, 0, RoundInputs(images, labels), num_classes=num_classes)
         wall = time.perf_counter() - t0
         metrics = _evaluate_models(cfg, models, test_images, test_labels)
         _record(results["supervised"], metrics, wall)
@@ -326,10 +328,10 @@ def _pseudo_label_rows(store, exemplar: str, method: str, summaries: list[dict])
     """Per round: pseudo-label Dice before/after calibration against the pool's hidden truth, and score ranks."""
     rows = []
     for r, summary in enumerate(summaries):
-        scores = store.read_scores(r)
+        scores = store.rounds.scores(r)
         has = store.usable_mask() & np.isfinite(scores["initial_dice"])
         init, cal = scores["initial_dice"][has], scores["calibrated_dice"][has]
-        sel = store.selected(r)[has]
+        sel = store.rounds.selected(r)[has]
         rows.append({
             "exemplar": exemplar,
             "method": method,
@@ -342,8 +344,8 @@ def _pseudo_label_rows(store, exemplar: str, method: str, summaries: list[dict])
             "accepted_fraction": float(scores["accepted"][has].mean()) if method == "caudo" else math.nan,
             "selected": int(sel.sum()),
             "selected_calibrated_dice": float(cal[sel].mean()) if sel.any() else math.nan,
-            "reliability_spearman": selection.spearman(scores["reliability"][has], cal),
-            "entropy_spearman": selection.spearman(-scores["entropy"][has], init),
+            "reliability_spearman": spearman(scores["reliability"][has], cal),
+            "entropy_spearman": spearman(-scores["entropy"][has], init),
             "val_dice": summary.get("val", {}).get("dice", math.nan),
         })
     return rows

@@ -39,7 +39,7 @@ from benchmarks.throughput import (
     untrained_models,
 )
 from caudo_ray.config import RunConfig, load_config
-from caudo_ray.coordinator import TrainContext, batches_of
+from caudo_ray.rounds.executor import TrainContext, batches_of
 
 # The conftest tiny_config's model sizes: the soak is about the runtime surviving kills, not model cost.
 TINY = {
@@ -135,7 +135,7 @@ def run_soak(
     """Streams ``num_cases`` through a pool of ``num_workers`` with kills; returns the JSON record."""
     import ray
 
-    from caudo_ray.actors import RayExecutor
+    from caudo_ray.distributed.executor import RayExecutor
 
     cfg = soak_config(work_dir, num_workers, batch_size)
     num_classes = cfg.data.phantom.num_classes
@@ -152,8 +152,8 @@ def run_soak(
             pass
         killer = Killer(executor._workers, kill_every)
         r = 0
-        store.begin_round(r, {"benchmark": "soak"})
-        todo = store.missing(r)
+        store.rounds.begin(r, {"benchmark": "soak"})
+        todo = store.rounds.missing(r)
         seen = np.zeros(num_cases, dtype=np.int64)
         killer.start()
         t1 = time.perf_counter()
@@ -167,7 +167,7 @@ def run_soak(
         requeued = executor.restarts
     finally:
         executor.close()
-    done = store.done(r)
+    done = store.rounds.done(r)
     res = {
         "cases": num_cases,
         "workers": num_workers,
@@ -242,7 +242,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     import ray
 
-    from caudo_ray.actors import init_ray
+    from caudo_ray.distributed.cluster import init_ray
 
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     work_dir = args.work_dir.resolve()

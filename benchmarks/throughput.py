@@ -2,7 +2,7 @@
 
 Measured side by side in one run (issue 4):
 
-- **bare vs pipeline**: the calibrator loop in this process without Ray (``pipeline.label_cases``: read images
+- **bare vs pipeline**: the calibrator loop in this process without Ray (``rounds.steps.label_cases``: read images
   from the store, ``LabelingEngine.label_batch``, write labels/scores/done) against the same pool streamed by
   ``RayExecutor.label`` through one :class:`~caudo_ray.actors.CalibrationWorker`;
 - **scaling**: two workers against one, one torch thread each;
@@ -44,14 +44,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from caudo_ray import calibrator as cal
-from caudo_ray import pipeline, tracking
-from caudo_ray import segmenter as seg
 from caudo_ray.config import RunConfig, load_config
-from caudo_ray.coordinator import TrainContext, batches_of
 from caudo_ray.data.phantom import phantom_case
-from caudo_ray.method import BatchResult, LabelingEngine, RoundModels, feature_channels_of
+from caudo_ray.labelling.engine import BatchResult, LabelingEngine
+from caudo_ray.networks.bundle import RoundModels, feature_channels_of
+from caudo_ray.networks.calibrator import Calibrator
+from caudo_ray.networks.segmenter import build_segmenter
+from caudo_ray.rounds.executor import TrainContext, batches_of
+from caudo_ray.rounds.steps import BatchStats, label_cases
 from caudo_ray.store import DEFAULT_SCORE_NAMES, PseudoLabelStore
+from caudo_ray.tracking import names
+from caudo_ray.tracking.tracker import Tracker, flatten, sqlite_tracking_uri
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO_ROOT / "caudo_ray" / "configs" / "demo.yaml"
@@ -89,7 +92,7 @@ class NoopEngine:
     """A labelling engine with :class:`LabelingEngine`'s inputs and outputs and no model.
 
     It returns label maps of the batch's size (a threshold of the image, so chunks compress like real label
-    maps) and a full set of scores, so ``pipeline.label_cases`` reads and writes exactly what a real batch does.
+    maps) and a full set of scores, so ``rounds.steps.label_cases`` reads and writes exactly what a real batch does.
     """
 
     def __init__(self, cfg: RunConfig, models: RoundModels, device: torch.device):
@@ -172,9 +175,9 @@ def benchmark_config(work_dir: Path, num_workers: int = 1, batch_size: int | Non
 def untrained_models(cfg: RunConfig, num_classes: int) -> RoundModels:
     """Untrained segmenter and calibrator of the config's sizes (throughput does not depend on the weights)."""
     torch.manual_seed(cfg.seed)
-    net = seg.build_segmenter(cfg.segmenter, num_classes).eval()
+    net = build_segmenter(cfg.segmenter, num_classes).eval()
     feature_channels = feature_channels_of(net, cfg.data.working_size, torch.device("cpu"))
-    calibrator = cal.Calibrator.from_config(cfg.calibrator, num_classes, feature_channels)
+    calibrator = Calibrator.from_config(cfg.calibrator, num_classes, feature_channels)
     return RoundModels(
         round=0,
         num_classes=num_classes,
@@ -224,10 +227,10 @@ class Bench:
         """Begins the store's next round and returns it with the first ``num_cases`` of its missing cases."""
         r = self._rounds.get(store.url, 0)
         self._rounds[store.url] = r + 1
-        store.begin_round(r, {"benchmark": label})
-        return r, store.missing(r)[:num_cases]
+        store.rounds.begin(r, {"benchmark": label})
+        return r, store.rounds.missing(r)[:num_cases]
 
-    def stream(self, label_fn: Callable[[int, Iterator[np.ndarray]], Iterator[pipeline.BatchStats]], store: PseudoLabelStore,
+    def stream(self, label_fn: Callable[[int, Iterator[np.ndarray]], Iterator[BatchStats]], store: PseudoLabelStore,
                label: str, num_cases: int, batch_size: int | None = None) -> StreamRun:
         """Streams ``num_cases`` of a new round through ``label_fn`` the way the Coordinator does, timing it."""
         r, todo = self._begin(store, label, num_cases)
@@ -241,18 +244,18 @@ class Bench:
             for key in sums:
                 sums[key] += getattr(stats, key)
         end, cpu = time.perf_counter(), time.process_time() - cpu0
-        if done != len(todo) or not store.done(r)[todo].all():
+        if done != len(todo) or not store.rounds.done(r)[todo].all():
             raise RuntimeError(f"{label}: {len(todo) - done} of {len(todo)} cases were not labelled")
         steady = (done - first_n) / (end - first_t) if done > first_n and end > first_t else float("nan")
         return StreamRun(done, end - t0, first_t - t0, steady, cpu, sums["infer_s"], sums["ddim_s"], sums["store_s"])
 
     def local(self, engine_factory, store: PseudoLabelStore, label: str, num_cases: int, batch_size: int | None = None) -> StreamRun:
-        """The loop in this process without Ray: build the engine, then ``pipeline.label_cases`` batch by batch."""
+        """The loop in this process without Ray: build the engine, then ``rounds.steps.label_cases`` batch by batch."""
 
         def label_fn(r, batches):
             engine = engine_factory(benchmark_config(self.work_dir), self.models, torch.device("cpu"))
             for indices in batches:
-                yield pipeline.label_cases(engine, store, r, indices)
+                yield label_cases(engine, store, r, indices)
 
         return self.stream(label_fn, store, label, num_cases, batch_size)
 
@@ -263,7 +266,7 @@ class Bench:
 
     def pool(self, num_workers: int, *, noop: bool = False):
         """A :class:`RayExecutor` with ``num_workers`` one-thread workers; its pool stays up until ``close()``."""
-        from caudo_ray.actors import RayExecutor
+        from caudo_ray.distributed.executor import RayExecutor
 
         cfg = benchmark_config(self.work_dir, num_workers)
         store = self.noop_store if noop else self.model_store
@@ -448,21 +451,21 @@ def _met(res: dict, key: str) -> str:
 
 def log_to_mlflow(res: dict, work_dir: Path, profile_name: str) -> str:
     """Logs the results to the sqlite MLflow store in ``work_dir``; returns the run id."""
-    tracker = tracking.Tracker(
-        tracking.default_tracking_uri(work_dir),
+    tracker = Tracker(
+        sqlite_tracking_uri(Path(work_dir) / "mlflow.db"),
         "caudo-ray-benchmarks",
         run_name=f"throughput-{profile_name}",
         artifact_root=work_dir / "mlartifacts",
         tags={"benchmark": "throughput", "profile": profile_name},
     )
     tracker.log_params({"profile": profile_name, **res["profile"], "models": res["models"], "cpu_count": res["cpu_count"]})
-    metrics = {f"bench/{k}": v for k, v in tracking.flatten(res).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    metrics = {f"bench/{k}": v for k, v in flatten(res).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     one = res["per_case_ms"]["pipeline_1w"]
     metrics.update({
-        tracking.CASES_PER_S: res["pipeline_1w_cases_per_s"],
-        tracking.INFER_S_PER_CASE: one["infer_ms_per_case"] / 1e3,
-        tracking.DDIM_S_PER_CASE: one["ddim_ms_per_case"] / 1e3,
-        tracking.STORE_S_PER_CASE: one["store_write_ms_per_case"] / 1e3,
+        names.CASES_PER_S: res["pipeline_1w_cases_per_s"],
+        names.INFER_S_PER_CASE: one["infer_ms_per_case"] / 1e3,
+        names.DDIM_S_PER_CASE: one["ddim_ms_per_case"] / 1e3,
+        names.STORE_S_PER_CASE: one["store_write_ms_per_case"] / 1e3,
     })
     tracker.log_metrics(metrics, step=0)
     tracker.log_dict(res, "throughput.json")
@@ -480,7 +483,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     import ray
 
-    from caudo_ray.actors import init_ray
+    from caudo_ray.distributed.cluster import init_ray
 
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     name = "quick" if args.quick else "default"
@@ -494,7 +497,7 @@ def main(argv: list[str] | None = None) -> dict:
         if started_ray:
             ray.shutdown()
     res["mlflow_run_id"] = log_to_mlflow(res, work_dir, name)
-    res["mlflow_tracking_uri"] = tracking.default_tracking_uri(work_dir)
+    res["mlflow_tracking_uri"] = sqlite_tracking_uri(Path(work_dir) / "mlflow.db")
     out = args.out or work_dir / "throughput.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=2))

@@ -39,9 +39,10 @@ from benchmarks.accuracy import (
     _default_group_column,
     _subset_dataset,
 )
-from caudo_ray import selection
 from caudo_ray.config import load_config
-from caudo_ray.tune import PARAM_GUIDANCE, PARAM_STRENGTH, format_trials, run_tune
+from caudo_ray.distributed.tune import format_trials, run_tune
+from caudo_ray.metrics import spearman
+from caudo_ray.tracking.names import PARAM_GUIDANCE, PARAM_STRENGTH
 
 PROFILES: dict[str, dict[str, Any]] = {
     "fast": {
@@ -176,7 +177,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         },
         "configs": len(result.trials),
         "eval_cases": result.eval_cases,
-        "spearman_proxy_vs_dice": selection.spearman(proxy, dice),
+        "spearman_proxy_vs_dice": spearman(proxy, dice),
         "pseudo_dice": {
             "min": float(dice.min()),
             "max": float(dice.max()),

@@ -17,7 +17,18 @@ from typing import Any
 import yaml
 
 from caudo_ray.config import ConfigError, RunConfig, load_config
+from caudo_ray.data import format_report, inspect_dataset
+from caudo_ray.distributed.executor import RayExecutor
+from caudo_ray.distributed.tune import format_trials, run_tune
 from caudo_ray.errors import DataError, StoreError
+from caudo_ray.inference import predict_folder
+from caudo_ray.rounds.steps import annotation_queries
+from caudo_ray.run.calibrate_dataset import calibrate_dataset
+from caudo_ray.run.coordinator import Coordinator
+from caudo_ray.store import PseudoLabelStore, export_round
+from caudo_ray.tracking.report import DashboardError, build_dashboard
+from caudo_ray.tracking.tracker import sqlite_tracking_uri
+from caudo_ray.workspace import Workspace
 
 EXIT_OK, EXIT_FAILED, EXIT_REFUSED, EXIT_SKIPPED = 0, 1, 2, 3
 
@@ -51,6 +62,16 @@ def _parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="self-training on the embedded phantoms (what `make demo` runs)")
     _run_options(demo, config_required=False)
     demo.set_defaults(func=cmd_demo)
+
+    calib = sub.add_parser("calibrate", help="label and calibrate a new dataset with a finished run's models")
+    calib.add_argument("--run", required=True, help="work dir of a finished self-training run")
+    calib.add_argument("--data", required=True, help="dataset folder (images/, optional unlabeled/)")
+    calib.add_argument("--out", required=True, help="output folder: store.zarr and labels/")
+    calib.add_argument("--format", choices=["source", "png", "nifti"], default="source")
+    calib.add_argument("--no-ray", action="store_true", help="run in this process, without Ray")
+    calib.add_argument("--address", default=None, help="Ray cluster to join (e.g. auto, or host:6379)")
+    calib.add_argument("--quiet", action="store_true", help="no progress bars")
+    calib.set_defaults(func=cmd_calibrate)
 
     pred = sub.add_parser("predict", help="segment a folder of images with a finished run's final model")
     pred.add_argument("--work-dir", required=True, help="work dir of a finished run")
@@ -141,8 +162,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from caudo_ray.tune import format_trials, run_tune
-
     result = run_tune(config_from_args(args), progress=not args.quiet)
     print(format_trials(result.trials, result.objective, result.best))
     print(f"best {result.objective}: {result.best.metrics['objective']:.4f} with {result.best.params}")
@@ -158,12 +177,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     cfg = config_from_args(args, base=demo_config_path())
     code = _run(cfg, progress=not args.quiet)
     if code in (EXIT_OK, EXIT_SKIPPED):
-        work = Path(cfg.work_dir).resolve()
+        ws = Workspace.of(cfg)
         print(
             "\nDemo finished.\n"
-            f"  pseudo-label store (Zarr): {work / 'store.zarr'}\n"
-            f"  MLflow store:              {work / 'mlflow.db'}\n"
-            f"  open the MLflow UI:        .venv/bin/mlflow ui --backend-store-uri sqlite:///{work / 'mlflow.db'} --host 127.0.0.1\n"
+            f"  pseudo-label store (Zarr): {ws.store_url}\n"
+            f"  MLflow store:              {ws.mlflow_db.resolve()}\n"
+            f"  open the MLflow UI:        .venv/bin/mlflow ui --backend-store-uri {sqlite_tracking_uri(ws.mlflow_db)} --host 127.0.0.1\n"
             f"  annotation queries:        .venv/bin/caudo-ray queries --work-dir {cfg.work_dir}\n"
             f"  export calibrated labels:  .venv/bin/caudo-ray export --work-dir {cfg.work_dir} labels_out/"
         )
@@ -171,13 +190,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _run(cfg: RunConfig, progress: bool) -> int:
-    from caudo_ray.coordinator import Coordinator
-
-    factory = None
-    if cfg.runtime.use_ray:
-        from caudo_ray.actors import RayExecutor
-
-        factory = RayExecutor
+    factory = RayExecutor if cfg.runtime.use_ray else None
     result = Coordinator(cfg, executor_factory=factory, progress=progress).run()
     for summary in result.rounds:
         shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in summary.items() if not isinstance(v, dict)}
@@ -188,28 +201,29 @@ def _run(cfg: RunConfig, progress: bool) -> int:
     if result.dashboard is not None:
         print(f"dashboard: {result.dashboard}")
     if result.skipped:
-        print(f"completed with {len(result.skipped)} skipped input(s); see {Path(cfg.work_dir) / 'run.log'}:", file=sys.stderr)
+        print(f"completed with {len(result.skipped)} skipped input(s); see {Workspace.of(cfg).log_path}:", file=sys.stderr)
         for source, reason in sorted(result.skipped.items()):
             print(f"  {source}: {reason}", file=sys.stderr)
         return EXIT_SKIPPED
     return EXIT_OK
 
 
-def _open_store(work_dir: str):
-    from caudo_ray.store import PseudoLabelStore
-    from caudo_ray.workspace import Workspace
-
-    config = Path(work_dir) / "config.yaml"
+def _saved_config(work_dir: str) -> RunConfig:
+    config = Workspace(Path(work_dir)).config_path
     if not config.exists():
         raise StoreError(f"{work_dir} has no config.yaml: is it the work dir of a run?")
-    return PseudoLabelStore.open(Workspace.of(load_config(config)).store_url, mode="r")
+    return load_config(config)
+
+
+def _open_store(work_dir: str) -> PseudoLabelStore:
+    return PseudoLabelStore.open(Workspace.of(_saved_config(work_dir)).store_url, mode="r")
 
 
 def _last_round(store, asked: int | None) -> int:
-    committed = store.committed_rounds()
+    committed = store.rounds.committed()
     if asked is not None:
-        if asked not in store.rounds():
-            raise StoreError(f"round {asked} does not exist (rounds: {store.rounds()})")
+        if asked not in store.rounds.numbers():
+            raise StoreError(f"round {asked} does not exist (rounds: {store.rounds.numbers()})")
         return asked
     if not committed:
         raise StoreError("no round has been committed yet")
@@ -219,30 +233,40 @@ def _last_round(store, asked: int | None) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     store = _open_store(args.work_dir)
     r = _last_round(store, args.round)
-    written = store.export_round(r, args.output, which=args.which, fmt=args.format, selected_only=args.selected_only)
+    written = export_round(store, r, args.output, which=args.which, fmt=args.format, selected_only=args.selected_only)
     print(f"wrote {len(written)} {args.which} label files of round {r} to {args.output}")
     return EXIT_OK
 
 
 def cmd_queries(args: argparse.Namespace) -> int:
-    from caudo_ray import pipeline
-
-    cfg = load_config(Path(args.work_dir) / "config.yaml")
-    store = _open_store(args.work_dir)
+    cfg = _saved_config(args.work_dir)
+    store = PseudoLabelStore.open(Workspace.of(cfg).store_url, mode="r")
     r = _last_round(store, args.round)
-    rows = pipeline.annotation_queries(store, r, args.k if args.k is not None else cfg.selection.num_queries)
+    rows = annotation_queries(store, r, args.k if args.k is not None else cfg.selection.num_queries)
     if args.json:
         print(json.dumps([{"case_id": c, "reliability": s} for c, s in rows], indent=2))
     else:
-        print(f"least reliable cases of round {r} (label them into {Path(args.work_dir) / 'annotations'}/<case_id>.png):")
+        print(f"least reliable cases of round {r} (label them into {Workspace.of(cfg).annotations_dir}/<case_id>.png):")
         for rank, (case_id, score) in enumerate(rows, 1):
             print(f"{rank:4d}  {case_id}  reliability={score:.3f}")
     return EXIT_OK
 
 
-def cmd_predict(args: argparse.Namespace) -> int:
-    from caudo_ray.inference import predict_folder
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    summary = calibrate_dataset(
+        args.run,
+        args.data,
+        args.out,
+        overrides={"runtime.address": args.address} if args.address else None,
+        executor_factory=None if args.no_ray else RayExecutor,
+        fmt=args.format,
+        progress=not args.quiet,
+    )
+    print(json.dumps({k: v for k, v in summary.items() if k != "perf"}, indent=2, default=str))
+    return EXIT_SKIPPED if summary["skipped"] else EXIT_OK
 
+
+def cmd_predict(args: argparse.Namespace) -> int:
     written, skipped = predict_folder(Path(args.work_dir), args.inputs, args.output)
     print(f"wrote {len(written)} masks to {args.output}")
     for source, reason in skipped.items():
@@ -251,20 +275,17 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
-    from caudo_ray.dashboard import DashboardError, build_dashboard
-    from caudo_ray.tracking import default_tracking_uri
-    from caudo_ray.workspace import Workspace
-
     uri, run_ids, out = args.tracking_uri, args.run_id, args.out
     if args.work_dir is not None:
-        info = Workspace(Path(args.work_dir)).read_run_info()
-        if not info and not (Path(args.work_dir) / "mlflow.db").exists():
+        ws = Workspace(Path(args.work_dir))
+        info = ws.read_run_info()
+        if not info and not ws.mlflow_db.exists():
             print(f"error: {args.work_dir} has no run.json or mlflow.db: is it the work dir of a run?", file=sys.stderr)
             return EXIT_REFUSED
-        uri = info.get("tracking_uri") or default_tracking_uri(args.work_dir)
+        uri = info.get("tracking_uri") or sqlite_tracking_uri(ws.mlflow_db)
         if run_ids is None and args.experiment is None and info.get("run_id"):
             run_ids = [info["run_id"]]
-        out = out or Path(args.work_dir) / "dashboard.html"
+        out = out or ws.dashboard_path
     if uri is None or (run_ids is None and args.experiment is None):
         print("error: name the runs (--run-id or --experiment) and their store (--tracking-uri or --work-dir)", file=sys.stderr)
         return EXIT_REFUSED
@@ -279,8 +300,6 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from caudo_ray.data import format_report, inspect_dataset
-
     group_column = args.group_column
     if group_column is None:
         group_column = _guess_group_column(args.path)

@@ -64,6 +64,10 @@ class DataConfig:
     # false: a grayscale modality, where a colour picture is the wrong modality and is refused; true: colour
     # pictures are expected and read as luminance.
     color: bool = False
+    # meta.csv columns naming the 3D volume of each 2D slice file and the slice's integer position in it, so test
+    # metrics can stack a volume's slices in order; used only when both are present. NIfTI volumes need neither.
+    volume_column: str | None = "volume"
+    slice_column: str | None = "slice"
     phantom: PhantomConfig = field(default_factory=PhantomConfig)
 
     def validate(self, key: str) -> None:
@@ -76,18 +80,38 @@ class DataConfig:
         if self.nifti_axis not in (0, 1, 2):
             raise ConfigError(f"{key}.nifti_axis", f"must be 0, 1 or 2, got {self.nifti_axis}")
         _positive(f"{key}.max_pixels", self.max_pixels)
+        for name in ("volume_column", "slice_column"):
+            if getattr(self, name) is not None and not getattr(self, name).strip():
+                raise ConfigError(f"{key}.{name}", "must name a meta.csv column, or be null")
+        if self.volume_column is not None and self.volume_column == self.slice_column:
+            raise ConfigError(f"{key}.slice_column", f"must differ from {key}.volume_column ({self.volume_column!r})")
         self.phantom.validate(f"{key}.phantom")
 
 
 @dataclass
 class SplitConfig:
-    """Group-wise split of the labelled cases into exemplar(s), pool, validation and test."""
+    """Group-wise split of the labelled cases into the labelled set (exemplars), pool, validation and test.
+
+    The sets come from ``datalist`` when given, else from meta.csv's ``column`` when the data set has it, else
+    from a seeded group-wise draw by ``val_fraction`` / ``test_fraction`` (which a predefined split ignores).
+    The labelled set is chosen one way only: ``exemplars`` (case ids), ``labelled_groups`` (every labelled
+    slice of these groups: "1 case" = one patient), ``num_labelled_groups`` (that many training groups drawn
+    by seed), or else ``num_exemplars`` cases drawn by seed (default 1: one slice, the one-shot setting).
+    """
 
     seed: int = 0
     val_fraction: float = 0.1
     test_fraction: float = 0.2
     exemplars: list[str] | None = None  # case ids; None: drawn by seed
     num_exemplars: int = 1
+    labelled_groups: list[str] | None = None  # group ids (patients): all their labelled cases are exemplars
+    num_labelled_groups: int | None = None  # that many training groups drawn by seed, all their cases labelled
+    # meta.csv column naming each file's set (train / val / test, or training / validation); null, or a data set
+    # without the column: the seeded split.
+    column: str | None = "split"
+    # Medical Segmentation Decathlon datalist JSON (training / validation / test lists), relative to the data
+    # folder; it takes precedence over the split column.
+    datalist: str | None = None
 
     def validate(self, key: str) -> None:
         _fraction(f"{key}.val_fraction", self.val_fraction, allow_zero=True)
@@ -100,6 +124,22 @@ class SplitConfig:
         _positive(f"{key}.num_exemplars", self.num_exemplars)
         if self.exemplars is not None and not self.exemplars:
             raise ConfigError(f"{key}.exemplars", "must name at least one case id, or be omitted")
+        if self.labelled_groups is not None:
+            if not self.labelled_groups:
+                raise ConfigError(f"{key}.labelled_groups", "must name at least one group, or be omitted")
+            if len(set(self.labelled_groups)) != len(self.labelled_groups):
+                raise ConfigError(f"{key}.labelled_groups", f"groups repeat: {self.labelled_groups}")
+        if self.num_labelled_groups is not None:
+            _positive(f"{key}.num_labelled_groups", self.num_labelled_groups)
+        ways = [name for name in ("exemplars", "labelled_groups", "num_labelled_groups") if getattr(self, name) is not None]
+        if len(ways) > 1:
+            raise ConfigError(f"{key}.{ways[1]}", f"contradicts {key}.{ways[0]}: choose the labelled set one way")
+        # num_exemplars always has a value (1); only another count beside a chosen way is a contradiction.
+        if ways and self.num_exemplars != 1:
+            raise ConfigError(f"{key}.num_exemplars", f"{self.num_exemplars} contradicts {key}.{ways[0]}: choose the labelled set one way")
+        for name in ("column", "datalist"):
+            if getattr(self, name) is not None and not getattr(self, name).strip():
+                raise ConfigError(f"{key}.{name}", "must not be empty; use null to leave it out")
 
 
 @dataclass

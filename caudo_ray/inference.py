@@ -8,11 +8,13 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from caudo_ray import data as D
-from caudo_ray import segmenter as seg
 from caudo_ray.config import load_config
 from caudo_ray.data.readers import file_format
 from caudo_ray.errors import DataError
-from caudo_ray.method import RoundModels, resolve_device
+from caudo_ray.networks.bundle import RoundModels, build_models
+from caudo_ray.networks.device import resolve_device
+from caudo_ray.networks.segmenter import predict
+from caudo_ray.workspace import Workspace
 
 
 def predict_folder(work_dir: Path, inputs: Path, output: Path, *, progress: bool = True) -> tuple[list[Path], dict[str, str]]:
@@ -24,15 +26,15 @@ def predict_folder(work_dir: Path, inputs: Path, output: Path, *, progress: bool
     Returns:
         (paths written, {file: reason} of the skipped inputs).
     """
-    cfg = load_config(work_dir / "config.yaml")
-    model_path = work_dir / "models" / "final.pt"
-    if not model_path.exists():
-        raise DataError(str(model_path), "no final model: the run in this work dir has not finished")
-    models = RoundModels.load(model_path)
+    ws = Workspace(Path(work_dir))
+    if not ws.config_path.exists():
+        raise DataError(str(ws.config_path), "no run config: is this the work dir of a run?")
+    cfg = load_config(ws.config_path)
+    if not ws.final_model_path.exists():
+        raise DataError(str(ws.final_model_path), "no final model: the run in this work dir has not finished")
+    models = RoundModels.load(ws.final_model_path)
     device = resolve_device(cfg.device)
-    net = seg.build_segmenter(cfg.segmenter, models.num_classes)
-    net.load_state_dict(models.segmenter)
-    net.to(device).eval()
+    net, _ = build_models(cfg, models, device)
 
     files = sorted(p for p in Path(inputs).iterdir() if p.is_file() and not p.name.startswith("."))
     written: list[Path] = []
@@ -45,7 +47,7 @@ def predict_folder(work_dir: Path, inputs: Path, output: Path, *, progress: bool
             skipped[str(path)] = err.problem
             continue
         batch = np.stack([D.resize_image(D.normalize_intensity(img), cfg.data.working_size) for img, _ in slices])
-        labels = seg.predict(net, batch, device=str(device), return_features=False).probs.argmax(1).astype(np.uint8)
+        labels = predict(net, batch, device=str(device), return_features=False).probs.argmax(1).astype(np.uint8)
         restored = [D.restore_mask(lab, geom) for lab, (_, geom) in zip(labels, slices)]
         out = output / path.name
         if slices[0][1].is_volume_slice:

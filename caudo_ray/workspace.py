@@ -1,7 +1,4 @@
-"""A run's work dir: config, split, pseudo-label store, round models, MLflow store, annotations.
-
-``prepare_run`` brings a work dir to the point where rounds can start, and does it idempotently: a rerun of the
-same command finds the saved split, the store and the images already loaded, and only checks them.
+"""A run's work dir: every path inside it, in one place.
 
 Layout::
 
@@ -9,33 +6,29 @@ Layout::
       config.yaml        the validated config the run uses
       split.json         exemplars / pool / val / test case ids
       store.zarr/        PseudoLabelStore (unless runtime.store_url points elsewhere)
-      models/round_<r>.pt   weights of round r (torch state dicts; loaded with weights_only=True)
+      models/round_<r>.pt, models/final.pt   weights of each round and of the final segmenter
+      checkpoints/train_<r>.pt               training checkpoints (round ``rounds`` is the final segmenter)
       annotations/       masks a person adds between rounds, named <case_id>.png; they join the exemplars
       mlflow.db, mlartifacts/   default MLflow tracking store
       run.json           MLflow run id, so a resumed run logs into the run it started
       run.log            what was skipped and why, round summaries
+      phantoms/          the embedded default data, generated when ``data.path`` is null
+      dashboard.html     the run's label-quality dashboard
+      ray_train/         Ray Train checkpoints of data-parallel training
 """
 
 from __future__ import annotations
 
 import json
-import logging
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-from tqdm.auto import tqdm
+from caudo_ray.config import RunConfig
 
-from caudo_ray import data as D
-from caudo_ray.config import ConfigError, RunConfig, load_config, save_config
-from caudo_ray.errors import DataError, StoreError
-from caudo_ray.store import NO_TRUTH, PseudoLabelStore
-
-log = logging.getLogger("caudo_ray")
+_ROUND_MODEL = "round_{}.pt"
 
 
-@dataclass
+@dataclass(frozen=True)
 class Workspace:
     """Paths of one run's work dir, and where its store lives (``runtime.store_url``, default inside it)."""
 
@@ -63,11 +56,24 @@ class Workspace:
         return self.root / "models"
 
     def model_path(self, r: int) -> Path:
-        return self.models_dir / f"round_{r}.pt"
+        return self.models_dir / _ROUND_MODEL.format(r)
+
+    def saved_rounds(self) -> list[int]:
+        """Rounds whose models are saved, ascending."""
+        found = []
+        for path in self.models_dir.glob(_ROUND_MODEL.format("*")):
+            number = path.stem.removeprefix("round_")
+            if number.isdigit():
+                found.append(int(number))
+        return sorted(found)
 
     @property
     def final_model_path(self) -> Path:
         return self.models_dir / "final.pt"
+
+    def checkpoint_path(self, r: int) -> Path:
+        """Round ``r``'s training checkpoint; the final segmenter's is round ``rounds``."""
+        return self.root / "checkpoints" / f"train_{r}.pt"
 
     @property
     def annotations_dir(self) -> Path:
@@ -85,6 +91,22 @@ class Workspace:
     def phantom_dir(self) -> Path:
         return self.root / "phantoms"
 
+    @property
+    def mlflow_db(self) -> Path:
+        return self.root / "mlflow.db"
+
+    @property
+    def artifacts_dir(self) -> Path:
+        return self.root / "mlartifacts"
+
+    @property
+    def dashboard_path(self) -> Path:
+        return self.root / "dashboard.html"
+
+    @property
+    def ray_train_dir(self) -> Path:
+        return self.root / "ray_train"
+
     def read_run_info(self) -> dict:
         return json.loads(self.run_info_path.read_text()) if self.run_info_path.exists() else {}
 
@@ -92,201 +114,3 @@ class Workspace:
         tmp = self.run_info_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(info, indent=2))
         tmp.replace(self.run_info_path)
-
-
-@dataclass
-class PreparedRun:
-    """Everything a round needs, with the pool living in the store rather than in memory."""
-
-    cfg: RunConfig
-    workspace: Workspace
-    data_root: Path
-    index: D.DatasetIndex
-    split: D.Split
-    store: PseudoLabelStore
-    num_classes: int
-    skipped: dict[str, str] = field(default_factory=dict)  # case id or file -> reason
-
-
-def prepare_run(cfg: RunConfig, *, progress: bool = True, on_skip: Callable[[str, str], None] | None = None) -> PreparedRun:
-    """Create or reopen the work dir of ``cfg`` and load the pool into its store.
-
-    The store's single-writer lock is taken for this process; the caller releases it (``store.release_lock()``).
-
-    Raises:
-        DataError: an exemplar or a validation case is unusable (the pool skips bad files instead).
-        StoreError: the work dir holds a store written under another config, or another run holds its lock.
-    """
-    ws = Workspace.of(cfg)
-    ws.root.mkdir(parents=True, exist_ok=True)
-    ws.models_dir.mkdir(exist_ok=True)
-    ws.annotations_dir.mkdir(exist_ok=True)
-    _check_saved_config(cfg, ws)
-
-    data_root = Path(cfg.data.path) if cfg.data.path else ws.phantom_dir
-    if cfg.data.path is None and not (data_root / "images").is_dir():
-        D.write_phantom_dataset(data_root, cfg.data.phantom)
-    index = D.index_dataset(data_root, group_column=cfg.data.group_column)
-    num_classes = cfg.data.num_classes or D.discover_num_classes(index)
-    split = _load_or_make_split(cfg, ws, index)
-
-    skipped: dict[str, str] = {}
-
-    def skip(source: str, reason: str) -> None:
-        skipped[source] = reason
-        log.warning("skipped %s: %s", source, reason)
-        if on_skip is not None:
-            on_skip(source, reason)
-
-    for source, problem in index.problems:
-        skip(str(source), problem)
-
-    refs = {r.case_id: r for r in index.labelled + index.unlabelled}
-    pool_refs = [refs[cid] for cid in split.pool]
-    store = _open_or_create_store(cfg, ws, pool_refs, num_classes)
-    # One run per store: a second run on the same work dir is refused here, before it writes anything.
-    store.acquire_lock(owner=f"caudo-ray run {ws.root.resolve()}")
-
-    load_pool(store, pool_refs, cfg, num_classes, skip, progress)
-    _load_exemplars(store, [refs[c] for c in split.exemplars] + _annotation_refs(ws, refs), cfg, num_classes)
-    return PreparedRun(cfg, ws, data_root, index, split, store, num_classes, skipped)
-
-
-def load_labelled(prepared: PreparedRun, case_ids: list[str], *, skip_bad: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Images and masks of labelled cases (validation, test) at the working size.
-
-    Args:
-        skip_bad: leave out cases that cannot be loaded, recording each in ``prepared.skipped`` and the log
-            (a run validates on the remaining cases); False raises the first :class:`DataError`.
-    """
-    refs = {r.case_id: r for r in prepared.index.labelled}
-    cases = []
-    for c in case_ids:
-        try:
-            cases.append(load_case(refs[c], prepared.cfg, prepared.num_classes))
-        except DataError as err:
-            if not skip_bad:
-                raise
-            prepared.skipped[err.source] = err.problem
-            log.warning("skipped %s: %s", err.source, err.problem)
-    if not cases:
-        h, w = prepared.cfg.data.working_size
-        return np.zeros((0, h, w), np.float32), np.zeros((0, h, w), np.uint8)
-    return np.stack([c.image for c in cases]), np.stack([c.mask for c in cases])
-
-
-def load_case(ref: D.CaseRef, cfg: RunConfig, num_classes: int) -> D.Case:
-    """A case at the config's working size, with its input limits (``data.max_pixels``, ``data.color``)."""
-    return D.load_case(ref, cfg.data.working_size, num_classes, max_pixels=cfg.data.max_pixels, grayscale=not cfg.data.color)
-
-
-def _check_saved_config(cfg: RunConfig, ws: Workspace) -> None:
-    if ws.config_path.exists():
-        saved = load_config(ws.config_path)
-        if saved.method_hash() != cfg.method_hash():
-            raise StoreError(
-                f"{ws.root} holds a run made with a different config ({ws.config_path}); "
-                "use a new work_dir, or the same config to resume"
-            )
-    save_config(cfg, ws.config_path)
-
-
-def _load_or_make_split(cfg: RunConfig, ws: Workspace, index: D.DatasetIndex) -> D.Split:
-    if ws.split_path.exists():
-        return D.Split.from_json(ws.split_path)
-    s = cfg.split
-    try:
-        split = D.make_split(
-            index,
-            seed=s.seed,
-            val_fraction=s.val_fraction,
-            test_fraction=s.test_fraction,
-            exemplars=s.exemplars,
-            num_exemplars=s.num_exemplars,
-        )
-    except DataError as err:
-        if err.source.startswith("split."):
-            # The split's settings cannot work with this data set: a config error, refused before any work.
-            raise ConfigError(err.source, err.problem) from None
-        raise
-    split.to_json(ws.split_path)
-    return split
-
-
-def _open_or_create_store(cfg: RunConfig, ws: Workspace, pool_refs: list[D.CaseRef], num_classes: int) -> PseudoLabelStore:
-    config_hash = cfg.method_hash()
-    try:
-        return PseudoLabelStore.open(ws.store_url, config_hash=config_hash)
-    except FileNotFoundError:
-        pass
-    return PseudoLabelStore.create(
-        ws.store_url,
-        case_ids=[r.case_id for r in pool_refs],
-        geometries=[{} for _ in pool_refs],
-        working_size=tuple(cfg.data.working_size),
-        num_classes=num_classes,
-        config_hash=config_hash,
-        provenance={"data": str(cfg.data.path or "phantoms"), "config": cfg.to_dict()},
-    )
-
-
-def load_pool(store: PseudoLabelStore, pool_refs, cfg: RunConfig, num_classes: int, skip, progress: bool) -> None:
-    """Read, preprocess and store every pool image not yet in the store; bad files are skipped, not fatal."""
-    already = store.skipped
-    # Files an earlier invocation skipped stay skipped; a resumed run reports them again (exit status 3, MLflow).
-    for ref in pool_refs:
-        if ref.case_id in already:
-            skip(str(ref.image_path), already[ref.case_id])
-    todo = [int(i) for i in store.images_missing() if store.case_ids[int(i)] not in already]
-    if not todo:
-        return
-    batch: list[tuple[int, D.Case]] = []
-
-    def flush() -> None:
-        if not batch:
-            return
-        idx = np.array([i for i, _ in batch])
-        truth = np.stack([c.mask if c.mask is not None else np.full_like(c.image, NO_TRUTH, np.uint8) for _, c in batch])
-        store.write_cases(
-            idx,
-            images=np.stack([c.image for _, c in batch]),
-            truth=truth,
-            geometries=[c.geometry.to_dict() for _, c in batch],
-        )
-        batch.clear()
-
-    for i in tqdm(todo, desc="loading pool", unit="case", disable=not progress):
-        ref = pool_refs[i]
-        try:
-            case = load_case(ref, cfg, num_classes)
-        except DataError as err:
-            store.mark_skipped(i, err.problem)
-            skip(err.source, err.problem)
-            continue
-        batch.append((i, case))
-        if len(batch) >= 64:
-            flush()
-    flush()
-
-
-def _annotation_refs(ws: Workspace, refs: dict[str, D.CaseRef]) -> list[D.CaseRef]:
-    """Masks a person added between rounds (``annotations/<case_id>.<ext>``) become exemplars."""
-    added = []
-    for path in sorted(ws.annotations_dir.iterdir()):
-        case_id = D.validate_case_id(D.file_stem(path), source=str(path))
-        if case_id not in refs:
-            raise DataError(str(path), f"annotation names case {case_id!r}, which is not in the dataset")
-        ref = refs[case_id]
-        added.append(D.CaseRef(case_id=case_id, image_path=ref.image_path, mask_path=path, group=ref.group, slice_index=ref.slice_index, labelled=True))
-    return added
-
-
-def _load_exemplars(store: PseudoLabelStore, refs: list[D.CaseRef], cfg: RunConfig, num_classes: int) -> None:
-    ids = [r.case_id for r in refs]
-    current, _, _ = store.exemplars()
-    if list(current) == ids:
-        return
-    cases = [load_case(r, cfg, num_classes) for r in refs]
-    for case in cases:
-        D.check_exemplar(case)
-    store.set_exemplars(ids, np.stack([c.image for c in cases]), np.stack([c.mask for c in cases]))

@@ -7,14 +7,14 @@ import pytest
 from conftest import tiny_config
 from test_coordinator import assert_complete_run, assert_mlflow_run
 
-from caudo_ray.coordinator import Coordinator
+from caudo_ray.run.coordinator import Coordinator
 from caudo_ray.store import PseudoLabelStore
 
 
 @pytest.fixture(scope="module")
 def runs(ray_session, tmp_path_factory):
     """The same tiny two-round config run on Ray (2 workers, 1 CPU each) and in this process."""
-    from caudo_ray.actors import RayExecutor
+    from caudo_ray.distributed.executor import RayExecutor
 
     root = tmp_path_factory.mktemp("ray")
     # A 0-CPU trainer fits beside both 1-CPU workers on the 2-CPU cluster, so all actors start once per run
@@ -42,10 +42,10 @@ def test_ray_results_equal_the_local_executors(runs):
     a, b = PseudoLabelStore.open(ray_result.store_url), PseudoLabelStore.open(local_result.store_url)
     assert a.case_ids == b.case_ids
     for r in range(cfg.rounds):
-        x, y = a.read_round(r), b.read_round(r)
+        x, y = a.rounds.read(r), b.rounds.read(r)
         np.testing.assert_array_equal(x["initial"], y["initial"])
         np.testing.assert_array_equal(x["calibrated"], y["calibrated"])
         for name in ("reliability", "agreement", "confidence", "entropy", "area", "initial_dice", "calibrated_dice"):
             np.testing.assert_array_equal(x["scores"][name], y["scores"][name], err_msg=f"round {r} {name}")
-        np.testing.assert_array_equal(a.selected(r), b.selected(r))
+        np.testing.assert_array_equal(a.rounds.selected(r), b.rounds.selected(r))
     assert ray_result.final_metrics == local_result.final_metrics

@@ -26,10 +26,10 @@ from mlflow import MlflowClient
 from PIL import Image
 
 from caudo_ray import data as D
-from caudo_ray import tracking
 from caudo_ray.cli import EXIT_FAILED, EXIT_REFUSED, EXIT_SKIPPED, main
 from caudo_ray.config import PhantomConfig, save_config
 from caudo_ray.store import PseudoLabelStore
+from caudo_ray.tracking import names
 from caudo_ray.workspace import Workspace
 
 pytestmark = pytest.mark.faults
@@ -163,9 +163,9 @@ def test_every_bad_case_reported_and_the_run_completes_with_exit_3(catalogue_run
         assert any(re.search(reason, line) for line in lines), (name, lines)
     # the run completed on the good cases: every usable pool case labelled, the final model written
     store = PseudoLabelStore.open(str(work / "store.zarr"))
-    assert store.is_committed(0)
+    assert store.rounds.is_committed(0)
     usable = store.usable_mask()
-    assert usable.sum() >= 6 and store.done(0)[usable].all()
+    assert usable.sum() >= 6 and store.rounds.done(0)[usable].all()
     assert (work / "models" / "final.pt").is_file()
 
 
@@ -179,7 +179,7 @@ def test_every_bad_case_in_mlflow(catalogue_run):
     reported = json.loads(Path(skipped).read_text())
     for name in expected:
         assert [src for src in reported if Path(src).name == name], f"{name} missing from data/skipped.json"
-    assert run.data.metrics[tracking.SKIPPED] == len(reported) >= len(expected)
+    assert run.data.metrics[names.SKIPPED] == len(reported) >= len(expected)
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,7 @@ import pytest
 from conftest import REPO_ROOT
 from mlflow import MlflowClient
 
-from caudo_ray import tracking
+from caudo_ray.tracking import names
 
 HEADLINE = (
     "bare_cases_per_s",
@@ -48,5 +48,5 @@ def test_quick_profile_writes_every_field_and_logs_to_mlflow(ray_session, tmp_pa
     run = MlflowClient(tracking_uri=report["mlflow_tracking_uri"]).get_run(report["mlflow_run_id"])
     assert run.info.status == "FINISHED"
     assert run.data.metrics["bench/bare_cases_per_s"] == report["bare_cases_per_s"]
-    assert run.data.metrics[tracking.CASES_PER_S] == report["pipeline_1w_cases_per_s"]
-    assert tracking.DDIM_S_PER_CASE in run.data.metrics and tracking.STORE_S_PER_CASE in run.data.metrics
+    assert run.data.metrics[names.CASES_PER_S] == report["pipeline_1w_cases_per_s"]
+    assert names.DDIM_S_PER_CASE in run.data.metrics and names.STORE_S_PER_CASE in run.data.metrics

@@ -11,18 +11,16 @@ import torch.nn.functional as F
 from monai.losses import DiceCELoss
 from monai.networks.nets import UNet
 
-from caudo_ray.calibrator import (
-    Calibrator,
-    LabelAutoencoder,
-    build_guidance,
-    calibrate,
-    corrupt_labels,
-    ddim_timesteps,
-    train_calibrator,
-)
+from caudo_ray.calibration.corruptions import corrupt_labels
+from caudo_ray.calibration.sampling import calibrate
+from caudo_ray.calibration.schedule import CalibrationSchedule
+from caudo_ray.calibration.training import train_calibrator
 from caudo_ray.config import CalibratorConfig, SegmenterConfig
 from caudo_ray.errors import DataError
-from caudo_ray.segmenter import augment_views
+from caudo_ray.networks.autoencoder import LabelAutoencoder
+from caudo_ray.networks.calibrator import Calibrator
+from caudo_ray.training.inputs import RoundInputs
+from caudo_ray.transforms.augment import augment_views
 
 torch.set_num_threads(1)
 
@@ -38,6 +36,7 @@ CAL_CFG = CalibratorConfig(
     learning_rate=2e-3,
     inference_steps=10,
 )
+SCHEDULE = CalibrationSchedule(CAL_CFG.train_timesteps)
 
 
 def _ellipse(size: int, cy: float, cx: float, ry: float, rx: float, angle: float) -> np.ndarray:
@@ -119,7 +118,7 @@ def trained():
     torch.manual_seed(0)
     calibrator = Calibrator.from_config(CAL_CFG, num_classes=2, feature_channels=segmenter.feature_channels)
     history = train_calibrator(
-        calibrator, segmenter, exemplar_images=ex_img, exemplar_labels=ex_lab, cfg=CAL_CFG, seg_cfg=SEG_CFG, seed=0, num_views=128
+        calibrator, segmenter, RoundInputs(ex_img, ex_lab), cfg=CAL_CFG, seg_cfg=SEG_CFG, seed=0, num_views=128
     )
     test_img, test_lab = make_phantoms(24, seed=7)
     return segmenter, calibrator, history, test_img, test_lab
@@ -158,14 +157,14 @@ def test_autoencoder_shapes():
 
 
 def test_ddim_timesteps():
-    assert ddim_timesteps(1000, 10, 0.5) == [0, 100, 200, 300, 400, 500]
-    full = ddim_timesteps(1000, 10, 1.0)
+    assert SCHEDULE.timesteps(10, 0.5) == [0, 100, 200, 300, 400, 500]
+    full = SCHEDULE.timesteps(10, 1.0)
     assert full[0] == 0 and full[-1] == 999 and len(full) == 11
-    assert ddim_timesteps(1000, 10, 0.01) == [0, 10]
-    assert ddim_timesteps(1000, 4, 0.3) == [0, 150, 300]
-    assert ddim_timesteps(1000, 10, 1e-4) == [0]
+    assert SCHEDULE.timesteps(10, 0.01) == [0, 10]
+    assert SCHEDULE.timesteps(4, 0.3) == [0, 150, 300]
+    assert SCHEDULE.timesteps(10, 1e-4) == [0]
     with pytest.raises(ValueError):
-        ddim_timesteps(1000, 10, 0.0)
+        SCHEDULE.timesteps(10, 0.0)
 
 
 def test_corrupt_labels_keeps_probabilities():
@@ -196,12 +195,12 @@ def test_autoencoder_reconstructs_masks(trained):
 def test_calibrate_is_deterministic_and_depends_on_w(trained):
     segmenter, calibrator, _, test_img, test_lab = trained
     x, probs, feats, _ = _inputs(segmenter, test_img[:4], test_lab[:4])
-    a = calibrate(calibrator, x, probs, feats, w=1.5, s=0.5, num_steps=10)
-    b = calibrate(calibrator, x, probs, feats, w=1.5, s=0.5, num_steps=10)
+    a = calibrate(calibrator, SCHEDULE, x, probs, feats, w=1.5, s=0.5, num_steps=10)
+    b = calibrate(calibrator, SCHEDULE, x, probs, feats, w=1.5, s=0.5, num_steps=10)
     assert torch.equal(a, b)
     assert a.shape == probs.shape
     assert torch.allclose(a.sum(1), torch.ones_like(a[:, 0]), atol=1e-5)
-    c = calibrate(calibrator, x, probs, feats, w=0.0, s=0.5, num_steps=10)
+    c = calibrate(calibrator, SCHEDULE, x, probs, feats, w=0.0, s=0.5, num_steps=10)
     assert not torch.equal(a, c)
 
 
@@ -209,14 +208,14 @@ def test_tiny_strength_keeps_the_initial_label(trained):
     segmenter, calibrator, _, test_img, test_lab = trained
     corrupted = _scale_shift(test_lab[:8])
     x, _, feats, onehot = _inputs(segmenter, test_img[:8], corrupted)
-    out = calibrate(calibrator, x, onehot, feats, w=0.0, s=0.01, num_steps=10).argmax(1).numpy()
+    out = calibrate(calibrator, SCHEDULE, x, onehot, feats, w=0.0, s=0.01, num_steps=10).argmax(1).numpy()
     assert np.mean([dice(o, c) for o, c in zip(out, corrupted)]) > 0.9
 
 
 def _calibration_gain(segmenter, calibrator, test_img, test_lab) -> tuple[float, float]:
     corrupted = _scale_shift(test_lab)
     x, _, feats, onehot = _inputs(segmenter, test_img, corrupted)
-    out = calibrate(calibrator, x, onehot, feats, w=CAL_CFG.guidance_strength, s=CAL_CFG.calibration_strength, num_steps=10)
+    out = calibrate(calibrator, SCHEDULE, x, onehot, feats, w=CAL_CFG.guidance_strength, s=CAL_CFG.calibration_strength, num_steps=10)
     before = np.mean([dice(c, t) for c, t in zip(corrupted, test_lab)])
     after = np.mean([dice(o, t) for o, t in zip(out.argmax(1).numpy(), test_lab)])
     print(f"corrupted pseudo-label Dice before {before:.3f} after calibration {after:.3f}")
@@ -237,7 +236,7 @@ def test_calibration_improves_corrupted_labels_longer_training(trained):
     torch.manual_seed(0)
     calibrator = Calibrator.from_config(cfg, num_classes=2, feature_channels=segmenter.feature_channels)
     train_calibrator(
-        calibrator, segmenter, exemplar_images=ex_img, exemplar_labels=ex_lab, cfg=cfg, seg_cfg=SEG_CFG, seed=0, num_views=128
+        calibrator, segmenter, RoundInputs(ex_img, ex_lab), cfg=cfg, seg_cfg=SEG_CFG, seed=0, num_views=128
     )
     before, after = _calibration_gain(segmenter, calibrator, test_img, test_lab)
     assert after > before + 0.2  # 0.632 -> 0.910
@@ -249,8 +248,8 @@ def test_state_dict_round_trip(trained):
     clone.load_state_dict(calibrator.state_dict())
     x, probs, feats, _ = _inputs(segmenter, test_img[:2], test_lab[:2])
     assert torch.equal(
-        calibrate(calibrator, x, probs, feats, w=2.0, s=0.3, num_steps=10),
-        calibrate(clone, x, probs, feats, w=2.0, s=0.3, num_steps=10),
+        calibrate(calibrator, SCHEDULE, x, probs, feats, w=2.0, s=0.3, num_steps=10),
+        calibrate(clone, SCHEDULE, x, probs, feats, w=2.0, s=0.3, num_steps=10),
     )
     assert float(clone.autoencoder.latent_scale) == float(calibrator.autoencoder.latent_scale) != 1.0
 
@@ -267,8 +266,7 @@ def test_training_is_deterministic_and_uses_pseudo_labels():
         torch.manual_seed(0)
         cal = Calibrator.from_config(cfg, num_classes=2, feature_channels=segmenter.feature_channels)
         hist = train_calibrator(
-            cal, segmenter, exemplar_images=ex_img, exemplar_labels=ex_lab, pseudo_images=ps_img, pseudo_labels=ps_lab,
-            pseudo_weights=np.linspace(0.2, 1.0, 6, dtype=np.float32), cfg=cfg, seg_cfg=SEG_CFG, seed=5, num_views=8,
+            cal, segmenter, RoundInputs(ex_img, ex_lab, ps_img, ps_lab, np.linspace(0.2, 1.0, 6, dtype=np.float32)), cfg=cfg, seg_cfg=SEG_CFG, seed=5, num_views=8,
         )
         states.append((hist, cal.state_dict()))
     (h1, s1), (h2, s2) = states
@@ -281,10 +279,10 @@ def test_bad_inputs_raise_data_error():
     x = torch.rand(2, 1, SIZE, SIZE)
     probs = torch.rand(2, 2, SIZE, SIZE)
     with pytest.raises(DataError, match="probs"):
-        calibrate(cal, x, torch.rand(2, 3, SIZE, SIZE), torch.rand(2, 8, 16, 16), w=1.0, s=0.5, num_steps=4)
+        calibrate(cal, SCHEDULE, x, torch.rand(2, 3, SIZE, SIZE), torch.rand(2, 8, 16, 16), w=1.0, s=0.5, num_steps=4)
     with pytest.raises(DataError, match="features"):
-        calibrate(cal, x, probs, torch.rand(2, 5, 16, 16), w=1.0, s=0.5, num_steps=4)
+        calibrate(cal, SCHEDULE, x, probs, torch.rand(2, 5, 16, 16), w=1.0, s=0.5, num_steps=4)
     with pytest.raises(DataError, match="multiple of"):
-        calibrate(cal, torch.rand(2, 1, 36, 36), torch.rand(2, 2, 36, 36), torch.rand(2, 8, 18, 18), w=1.0, s=0.5, num_steps=4)
-    g = build_guidance(x, probs, torch.rand(2, 8, 16, 16), cal.autoencoder, (8, 8))
+        calibrate(cal, SCHEDULE, torch.rand(2, 1, 36, 36), torch.rand(2, 2, 36, 36), torch.rand(2, 8, 18, 18), w=1.0, s=0.5, num_steps=4)
+    g = cal.guidance(x, cal.autoencoder.encode(probs), torch.rand(2, 8, 16, 16))
     assert g.shape == (2, 8 + CAL_CFG.latent_channels + 1, 8, 8)

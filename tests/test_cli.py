@@ -70,7 +70,7 @@ def test_run_with_a_bad_pool_file_exits_3(tmp_path, capsys):
     assert bad.name in err
     store = PseudoLabelStore.open(str(tmp_path / "run" / "store.zarr"))
     assert list(store.skipped) == [D.file_stem(bad)]
-    assert not store.done(0)[store.case_ids.index(D.file_stem(bad))]
+    assert not store.rounds.done(0)[store.case_ids.index(D.file_stem(bad))]
     # A rerun finds the run complete and still reports the skipped file.
     assert main(["run", "--no-ray", "--quiet", "--config", str(config)]) == EXIT_SKIPPED
     assert bad.name in capsys.readouterr().err
@@ -80,7 +80,7 @@ def test_export_writes_labels_at_original_geometry(finished, tmp_path, capsys):
     out = tmp_path / "labels"
     assert main(["export", "--work-dir", str(finished), str(out)]) == EXIT_OK
     store = PseudoLabelStore.open(str(finished / "store.zarr"))
-    done = np.flatnonzero(store.done(0))
+    done = np.flatnonzero(store.rounds.done(0))
     written = sorted(out.iterdir())
     assert [p.name for p in written] == sorted(f"{store.case_ids[i]}.png" for i in done)
     for i, geometry in zip(done, store.geometries(done)):
@@ -90,7 +90,7 @@ def test_export_writes_labels_at_original_geometry(finished, tmp_path, capsys):
         assert mask.max() < store.num_classes
     selected = tmp_path / "selected"
     assert main(["export", "--work-dir", str(finished), "--selected-only", "--which", "initial", str(selected)]) == EXIT_OK
-    assert sorted(p.name for p in selected.iterdir()) == sorted(f"{store.case_ids[i]}.png" for i in np.flatnonzero(store.selected(0)))
+    assert sorted(p.name for p in selected.iterdir()) == sorted(f"{store.case_ids[i]}.png" for i in np.flatnonzero(store.rounds.selected(0)))
 
 
 def test_queries_lists_the_least_reliable_ascending(finished, capsys):
@@ -101,7 +101,7 @@ def test_queries_lists_the_least_reliable_ascending(finished, capsys):
     rel = [r["reliability"] for r in rows]
     assert rel == sorted(rel)
     store = PseudoLabelStore.open(str(finished / "store.zarr"))
-    scores = store.read_scores(0)["reliability"]
+    scores = store.rounds.scores(0)["reliability"]
     usable = store.usable_mask()
     others = [s for cid, s, ok in zip(store.case_ids, scores, usable) if ok and cid not in {r["case_id"] for r in rows}]
     assert max(rel) <= min(others)

@@ -54,3 +54,43 @@ def test_method_hash_tracks_method_not_runtime():
     base = load_config()
     assert load_config(None, {"runtime.num_workers": 4, "work_dir": "elsewhere"}).method_hash() == base.method_hash()
     assert load_config(None, {"calibrator.guidance_strength": 3.0}).method_hash() != base.method_hash()
+
+
+@pytest.mark.parametrize(
+    "split, key",
+    [
+        ({"labelled_groups": ["patient099"], "num_labelled_groups": 3}, "split.num_labelled_groups"),
+        ({"exemplars": ["a"], "labelled_groups": ["patient099"]}, "split.labelled_groups"),
+        ({"exemplars": ["a"], "num_labelled_groups": 1}, "split.num_labelled_groups"),
+        ({"labelled_groups": ["patient099"], "num_exemplars": 3}, "split.num_exemplars"),
+        ({"exemplars": ["a", "b"], "num_exemplars": 2}, "split.num_exemplars"),
+        ({"labelled_groups": []}, "split.labelled_groups"),
+        ({"labelled_groups": ["p1", "p1"]}, "split.labelled_groups"),
+        ({"num_labelled_groups": 0}, "split.num_labelled_groups"),
+        ({"column": ""}, "split.column"),
+        ({"datalist": " "}, "split.datalist"),
+    ],
+)
+def test_labelled_set_and_split_source_keys_refused_naming_the_key(split, key):
+    with pytest.raises(ConfigError) as err:
+        load_config({"split": split})
+    assert err.value.key == key
+
+
+def test_labelled_set_ways_and_volume_columns():
+    cfg = load_config()
+    assert cfg.split.num_exemplars == 1 and cfg.split.labelled_groups is None and cfg.split.num_labelled_groups is None
+    assert cfg.split.column == "split" and cfg.split.datalist is None
+    assert cfg.data.volume_column == "volume" and cfg.data.slice_column == "slice"
+    by_group = load_config({"split": {"labelled_groups": ["patient038", "patient050", "patient099"], "num_exemplars": 1}})
+    assert by_group.split.labelled_groups == ["patient038", "patient050", "patient099"]
+    drawn = load_config({"split": {"num_labelled_groups": 3, "column": None, "datalist": "dataset.json"}})
+    assert drawn.split.num_labelled_groups == 3 and drawn.split.column is None and drawn.split.datalist == "dataset.json"
+    off = load_config({"data": {"volume_column": None, "slice_column": None}})
+    assert off.data.volume_column is None
+    with pytest.raises(ConfigError) as err:
+        load_config({"data": {"volume_column": "frame", "slice_column": "frame"}})
+    assert err.value.key == "data.slice_column"
+    with pytest.raises(ConfigError) as err:
+        load_config({"data": {"volume_column": ""}})
+    assert err.value.key == "data.volume_column"

@@ -10,31 +10,33 @@ import pytest
 from conftest import tiny_config
 from mlflow import MlflowClient
 
-from caudo_ray import tracking
-from caudo_ray.coordinator import Coordinator, LocalExecutor
-from caudo_ray.selection import area_strata
+from caudo_ray.labelling.selection import area_strata
+from caudo_ray.rounds.executor import LocalExecutor
+from caudo_ray.run.coordinator import Coordinator
 from caudo_ray.store import NO_TRUTH, PseudoLabelStore
+from caudo_ray.tracking import names
+from caudo_ray.tracking.tracker import sqlite_tracking_uri
 from caudo_ray.workspace import Workspace
 
 # Metrics every round of a phantom run logs (the pool has hidden truth and a validation split exists).
 # reliability_spearman is left out: it is NaN, hence not logged, when the tiny model's reliabilities tie.
 ROUND_METRICS = [
-    tracking.PSEUDO_DICE_INITIAL,
-    tracking.PSEUDO_DICE_CALIBRATED,
-    tracking.CALIBRATION_GAIN,
-    tracking.SELECTED,
-    tracking.SELECTED_FRACTION,
-    tracking.RELIABILITY_MEAN,
-    tracking.RELIABILITY_P10,
-    tracking.RELIABILITY_P50,
-    tracking.AGREEMENT_MEAN,
-    tracking.VAL_DICE,
-    tracking.VAL_HD95,
-    tracking.CASES_PER_S,
-    tracking.INFER_S_PER_CASE,
-    tracking.DDIM_S_PER_CASE,
-    tracking.STORE_S_PER_CASE,
-    tracking.TRAIN_S,
+    names.PSEUDO_DICE_INITIAL,
+    names.PSEUDO_DICE_CALIBRATED,
+    names.CALIBRATION_GAIN,
+    names.SELECTED,
+    names.SELECTED_FRACTION,
+    names.RELIABILITY_MEAN,
+    names.RELIABILITY_P10,
+    names.RELIABILITY_P50,
+    names.AGREEMENT_MEAN,
+    names.VAL_DICE,
+    names.VAL_HD95,
+    names.CASES_PER_S,
+    names.INFER_S_PER_CASE,
+    names.DDIM_S_PER_CASE,
+    names.STORE_S_PER_CASE,
+    names.TRAIN_S,
 ]
 
 
@@ -51,21 +53,21 @@ def assert_complete_run(cfg, result) -> PseudoLabelStore:
     store = PseudoLabelStore.open(result.store_url)
     usable = store.usable_mask()
     assert usable.sum() > 0
-    assert store.rounds() == list(range(cfg.rounds)) == store.committed_rounds()
+    assert store.rounds.numbers() == list(range(cfg.rounds)) == store.rounds.committed()
     for r in range(cfg.rounds):
-        assert store.done(r)[usable].all()
+        assert store.rounds.done(r)[usable].all()
         assert len(store.case_ids) == len(set(store.case_ids))  # one chunk row per case id
-        labels = store.read_round(r)
+        labels = store.rounds.read(r)
         assert labels["initial"].max() < store.num_classes and labels["calibrated"].max() < store.num_classes
         assert np.isfinite(labels["scores"]["reliability"][usable]).all()
         # Selection: the most reliable fraction per target-size stratum (selection.select_top's contract).
-        selected = store.selected(r)
+        selected = store.rounds.selected(r)
         assert not selected[~usable].any()
         n, frac = int(usable.sum()), cfg.fraction_for_round(r)
-        strata = area_strata(np.where(usable, store.read_scores(r)["area"], 0.0))
+        strata = area_strata(np.where(usable, store.rounds.scores(r)["area"], 0.0))
         bound = sum(math.ceil(frac * (strata == s).sum()) for s in np.unique(strata))
         assert math.ceil(frac * n) <= selected.sum() <= bound
-        summary = store.round_summary(r)
+        summary = store.rounds.summary(r)
         assert summary["selected"] == selected.sum() and summary["cases"] == n
     return store
 
@@ -105,10 +107,10 @@ def assert_mlflow_run(cfg, result):
 def test_local_loop_logs_the_mlflow_run(local_run):
     cfg, first, _ = local_run
     work = Path(cfg.work_dir)
-    assert first.tracking_uri == tracking.default_tracking_uri(work) and (work / "mlflow.db").is_file()
+    assert first.tracking_uri == sqlite_tracking_uri(Path(work) / "mlflow.db") and (work / "mlflow.db").is_file()
     client, run = assert_mlflow_run(cfg, first)
     assert run.data.params["rounds"] == "2" and run.data.params["calibrator.guidance_strength"] == str(cfg.calibrator.guidance_strength)
-    selected = {m.step: m.value for m in client.get_metric_history(first.run_id, tracking.SELECTED)}
+    selected = {m.step: m.value for m in client.get_metric_history(first.run_id, names.SELECTED)}
     assert selected == {s["round"]: s["selected"] for s in first.rounds}
     # Artifacts live in the work dir, next to the sqlite store.
     assert Path(run.info.artifact_uri.removeprefix("file://")).is_relative_to(work.resolve())
@@ -122,7 +124,7 @@ def test_rerun_recomputes_nothing_and_logs_into_the_same_run(local_run):
     client = MlflowClient(tracking_uri=second.tracking_uri)
     assert client.get_run(second.run_id).info.status == "FINISHED"
     # Committed rounds are not logged twice.
-    assert [m.step for m in client.get_metric_history(second.run_id, tracking.SELECTED)] == [0, 1]
+    assert [m.step for m in client.get_metric_history(second.run_id, names.SELECTED)] == [0, 1]
 
 
 def test_multiclass_loop(tmp_path):
@@ -166,8 +168,8 @@ def test_resume_recomputes_only_missing_cases(local_run, tmp_path):
 
     store = PseudoLabelStore.open(str(tmp_path / "run" / "store.zarr"))
     usable = store.usable_mask()
-    assert store.committed_rounds() == [0]
-    done_before = np.flatnonzero(store.done(1) & usable)
+    assert store.rounds.committed() == [0]
+    done_before = np.flatnonzero(store.rounds.done(1) & usable)
     assert len(done_before) == 2 * cfg.runtime.batch_size < usable.sum()
     mtimes = _chunk_mtimes(store.url, 1, done_before)
     info = Workspace(tmp_path / "run").read_run_info()
@@ -183,7 +185,7 @@ def test_resume_recomputes_only_missing_cases(local_run, tmp_path):
     # Calibration is deterministic on CPU: the resumed run ends where an uninterrupted one does.
     ref = PseudoLabelStore.open(clean.store_url)
     for r in range(cfg.rounds):
-        a, b = store.read_round(r), ref.read_round(r)
+        a, b = store.rounds.read(r), ref.rounds.read(r)
         np.testing.assert_array_equal(a["initial"], b["initial"])
         np.testing.assert_array_equal(a["calibrated"], b["calibrated"])
-        np.testing.assert_array_equal(store.selected(r), ref.selected(r))
+        np.testing.assert_array_equal(store.rounds.selected(r), ref.rounds.selected(r))

@@ -15,11 +15,11 @@ from conftest import tiny_config
 from mlflow import MlflowClient
 from test_coordinator import artifact_paths
 
-from caudo_ray import dashboard, tracking
-from caudo_ray import tune as tune_names
 from caudo_ray.cli import main
-from caudo_ray.coordinator import Coordinator
+from caudo_ray.run.coordinator import Coordinator
 from caudo_ray.store import PseudoLabelStore
+from caudo_ray.tracking import names, report
+from caudo_ray.tracking.tracker import Tracker
 
 TUNE_EXPERIMENT = "caudo-ray-tune"
 # (w, s, steps, objective per evaluation step) as a Tune search logs them. ASHA stopped trial 2 after one step: its
@@ -44,9 +44,9 @@ def tune_parent(run) -> str:
     """A Tune-shaped search logged by hand into the run's store: a parent tagged as a search, nested trials."""
     _, result = run
     uri = result.tracking_uri
-    parent = tracking.Tracker(uri, TUNE_EXPERIMENT, run_name="search", tags={tune_names.TAG_KIND: tune_names.KIND_TUNE})
+    parent = Tracker(uri, TUNE_EXPERIMENT, run_name="search", tags={names.TAG_KIND: names.KIND_TUNE})
     for n, (w, s, steps, objectives) in enumerate(TRIALS):
-        trial = tracking.Tracker(uri, TUNE_EXPERIMENT, run_name=f"trial_{n}", parent_run_id=parent.run_id)
+        trial = Tracker(uri, TUNE_EXPERIMENT, run_name=f"trial_{n}", parent_run_id=parent.run_id)
         params = {
             "guidance_strength": w,
             "calibration_strength": s,
@@ -54,12 +54,12 @@ def tune_parent(run) -> str:
         }
         trial.log_params({"calibrator": params})
         for step, value in enumerate(objectives):
-            trial.log_metrics({tune_names.METRIC_OBJECTIVE: value}, step=step)
-        trial.set_tags({tune_names.TAG_STOPPED_EARLY: str(len(objectives) < 2).lower()})
+            trial.log_metrics({names.METRIC_OBJECTIVE: value}, step=step)
+        trial.set_tags({names.TAG_STOPPED_EARLY: str(len(objectives) < 2).lower()})
         trial.finish()
         if n == CHOSEN:
             parent.log_params({"best": {"calibrator": params}})
-            parent.log_metrics({tune_names.METRIC_BEST: objectives[-1]}, step=0)
+            parent.log_metrics({names.METRIC_BEST: objectives[-1]}, step=0)
     parent.finish()
     return parent.run_id
 
@@ -73,19 +73,19 @@ def test_rounds_log_case_tables_and_galleries(run, tmp_path):
     k = cfg.tracking.num_overlays
     for r in range(cfg.rounds):
         table = json.loads(
-            Path(client.download_artifacts(result.run_id, dashboard.CASE_TABLE.format(r=r), str(tmp_path))).read_text()
+            Path(client.download_artifacts(result.run_id, names.CASE_TABLE.format(r=r), str(tmp_path))).read_text()
         )
         assert table["index"] == usable.tolist()
         assert table["case_id"] == [store.case_ids[i] for i in usable]
-        assert sum(table["selected"]) == store.round_summary(r)["selected"] == int(store.selected(r).sum())
-        scores = store.read_round(r, usable)["scores"]
+        assert sum(table["selected"]) == store.rounds.summary(r)["selected"] == int(store.rounds.selected(r).sum())
+        scores = store.rounds.read(r, usable)["scores"]
         np.testing.assert_allclose(table["reliability"], scores["reliability"], atol=1e-5)
         # Labelled phantoms in the pool carry hidden truth, unlabelled ones none: their Dice cells are null.
         dice = [v for v in table["calibrated_dice"] if v is not None]
         assert 0 < len(dice) < len(usable)
-        assert np.mean(dice) == pytest.approx(store.round_summary(r)["pseudo_dice_calibrated"], abs=1e-4)
+        assert np.mean(dice) == pytest.approx(store.rounds.summary(r)["pseudo_dice_calibrated"], abs=1e-4)
         assert all(0.0 <= v <= 1.0 for v in table["changed_fraction"])
-        for group in dashboard.GALLERY_GROUPS:
+        for group in names.GALLERY_GROUPS:
             entries = table["gallery"][group]
             assert len(entries) == k
             assert {e["artifact"] for e in entries} <= paths
@@ -97,11 +97,11 @@ def test_finished_run_links_its_dashboard(run):
     _, result = run
     client = MlflowClient(result.tracking_uri)
     source = client.get_run(result.run_id)
-    report_id = source.data.tags[dashboard.DASHBOARD_RUN_TAG]
-    assert f"runs/{report_id}/artifactPath/dashboard/index.html" in source.data.tags[dashboard.NOTE_TAG]
+    report_id = source.data.tags[names.TAG_DASHBOARD_RUN]
+    assert f"runs/{report_id}/artifactPath/dashboard/index.html" in source.data.tags[names.TAG_NOTE]
     report = client.get_run(report_id)
-    assert report.data.tags[dashboard.KIND_TAG] == "dashboard"
-    assert report.data.tags[dashboard.SOURCES_TAG] == result.run_id
+    assert report.data.tags[names.TAG_KIND] == "dashboard"
+    assert report.data.tags[names.TAG_SOURCES] == result.run_id
     assert report.info.experiment_id == source.info.experiment_id and report.info.status == "FINISHED"
     paths = artifact_paths(client, report_id)
     assert "dashboard/index.html" in paths
@@ -116,7 +116,7 @@ def test_finished_run_links_its_dashboard(run):
 
 def test_dashboard_of_a_run_and_a_tune_search(run, tune_parent, tmp_path):
     _, result = run
-    built = dashboard.build_dashboard(
+    built = report.build_dashboard(
         result.tracking_uri,
         run_ids=[result.run_id, tune_parent],
         out=tmp_path / "d.html",
@@ -143,11 +143,11 @@ def test_dashboard_of_a_run_and_a_tune_search(run, tune_parent, tmp_path):
     assert page.count('<tr class="best">') == 1 and "best objective 0.78" in page
 
     # A whole experiment: the search and its trials, without the report runs of earlier builds.
-    tune_only = dashboard.build_dashboard(result.tracking_uri, experiment=TUNE_EXPERIMENT, out=tmp_path / "t.html")
+    tune_only = report.build_dashboard(result.tracking_uri, experiment=TUNE_EXPERIMENT, out=tmp_path / "t.html")
     assert [f.key for f in tune_only.figures] == ["tune0_objective"]
     assert tune_only.source_run_ids == [tune_parent]
-    with pytest.raises(dashboard.DashboardError, match="not found"):
-        dashboard.build_dashboard(result.tracking_uri, experiment="no-such-experiment")
+    with pytest.raises(report.DashboardError, match="not found"):
+        report.build_dashboard(result.tracking_uri, experiment="no-such-experiment")
 
 
 def test_cli_builds_from_a_work_dir(run, tmp_path, capsys):
@@ -215,5 +215,5 @@ def test_page_loads_in_headless_chromium(run, tmp_path):
 
 def test_dashboard_failure_is_only_a_warning(run, tmp_path, caplog):
     _, result = run
-    assert dashboard.build_and_link(result.tracking_uri, "0" * 32, tmp_path / "x.html") is None
+    assert report.build_and_link(result.tracking_uri, "0" * 32, tmp_path / "x.html") is None
     assert "could not be built" in caplog.text

@@ -25,13 +25,14 @@ from mlflow import MlflowClient
 from test_cli import write_config
 from test_coordinator import FailingExecutor, _chunk_mtimes, assert_complete_run
 
-from caudo_ray import tracking
 from caudo_ray.config import load_config, save_config
-from caudo_ray.coordinator import Coordinator, TrainContext
 from caudo_ray.errors import StoreError
-from caudo_ray.method import training_checkpoint_path
+from caudo_ray.rounds.executor import TrainContext
+from caudo_ray.run.coordinator import Coordinator
+from caudo_ray.run.prepare import prepare_run
 from caudo_ray.store import PseudoLabelStore
-from caudo_ray.workspace import Workspace, prepare_run
+from caudo_ray.tracking import names
+from caudo_ray.workspace import Workspace
 
 pytestmark = pytest.mark.faults
 
@@ -39,12 +40,12 @@ pytestmark = pytest.mark.faults
 ONE_ROUND = {"rounds": 1, "tracking.num_overlays": 1}
 # Metrics that are results (perf/* are timings and differ between any two runs).
 RESULT_METRICS = [
-    tracking.PSEUDO_DICE_INITIAL,
-    tracking.PSEUDO_DICE_CALIBRATED,
-    tracking.SELECTED,
-    tracking.RELIABILITY_MEAN,
-    tracking.AGREEMENT_MEAN,
-    tracking.VAL_DICE,
+    names.PSEUDO_DICE_INITIAL,
+    names.PSEUDO_DICE_CALIBRATED,
+    names.SELECTED,
+    names.RELIABILITY_MEAN,
+    names.AGREEMENT_MEAN,
+    names.VAL_DICE,
 ]
 
 
@@ -63,7 +64,7 @@ def assert_same_results(store: PseudoLabelStore, reference: PseudoLabelStore, ro
     """
     assert store.case_ids == reference.case_ids
     for r in range(rounds):
-        a, b = store.read_round(r), reference.read_round(r)
+        a, b = store.rounds.read(r), reference.rounds.read(r)
         np.testing.assert_array_equal(a["initial"], b["initial"])
         np.testing.assert_array_equal(a["calibrated"], b["calibrated"])
         for name, values in a["scores"].items():
@@ -74,7 +75,7 @@ def assert_same_results(store: PseudoLabelStore, reference: PseudoLabelStore, ro
                 atol=1e-6,
                 err_msg=f"round {r} {name}",
             )
-        np.testing.assert_array_equal(store.selected(r), reference.selected(r))
+        np.testing.assert_array_equal(store.rounds.selected(r), reference.rounds.selected(r))
 
 
 def result_metrics(tracking_uri: str, run_id: str) -> dict[str, list[tuple[int, float]]]:
@@ -100,7 +101,7 @@ def flip_bytes(path: Path) -> None:
 
 def test_killed_calibration_worker_is_replaced_and_its_batches_requeued(ray_session, clean, tmp_path):
     """SIGKILL one of two workers while it has batches in flight: the round completes, each case labelled once."""
-    from caudo_ray.actors import RayExecutor
+    from caudo_ray.distributed.executor import RayExecutor
 
     class KillingExecutor(RayExecutor):
         """Kills worker 0's process when the coordinator hands out the ``kill_at``-th batch of the round."""
@@ -177,8 +178,8 @@ def test_killed_driver_resumes_without_recomputing_done_cases(clean, tmp_path):
 
     store = PseudoLabelStore.open(store_url)
     usable = store.usable_mask()
-    done_before = np.flatnonzero(store.done(0) & usable)
-    assert 0 < len(done_before) < usable.sum() and store.committed_rounds() == []
+    done_before = np.flatnonzero(store.rounds.done(0) & usable)
+    assert 0 < len(done_before) < usable.sum() and store.rounds.committed() == []
     mtimes = _chunk_mtimes(store_url, 0, done_before)
 
     rerun = subprocess.run(command, check=False, capture_output=True, text=True, timeout=600)
@@ -191,7 +192,7 @@ def test_killed_driver_resumes_without_recomputing_done_cases(clean, tmp_path):
     assert _chunk_mtimes(store_url, 0, done_before) == mtimes  # the kept cases were not rewritten
 
     store = PseudoLabelStore.open(store_url)
-    assert store.committed_rounds() == [0]
+    assert store.rounds.committed() == [0]
     assert_same_results(store, PseudoLabelStore.open(clean[1].store_url), cfg.rounds)
     info = Workspace.of(cfg).read_run_info()
     assert MlflowClient(tracking_uri=info["tracking_uri"]).get_run(info["run_id"]).info.status == "FINISHED"
@@ -207,7 +208,7 @@ TRAIN = """
 import sys, torch
 torch.set_num_threads(1)
 from caudo_ray.config import load_config
-from caudo_ray.coordinator import TrainContext
+from caudo_ray.rounds.executor import TrainContext
 cfg = load_config(sys.argv[1])
 TrainContext(cfg, sys.argv[2], int(sys.argv[3])).train(0, None)
 """
@@ -225,9 +226,9 @@ def test_killed_trainer_resumes_from_its_last_checkpoint(tmp_path, caplog):
         **{"runtime.checkpoint_every": 5},
     )
     prepared = prepare_run(cfg, progress=False)
-    prepared.store.release_lock()
+    prepared.lock.release()
     save_config(cfg, tmp_path / "train.yaml")
-    path = training_checkpoint_path(cfg, 0)
+    path = Workspace.of(cfg).checkpoint_path(0)
     trainer = subprocess.Popen(
         [
             sys.executable,
@@ -266,7 +267,7 @@ def test_killed_trainer_resumes_from_its_last_checkpoint(tmp_path, caplog):
 def test_killed_trainer_actor_is_restarted_and_resumes_its_round(ray_session, tmp_path):
     """SIGKILL the Ray trainer actor after its first checkpoint: Ray restarts it, training resumes, the run ends
     with the same labels and selection as an uninterrupted run."""
-    from caudo_ray.actors import RayExecutor
+    from caudo_ray.distributed.executor import RayExecutor
 
     overrides = {
         **ONE_ROUND,
@@ -283,7 +284,7 @@ def test_killed_trainer_actor_is_restarted_and_resumes_its_round(ray_session, tm
             self._start_trainer()
             if r == 0:
                 victim = ray_session.get(self._trainer.pid.remote())
-                path = training_checkpoint_path(self.ctx.cfg, 0)
+                path = Workspace.of(self.ctx.cfg).checkpoint_path(0)
 
                 def kill_after_checkpoint():
                     deadline = time.monotonic() + 120
@@ -322,14 +323,14 @@ def test_corrupt_chunk_is_reported_with_its_case_and_recomputed_on_resume(clean,
             progress=False,
         ).run()
     store = PseudoLabelStore.open(Workspace.of(cfg).store_url)
-    done_before = np.flatnonzero(store.done(0) & store.usable_mask())
+    done_before = np.flatnonzero(store.rounds.done(0) & store.usable_mask())
     victim = int(done_before[1])
     case_id = store.case_ids[victim]
     flip_bytes(Path(store.url) / "rounds" / "0" / "calibrated" / "c" / str(victim) / "0" / "0")
 
     with pytest.raises(StoreError, match=f"case {re.escape(case_id)} "):
-        store.read_round(0, done_before)
-    assert store.verify(0) == [victim]
+        store.rounds.read(0, done_before)
+    assert store.rounds.verify(0) == [victim]
 
     with caplog.at_level(logging.INFO, logger="caudo_ray"):
         resumed = Coordinator(cfg, progress=False).run()
@@ -349,8 +350,8 @@ def test_corrupt_chunk_of_a_committed_round_is_recomputed_on_rerun(clean, tmp_pa
     cfg = tiny_config(tmp_path / "run", **ONE_ROUND)
     finished = Coordinator(cfg, progress=False).run()
     store = PseudoLabelStore.open(finished.store_url)
-    assert store.is_committed(0)
-    victim = int(np.flatnonzero(store.selected(0))[0])  # a selected case: the final segmenter trained on it
+    assert store.rounds.is_committed(0)
+    victim = int(np.flatnonzero(store.rounds.selected(0))[0])  # a selected case: the final segmenter trained on it
     case_id = store.case_ids[victim]
     flip_bytes(Path(store.url) / "rounds" / "0" / "initial" / "c" / str(victim) / "0" / "0")
 
@@ -359,5 +360,5 @@ def test_corrupt_chunk_of_a_committed_round_is_recomputed_on_rerun(clean, tmp_pa
     assert re.search(rf"round 0: 1 stored cases are corrupt and will be recomputed: \['{re.escape(case_id)}'\]", caplog.text)
     assert rerun.recomputed == 1
     repaired = PseudoLabelStore.open(rerun.store_url)
-    assert repaired.is_committed(0) and repaired.verify(0) == []
+    assert repaired.rounds.is_committed(0) and repaired.rounds.verify(0) == []
     assert_same_results(repaired, PseudoLabelStore.open(clean[1].store_url), cfg.rounds)

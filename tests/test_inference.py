@@ -10,7 +10,7 @@ from PIL import Image
 
 from caudo_ray import data as D
 from caudo_ray.cli import EXIT_OK, EXIT_SKIPPED, main
-from caudo_ray.coordinator import Coordinator
+from caudo_ray.run.coordinator import Coordinator
 
 AFFINE = np.array([[0.5, 0, 0, -10.0], [0, 0.7, 0, 4.0], [0, 0, 2.0, 1.5], [0, 0, 0, 1]])
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import ast
 import os
 import re
 import shutil
@@ -19,9 +19,9 @@ import pytest
 from conftest import REPO_ROOT, tiny_config
 from mlflow import MlflowClient
 
-from caudo_ray import tune as T
 from caudo_ray.config import save_config
 from caudo_ray.store import PseudoLabelStore
+from caudo_ray.tracking import names
 
 RAY = Path(sys.executable).with_name("ray")
 
@@ -117,7 +117,7 @@ def test_job_submit_runs_self_training(ray_cluster, tmp_path):
     save_config(tiny_config(work, **overrides), config)
     _submit(ray_cluster, "jobs/self_training.py", config)
     store = PseudoLabelStore.open(str(work / "store.zarr"))
-    assert store.committed_rounds() == [0] and store.done(0)[store.usable_mask()].all()
+    assert store.rounds.committed() == [0] and store.rounds.done(0)[store.usable_mask()].all()
     assert (work / "models" / "final.pt").is_file() and (work / "mlflow.db").is_file()
 
 
@@ -134,8 +134,9 @@ def test_job_submit_runs_a_tune_search(ray_cluster, tmp_path):
     }
     save_config(tiny_config(work, **search), config)
     output = _submit(ray_cluster, "jobs/tune_guidance.py", config)
-    best = json.loads(next(line for line in output.splitlines() if line.startswith('{"best"')))
-    assert best["best"][T.PARAM_GUIDANCE] in (0.0, 2.0)
+    # caudo-ray tune prints "best <objective>: <value> with <params>".
+    best = ast.literal_eval(re.search(r"^best \w+: \S+ with (\{.*\})$", output, re.MULTILINE).group(1))
+    assert best[names.PARAM_GUIDANCE] in (0.0, 2.0)
     client = MlflowClient(tracking_uri=f"sqlite:///{work / 'mlflow.db'}")
     parent = client.get_run(re.search(r"MLflow parent run (\w+)", output).group(1))
     children = client.search_runs(

@@ -6,17 +6,16 @@ import time
 
 import pytest
 
-from caudo_ray.coordinator import Coordinator
 from caudo_ray.errors import StoreError
-from caudo_ray.workspace import prepare_run
+from caudo_ray.run.coordinator import Coordinator
+from caudo_ray.run.prepare import prepare_run
 
 pytestmark = pytest.mark.faults
 
 HOLD = """
 import sys, time
-from caudo_ray.store import PseudoLabelStore
-store = PseudoLabelStore.open(sys.argv[1])
-store.acquire_lock(owner="the other run")
+from caudo_ray.store import StoreLock
+StoreLock(sys.argv[1]).acquire(owner="the other run")
 print("locked", flush=True)
 time.sleep(60)
 """
@@ -24,7 +23,7 @@ time.sleep(60)
 
 def test_second_run_on_a_locked_store_is_refused(tiny_cfg):
     prepared = prepare_run(tiny_cfg, progress=False)
-    prepared.store.release_lock()
+    prepared.lock.release()
     holder = subprocess.Popen([sys.executable, "-c", HOLD, prepared.workspace.store_url], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"

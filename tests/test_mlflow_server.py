@@ -16,8 +16,8 @@ from pathlib import Path
 from conftest import tiny_config
 from mlflow import MlflowClient
 
-from caudo_ray import tracking
-from caudo_ray.coordinator import Coordinator
+from caudo_ray.run.coordinator import Coordinator
+from caudo_ray.tracking import names
 
 MLFLOW = Path(sys.executable).with_name("mlflow")
 
@@ -50,7 +50,7 @@ def test_mlflow_server_serves_the_run(tmp_path):
     result = Coordinator(tiny_config(tmp_path / "run", rounds=1), progress=False).run()
     expected = [
         (m.step, m.value)
-        for m in MlflowClient(result.tracking_uri).get_metric_history(result.run_id, tracking.PSEUDO_DICE_CALIBRATED)
+        for m in MlflowClient(result.tracking_uri).get_metric_history(result.run_id, names.PSEUDO_DICE_CALIBRATED)
     ]
     assert len(expected) == 1
 
@@ -78,7 +78,7 @@ def test_mlflow_server_serves_the_run(tmp_path):
     try:
         _wait_until_up(server, base, log)
         status, body = _get(
-            f"{base}/api/2.0/mlflow/metrics/get-history?run_id={result.run_id}&metric_key={tracking.PSEUDO_DICE_CALIBRATED}"
+            f"{base}/api/2.0/mlflow/metrics/get-history?run_id={result.run_id}&metric_key={names.PSEUDO_DICE_CALIBRATED}"
         )
         assert status == 200
         assert sorted((int(m["step"]), m["value"]) for m in body["metrics"]) == sorted(expected)

@@ -22,12 +22,13 @@ from PIL import Image
 from test_jobs import ray_cluster  # noqa: F401  (fixture: a real head node with token auth, own ports)
 
 from benchmarks.throughput import NoopEngine, untrained_models
-from caudo_ray import tracking
 from caudo_ray.config import save_config
 from caudo_ray.errors import DataError, StoreError
 from caudo_ray.inference import predict_folder
-from caudo_ray.method import RoundModels, TrainingCheckpoint
-from caudo_ray.store import PseudoLabelStore
+from caudo_ray.networks.bundle import RoundModels
+from caudo_ray.store import PseudoLabelStore, export_round
+from caudo_ray.tracking.tracker import Tracker, sqlite_tracking_uri
+from caudo_ray.training.checkpoint import TrainingCheckpoint
 
 pytestmark = pytest.mark.faults
 
@@ -36,7 +37,7 @@ pytestmark = pytest.mark.faults
 
 _LOCAL_RAY = """
 import json, os, sys, ray
-from caudo_ray.actors import init_ray
+from caudo_ray.distributed.cluster import init_ray
 from caudo_ray.config import load_config
 init_ray(load_config(None, {"work_dir": sys.argv[1], "runtime.num_workers": 1, "runtime.trainer_cpus": 0}), log_to_driver=False)
 children = {}
@@ -203,14 +204,14 @@ def test_export_from_a_tampered_store_cannot_write_outside_its_folder(tmp_path):
         truth=(image > 0.5).astype(np.uint8),
         geometries=[{"shape": [32, 32], "format": "png", "source": "x.png"}] * 2,
     )
-    store.begin_round(0, {})
+    store.rounds.begin(0, {})
     result = NoopEngine(None, untrained_models(tiny_config(tmp_path), 2), torch.device("cpu")).label_batch(image)
-    store.write_results(0, np.arange(2), result.initial, result.calibrated, result.scores)
+    store.rounds.write(0, np.arange(2), result.initial, result.calibrated, result.scores)
     ids = zarr.open_group(str(tmp_path / "s.zarr"), mode="r+")["cases/ids"]
     ids[0] = "../../escaped"
     out = tmp_path / "deep" / "er" / "labels"
     with pytest.raises(StoreError, match="would leave"):
-        PseudoLabelStore.open(str(tmp_path / "s.zarr")).export_round(0, out)
+        export_round(PseudoLabelStore.open(str(tmp_path / "s.zarr")), 0, out)
     assert not list(tmp_path.rglob("escaped*"))
 
 
@@ -245,7 +246,7 @@ def test_predict_writes_only_inside_the_output_folder(tmp_path):
 
 def test_mlflow_artifact_paths_are_sanitised_through_a_real_tracker(tmp_path):
     root = tmp_path / "mlartifacts"
-    tracker = tracking.Tracker(tracking.default_tracking_uri(tmp_path), "sec", run_name="t", artifact_root=root)
+    tracker = Tracker(sqlite_tracking_uri(Path(tmp_path) / "mlflow.db"), "sec", run_name="t", artifact_root=root)
     tracker.log_dict({"x": 1}, "../../escape.json")
     tracker.log_dict({"x": 2}, "/etc/abs.json")
     tracker.log_text("t", "rounds/../../../up/x.txt")

@@ -1,6 +1,5 @@
 """Segmenter: shapes, the feature hook, augmentation, weighted and resumable training, on tiny ellipse images."""
 
-import copy
 import dataclasses
 
 import numpy as np
@@ -9,16 +8,13 @@ import torch
 
 from caudo_ray.config import SegmenterConfig
 from caudo_ray.errors import DataError
-from caudo_ray.segmenter import (
-    augment_views,
-    build_segmenter,
-    feature_channels,
-    feature_module,
-    predict,
-    predict_tensor,
-    train_segmenter,
-)
-from caudo_ray.selection import dice_per_case
+from caudo_ray.metrics import dice_per_case
+from caudo_ray.networks.segmenter import build_segmenter, feature_channels, feature_module, predict, predict_tensor
+from caudo_ray.training.checkpoint import TrainingCheckpoint
+from caudo_ray.training.hooks import TrainingHooks
+from caudo_ray.training.inputs import RoundInputs
+from caudo_ray.training.segmenter import train_segmenter
+from caudo_ray.transforms.augment import augment_views
 
 SIZE = 32
 CFG = SegmenterConfig(channels=(4, 8, 16), strides=(2, 2), num_res_units=1, batch_size=8, learning_rate=5e-3)
@@ -144,7 +140,7 @@ def test_training_improves_dice_and_zero_weight_pseudo_changes_nothing():
     before = dice_per_case(predict(untrained, test_images).probs.argmax(1).astype(np.uint8), test_labels, 2)
 
     plain = build_segmenter(CFG, 2, seed=0)
-    run = train_segmenter(plain, exemplar_images=images, exemplar_labels=labels, iterations=60, cfg=CFG, seed=1)
+    run = train_segmenter(plain, RoundInputs(images, labels), iterations=60, cfg=CFG, seed=1)
     assert len(run.losses) == 60 and run.iterations == 60
     after = dice_per_case(predict(plain, test_images).probs.argmax(1).astype(np.uint8), test_labels, 2)
     assert after.mean() > 0.7 and after.mean() > before.mean() + 0.2, (before.mean(), after.mean())
@@ -152,11 +148,8 @@ def test_training_improves_dice_and_zero_weight_pseudo_changes_nothing():
     weightless = build_segmenter(CFG, 2, seed=0)
     run0 = train_segmenter(
         weightless,
-        exemplar_images=images,
-        exemplar_labels=labels,
-        pseudo_images=test_images,
-        pseudo_labels=1 - test_labels,  # wrong on purpose: with weight 0 they must not matter
-        pseudo_weights=np.zeros(len(test_images)),
+        # The pseudo labels are wrong on purpose: with weight 0 they must not matter.
+        RoundInputs(images, labels, test_images, 1 - test_labels, np.zeros(len(test_images))),
         iterations=60,
         cfg=CFG,
         seed=1,
@@ -166,34 +159,34 @@ def test_training_improves_dice_and_zero_weight_pseudo_changes_nothing():
         torch.testing.assert_close(pa, pb, rtol=0, atol=0)
 
 
-def test_weighted_pseudo_training_resumes_exactly_from_a_checkpoint():
+class RecordingCheckpoint(TrainingCheckpoint):
+    """A real checkpoint file that also keeps every state it was given, as loaded back from disk."""
+
+    def __init__(self, path):
+        super().__init__(path, key="test")
+        self.states = {}
+
+    def save(self, state):
+        super().save(state)
+        self.states[state["iteration"]] = self.load()
+
+
+def test_weighted_pseudo_training_resumes_exactly_from_a_checkpoint(tmp_path):
     images, labels = exemplar()
     rng = np.random.default_rng(2)
     pseudo = [ellipse_case(rng, 16, 16, rng.uniform(4, 9), rng.uniform(4, 9)) for _ in range(6)]
-    kwargs = dict(
-        exemplar_images=images,
-        exemplar_labels=labels,
-        pseudo_images=np.stack([p[0] for p in pseudo]),
-        pseudo_labels=np.stack([p[1] for p in pseudo]),
-        pseudo_weights=np.linspace(0.2, 1.0, 6),
-        iterations=6,
-        cfg=CFG,
-        seed=4,
-    )
-    saved = {}
-
-    def checkpoint(done, model, optimizer):
-        # Deep copies, as torch.save would make: both state dicts share tensors that training keeps updating.
-        saved[done] = copy.deepcopy((model.state_dict(), optimizer.state_dict()))
+    inputs = RoundInputs(images, labels, np.stack([p[0] for p in pseudo]), np.stack([p[1] for p in pseudo]), np.linspace(0.2, 1.0, 6))
+    kwargs = dict(iterations=6, cfg=CFG, seed=4)
+    checkpoint = RecordingCheckpoint(tmp_path / "train.pt")
 
     full = build_segmenter(CFG, 2, seed=0)
-    whole = train_segmenter(full, checkpoint_fn=checkpoint, checkpoint_every=3, **kwargs)
-    assert sorted(saved) == [3, 6]
+    whole = train_segmenter(full, inputs, hooks=TrainingHooks(checkpoint=checkpoint, every=3), **kwargs)
+    assert sorted(checkpoint.states) == [3, 6]
 
     resumed = build_segmenter(CFG, 2, seed=0)
-    state, opt_state = saved[3]
-    resumed.load_state_dict(state)
-    tail = train_segmenter(resumed, start_iteration=3, optimizer_state=opt_state, **kwargs)
+    state = checkpoint.states[3]
+    resumed.load_state_dict(state["segmenter"])
+    tail = train_segmenter(resumed, inputs, resume=state, **kwargs)
     assert tail.losses == whole.losses[3:]
     for pa, pb in zip(full.parameters(), resumed.parameters()):
         torch.testing.assert_close(pa, pb, rtol=0, atol=0)
@@ -202,17 +195,11 @@ def test_weighted_pseudo_training_resumes_exactly_from_a_checkpoint():
 def test_training_rejects_labels_outside_the_model_classes():
     images, labels = exemplar()
     with pytest.raises(DataError, match="exemplar_labels"):
-        train_segmenter(
-            build_segmenter(CFG, 2), exemplar_images=images, exemplar_labels=labels * 2, iterations=1, cfg=CFG, seed=0
-        )
+        train_segmenter(build_segmenter(CFG, 2), RoundInputs(images, labels * 2), iterations=1, cfg=CFG, seed=0)
     with pytest.raises(DataError, match="pseudo_weights"):
         train_segmenter(
             build_segmenter(CFG, 2),
-            exemplar_images=images,
-            exemplar_labels=labels,
-            pseudo_images=images,
-            pseudo_labels=labels,
-            pseudo_weights=np.array([-1.0]),
+            RoundInputs(images, labels, images, labels, np.array([-1.0])),
             iterations=1,
             cfg=CFG,
             seed=0,

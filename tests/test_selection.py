@@ -5,15 +5,9 @@ import pytest
 from scipy import ndimage
 
 from caudo_ray.errors import DataError
-from caudo_ray.selection import (
-    accept_calibration,
-    annotation_queries,
-    area_strata,
-    dice_per_case,
-    reliability_scores,
-    select_top,
-    spearman,
-)
+from caudo_ray.labelling.reliability import accept_calibration, reliability_scores
+from caudo_ray.labelling.selection import annotation_queries, area_strata, select_top
+from caudo_ray.metrics import dice_per_case, spearman
 
 SHAPE = (32, 32)
 

@@ -15,7 +15,7 @@ import zarr
 from PIL import Image
 
 from caudo_ray.errors import DataError, StoreError
-from caudo_ray.store import NO_TRUTH, SCHEMA_VERSION, PseudoLabelStore, StoreNotFoundError
+from caudo_ray.store import NO_TRUTH, SCHEMA_VERSION, PseudoLabelStore, StoreLock, StoreNotFoundError, export_round
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SIZE = (16, 16)
@@ -53,12 +53,12 @@ def _results(indices, seed: int = 0):
 
 def _write(store: PseudoLabelStore, r: int, indices, seed: int = 0) -> None:
     initial, calibrated, scores = _results(indices, seed)
-    store.write_results(r, indices, initial, calibrated, scores)
+    store.rounds.write(r, indices, initial, calibrated, scores)
 
 
 def _assert_intact(store: PseudoLabelStore, r: int, indices, seed: int = 0) -> None:
     initial, calibrated, scores = _results(indices, seed)
-    got = store.read_round(r, indices)
+    got = store.rounds.read(r, indices)
     np.testing.assert_array_equal(got["initial"], initial)
     np.testing.assert_array_equal(got["calibrated"], calibrated)
     for name, values in scores.items():
@@ -130,7 +130,7 @@ def test_pool_loading_truth_geometry_and_skipped_cases(tmp_path):
 def test_schema_and_config_hash_mismatch_refused_and_store_intact(tmp_path):
     url = tmp_path / "store.zarr"
     store = _create(url)
-    store.begin_round(0, {"w": 2.0})
+    store.rounds.begin(0, {"w": 2.0})
     _write(store, 0, [0, 1])
 
     with pytest.raises(StoreError, match="hash-a.*hash-b"):
@@ -153,57 +153,57 @@ def test_schema_and_config_hash_mismatch_refused_and_store_intact(tmp_path):
 
 def test_write_results_read_back_and_commit(tmp_path):
     store = _create(tmp_path / "store.zarr")
-    store.begin_round(0, {"w": 2.0, "s": 0.5, "steps": (2,)})
-    store.begin_round(0, {"w": 2.0, "s": 0.5, "steps": [2]})  # idempotent, tuples read back as lists
+    store.rounds.begin(0, {"w": 2.0, "s": 0.5, "steps": (2,)})
+    store.rounds.begin(0, {"w": 2.0, "s": 0.5, "steps": [2]})  # idempotent, tuples read back as lists
     with pytest.raises(StoreError, match="round 0 was begun with params"):
-        store.begin_round(0, {"w": 3.0, "s": 0.5, "steps": [2]})
+        store.rounds.begin(0, {"w": 3.0, "s": 0.5, "steps": [2]})
 
     _write(store, 0, [5, 2, 3])  # scattered, unsorted
     _write(store, 0, [0, 1])  # contiguous
     _assert_intact(store, 0, [0, 1, 2, 3, 5])
     with pytest.raises(StoreError, match="3 of 8 cases are missing"):
-        store.commit_round(0, np.ones(8, bool), {})
-    assert not store.is_committed(0)
+        store.rounds.commit(0, np.ones(8, bool), {})
+    assert not store.rounds.is_committed(0)
 
     _write(store, 0, [7, 4, 6])
-    store.commit_round(0, np.arange(8) % 2 == 0, {"pseudo_dice": np.float32(0.75)})
-    assert store.is_committed(0)
-    assert store.committed_rounds() == [0]
-    assert store.rounds() == [0]
-    np.testing.assert_array_equal(store.selected(0), np.arange(8) % 2 == 0)
-    assert store.round_attrs(0)["summary"] == {"pseudo_dice": 0.75}
+    store.rounds.commit(0, np.arange(8) % 2 == 0, {"pseudo_dice": np.float32(0.75)})
+    assert store.rounds.is_committed(0)
+    assert store.rounds.committed() == [0]
+    assert store.rounds.numbers() == [0]
+    np.testing.assert_array_equal(store.rounds.selected(0), np.arange(8) % 2 == 0)
+    assert store.rounds.attrs(0)["summary"] == {"pseudo_dice": 0.75}
     assert store.attrs["rounds"]["0"]["committed"] is True
-    np.testing.assert_allclose(store.read_scores(0)["entropy"], np.arange(8))
+    np.testing.assert_allclose(store.rounds.scores(0)["entropy"], np.arange(8))
     with pytest.raises(StoreError, match="committed"):
         _write(store, 0, [1])
 
-    store.begin_round(1, {"w": 2.0})
+    store.rounds.begin(1, {"w": 2.0})
     initial, calibrated, scores = _results([0])
     with pytest.raises(DataError, match="case_000: calibrated label map has classes 5..7, expected 0..2"):
-        store.write_results(1, [0], initial, calibrated + 5, scores)
+        store.rounds.write(1, [0], initial, calibrated + 5, scores)
     with pytest.raises(DataError, match=r"unknown score names \['typo'\]"):
-        store.write_results(1, [0], initial, calibrated, {"typo": np.zeros(1)})
-    assert store.missing(1).tolist() == list(range(8))
-    store.write_results(1, [0], initial, calibrated, {"reliability": np.array([0.9]), "initial_dice": np.array([np.nan])})
-    scores = store.read_round(1, [0, 1])["scores"]
+        store.rounds.write(1, [0], initial, calibrated, {"typo": np.zeros(1)})
+    assert store.rounds.missing(1).tolist() == list(range(8))
+    store.rounds.write(1, [0], initial, calibrated, {"reliability": np.array([0.9]), "initial_dice": np.array([np.nan])})
+    scores = store.rounds.read(1, [0, 1])["scores"]
     assert scores["reliability"][0] == np.float32(0.9)
     assert np.isnan(scores["initial_dice"]).all() and np.isnan(scores["agreement"]).all()
-    assert store.round_summary(0) == {"pseudo_dice": 0.75}
+    assert store.rounds.summary(0) == {"pseudo_dice": 0.75}
     with pytest.raises(StoreError, match="round 1 is not committed"):
-        store.round_summary(1)
+        store.rounds.summary(1)
 
 
 def test_missing_after_reopen_of_half_written_round(tmp_path):
     url = tmp_path / "store.zarr"
     store = _create(url, n=10)
-    store.begin_round(2, {"w": 1.0})
+    store.rounds.begin(2, {"w": 1.0})
     _write(store, 2, [9, 0, 4, 5])
     del store
 
     reopened = PseudoLabelStore.open(url, config_hash="hash-a")
-    assert reopened.rounds() == [2]
-    np.testing.assert_array_equal(reopened.missing(2), [1, 2, 3, 6, 7, 8])
-    np.testing.assert_array_equal(np.flatnonzero(reopened.done(2)), [0, 4, 5, 9])
+    assert reopened.rounds.numbers() == [2]
+    np.testing.assert_array_equal(reopened.rounds.missing(2), [1, 2, 3, 6, 7, 8])
+    np.testing.assert_array_equal(np.flatnonzero(reopened.rounds.done(2)), [0, 4, 5, 9])
 
 
 def _ray_writer(url: str, indices: list[int]) -> int:
@@ -216,23 +216,23 @@ def _ray_writer(url: str, indices: list[int]) -> int:
 def test_two_ray_tasks_write_interleaved_cases_of_one_round(tmp_path, ray_session):
     url = str(tmp_path / "store.zarr")
     store = _create(url, n=24)
-    store.begin_round(0, {"w": 1.0})
+    store.rounds.begin(0, {"w": 1.0})
     task = ray_session.remote(_ray_writer)
     evens, odds = list(range(0, 24, 2)), list(range(1, 24, 2))
     assert ray_session.get([task.remote(url, evens), task.remote(url, odds)]) == [12, 12]
 
     reopened = PseudoLabelStore.open(url)
-    assert reopened.missing(0).size == 0
+    assert reopened.rounds.missing(0).size == 0
     _assert_intact(reopened, 0, list(range(24)))
-    assert reopened.verify(0) == []
+    assert reopened.rounds.verify(0) == []
 
 
 def test_corrupted_chunk_detected_by_verify_and_invalidated(tmp_path):
     url = tmp_path / "store.zarr"
     store = _create(url)
-    store.begin_round(0, {"w": 1.0})
+    store.rounds.begin(0, {"w": 1.0})
     _write(store, 0, list(range(8)))
-    assert store.verify(0) == []
+    assert store.rounds.verify(0) == []
 
     chunk = url / "rounds" / "0" / "calibrated" / "c" / "3" / "0" / "0"
     data = bytearray(chunk.read_bytes())
@@ -240,26 +240,26 @@ def test_corrupted_chunk_detected_by_verify_and_invalidated(tmp_path):
     chunk.write_bytes(bytes(data))
 
     reopened = PseudoLabelStore.open(url)
-    assert reopened.verify(0) == [3]
-    assert reopened.verify(0, [0, 1]) == []
-    reopened.invalidate(0, [3])
-    np.testing.assert_array_equal(reopened.missing(0), [3])
+    assert reopened.rounds.verify(0) == [3]
+    assert reopened.rounds.verify(0, [0, 1]) == []
+    reopened.rounds.invalidate(0, [3])
+    np.testing.assert_array_equal(reopened.rounds.missing(0), [3])
     _write(reopened, 0, [3])
-    assert reopened.verify(0) == []
+    assert reopened.rounds.verify(0) == []
     _assert_intact(reopened, 0, list(range(8)))
 
 
 def test_fsspec_memory_url(tmp_path):
     url = f"memory://caudo-{uuid.uuid4().hex}/store.zarr"
     store = _create(url)
-    store.begin_round(0, {"w": 1.0})
+    store.rounds.begin(0, {"w": 1.0})
     _write(store, 0, [1, 6])
     reopened = PseudoLabelStore.open(url, config_hash="hash-a")
-    np.testing.assert_array_equal(reopened.missing(0), [0, 2, 3, 4, 5, 7])
+    np.testing.assert_array_equal(reopened.rounds.missing(0), [0, 2, 3, 4, 5, 7])
     _assert_intact(reopened, 0, [1, 6])
     with pytest.raises(StoreError, match="already exists"):
         _create(url)
-    assert reopened.acquire_lock("run-a") is False  # no atomic lock file on a remote store
+    assert StoreLock(url).acquire("run-a") is False  # no atomic lock file on a remote store
 
 
 @pytest.mark.parametrize("bad", ["../escape", ".hidden", "a/b", "", "spa ce", "dup"])
@@ -276,51 +276,42 @@ def test_unsafe_or_duplicate_case_ids_refused(tmp_path, bad):
 
 def test_export_round_writes_original_shape(tmp_path):
     store = _create(tmp_path / "store.zarr", n=4)
-    store.begin_round(0, {"w": 1.0})
+    store.rounds.begin(0, {"w": 1.0})
     _write(store, 0, [0, 2, 3])
 
-    def restore(mask: np.ndarray, geometry: dict) -> np.ndarray:
-        height, width = geometry["shape"]
-        rows = np.arange(height) * mask.shape[0] // height
-        cols = np.arange(width) * mask.shape[1] // width
-        return mask[np.ix_(rows, cols)]
-
-    def writer(mask: np.ndarray, geometry: dict, path: Path) -> None:
-        Image.fromarray(mask).save(path)
-
-    written = store.export_round(0, tmp_path / "out", which="initial", restore=restore, writer=writer)
+    written = export_round(store, 0, tmp_path / "out", which="initial")
     assert [p.name for p in written] == ["case_000.png", "case_002.png", "case_003.png"]
     for path, i in zip(written, [0, 2, 3]):
         mask = np.asarray(Image.open(path))
         assert mask.shape == (20 + i, 24)
         assert set(np.unique(mask)) == {i % CLASSES}
     _write(store, 0, [1])
-    store.commit_round(0, np.array([False, False, True, False]), {})
-    selected = store.export_round(0, tmp_path / "sel", selected_only=True, restore=restore, writer=writer)
+    store.rounds.commit(0, np.array([False, False, True, False]), {})
+    selected = export_round(store, 0, tmp_path / "sel", selected_only=True)
     assert [p.name for p in selected] == ["case_002.png"]
     with pytest.raises(StoreError, match="fmt"):
-        store.export_round(0, tmp_path / "out", fmt="jpeg", restore=restore, writer=writer)
+        export_round(store, 0, tmp_path / "out", fmt="jpeg")
 
 
 def test_lock_refuses_second_owner_and_releases(tmp_path):
     url = tmp_path / "store.zarr"
-    first = _create(url)
-    second = PseudoLabelStore.open(url)
-    assert first.acquire_lock("run-a")
-    assert first.acquire_lock("run-a")  # re-entrant for the same owner and process
+    _create(url)
+    first, second = StoreLock(url), StoreLock(url)
+    assert first.acquire("run-a")
+    assert first.acquire("run-a")  # re-entrant for the same owner and process
     with pytest.raises(StoreError, match="in use by 'run-a'"):
-        second.acquire_lock("run-b")
-    first.release_lock()
+        second.acquire("run-b")
+    first.release()
     assert not (url / ".lock").exists()
-    assert second.acquire_lock("run-b")
-    second.release_lock()
+    assert second.acquire("run-b")
+    second.release()
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
     stale = {"owner": "crashed", "pid": int(dead.stdout), "hostname": socket.gethostname(), "time": "2020-01-01T00:00:00+00:00"}
     (url / ".lock").write_text(json.dumps(stale))
-    assert second.acquire_lock("run-c")
+    assert second.acquire("run-c")
     assert json.loads((url / ".lock").read_text())["owner"] == "run-c"
-    second.release_lock()
+    second.release()
     assert sorted(p.name for p in url.iterdir()) == ["cases", "rounds", "zarr.json"]
 
 
@@ -336,9 +327,9 @@ def test_export_round_default_data_layer_writes_source_formats(tmp_path):
         tmp_path / "store.zarr", case_ids=["a", "b"], geometries=geometries, working_size=SIZE,
         num_classes=CLASSES, config_hash="h",
     )
-    store.begin_round(0, {"w": 1.0})
+    store.rounds.begin(0, {"w": 1.0})
     _write(store, 0, [0, 1])
-    written = store.export_round(0, tmp_path / "out", fmt="source")
+    written = export_round(store, 0, tmp_path / "out", fmt="source")
     assert [p.name for p in written] == ["a.png", "b.nii.gz"]
     assert np.asarray(Image.open(written[0])).shape == (20, 24)
     import nibabel as nib

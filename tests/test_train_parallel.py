@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 from conftest import tiny_config
 
-from caudo_ray.coordinator import TrainContext
-from caudo_ray.workspace import prepare_run
+from caudo_ray.rounds.executor import TrainContext
+from caudo_ray.run.prepare import prepare_run
 
 
 @pytest.mark.slow
 def test_round_trains_data_parallel_and_matches_the_single_process_api(tmp_path, ray_session):
-    from caudo_ray.actors import train_data_parallel
-    from caudo_ray.method import LabelingEngine
+    from caudo_ray.distributed.train_parallel import train_data_parallel
+    from caudo_ray.labelling.engine import LabelingEngine
 
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
     cfg = tiny_config(tmp_path / "run", **{"runtime.num_train_workers": 2, "runtime.trainer_cpus": 1})

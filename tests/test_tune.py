@@ -9,8 +9,9 @@ import pytest
 from conftest import tiny_config
 from mlflow import MlflowClient
 
-from caudo_ray import tune as T
 from caudo_ray.config import ConfigError, load_config
+from caudo_ray.distributed import tune as T
+from caudo_ray.tracking import names
 
 
 def test_parse_space_kinds_and_counts():
@@ -24,10 +25,10 @@ def test_parse_space_kinds_and_counts():
         },
     )
     space = T.parse_space(cfg.tune)
-    assert space[T.PARAM_GUIDANCE] == T.Dimension("grid", (0.0, 1.0, 2.0))
-    assert space[T.PARAM_STRENGTH] == T.Dimension("range", (0.2, 0.8))
-    assert space[T.PARAM_STEPS] == T.Dimension("choice", (5, 10), integer=True)
-    assert all(isinstance(v, int) for v in space[T.PARAM_STEPS].values)
+    assert space[names.PARAM_GUIDANCE] == T.Dimension("grid", (0.0, 1.0, 2.0))
+    assert space[names.PARAM_STRENGTH] == T.Dimension("range", (0.2, 0.8))
+    assert space[names.PARAM_STEPS] == T.Dimension("choice", (5, 10), integer=True)
+    assert all(isinstance(v, int) for v in space[names.PARAM_STEPS].values)
     assert T.count_trials(space, cfg.tune.num_samples) == 6
     assert T.count_trials(T.parse_space(load_config().tune), 1) >= 8  # the default search covers >= 8 configs
 
@@ -66,9 +67,9 @@ def test_tune_section_does_not_change_method_hash():
 
 
 def test_objective_resolution():
-    assert T.resolve_objective("auto", 5) == T.OBJECTIVE_VAL_DICE
-    assert T.resolve_objective("auto", 0) == T.OBJECTIVE_PROXY
-    assert T.resolve_objective("proxy", 5) == T.OBJECTIVE_PROXY
+    assert T.resolve_objective("auto", 5) == names.OBJECTIVE_VAL_DICE
+    assert T.resolve_objective("auto", 0) == names.OBJECTIVE_PROXY
+    assert T.resolve_objective("proxy", 5) == names.OBJECTIVE_PROXY
     with pytest.raises(ConfigError, match="tune.objective"):
         T.resolve_objective("val_dice", 0)
     assert T.num_steps(33, 16, None) == 3
@@ -76,7 +77,7 @@ def test_objective_resolution():
 
 
 def test_eval_tally_running_means():
-    tally = T.EvalTally(T.OBJECTIVE_VAL_DICE)
+    tally = T.EvalTally(names.OBJECTIVE_VAL_DICE)
     tally.add(
         {
             "reliability": np.array([0.5, 1.0]),
@@ -95,13 +96,13 @@ def test_eval_tally_running_means():
     assert m["proxy"] == pytest.approx(0.5)
     assert m["dice"] == pytest.approx(0.6) and m["initial_dice"] == pytest.approx(0.4)
     assert m["objective"] == m["dice"]
-    proxy = T.EvalTally(T.OBJECTIVE_PROXY)
+    proxy = T.EvalTally(names.OBJECTIVE_PROXY)
     proxy.add({"reliability": np.array([0.25, 0.75])})
     assert proxy.metrics() == {"proxy": 0.5, "objective": 0.5}
 
 
 def test_pick_best_prefers_complete_trials():
-    p = {T.PARAM_GUIDANCE: 1.0, T.PARAM_STRENGTH: 0.5, T.PARAM_STEPS: 4}
+    p = {names.PARAM_GUIDANCE: 1.0, names.PARAM_STRENGTH: 0.5, names.PARAM_STEPS: 4}
     stopped = T.TrialOutcome("a", p, {"objective": 0.99}, steps=1)
     done = [
         T.TrialOutcome("b", p, {"objective": 0.7}, steps=3),
@@ -109,11 +110,11 @@ def test_pick_best_prefers_complete_trials():
     ]
     assert T.pick_best([stopped, *done], full_steps=3).trial_id == "c"
     assert T.pick_best([stopped], full_steps=3).trial_id == "a"
-    assert "<- best" in T.format_trials([stopped, *done], T.OBJECTIVE_VAL_DICE, done[1])
+    assert "<- best" in T.format_trials([stopped, *done], names.OBJECTIVE_VAL_DICE, done[1])
 
 
 def test_trial_config_sets_only_the_searched_knobs(tiny_cfg):
-    out = T.trial_config(tiny_cfg, {T.PARAM_GUIDANCE: 3.0, T.PARAM_STRENGTH: 0.4, T.PARAM_STEPS: 7.0})
+    out = T.trial_config(tiny_cfg, {names.PARAM_GUIDANCE: 3.0, names.PARAM_STRENGTH: 0.4, names.PARAM_STEPS: 7.0})
     assert (
         out.calibrator.guidance_strength,
         out.calibrator.calibration_strength,
@@ -155,28 +156,28 @@ def _runs(result: T.TuneResult):
 def test_tiny_search_logs_nested_runs_and_picks_the_best(tmp_path, ray_session):
     cfg = _search_cfg(tmp_path)
     result = T.run_tune(cfg, progress=False)
-    assert result.objective == T.OBJECTIVE_VAL_DICE and result.eval_source == "validation"
+    assert result.objective == names.OBJECTIVE_VAL_DICE and result.eval_source == "validation"
     assert len(result.trials) == 3 and not result.models_reused
     assert result.shared_train_s > 0 and result.train_saved_s == pytest.approx(2 * result.shared_train_s)
 
     client, parent, children = _runs(result)
-    assert parent.data.tags[T.TAG_KIND] == T.KIND_TUNE and parent.data.tags[T.TAG_OBJECTIVE] == T.OBJECTIVE_VAL_DICE
+    assert parent.data.tags[names.TAG_KIND] == names.KIND_TUNE and parent.data.tags[names.TAG_OBJECTIVE] == names.OBJECTIVE_VAL_DICE
     assert parent.info.status == "FINISHED"
     assert len(children) == 3
     finals = {}
     for child in children:
-        assert child.info.status == "FINISHED" and child.data.tags[T.TAG_KIND] == T.KIND_TRIAL
-        assert set(T.SEARCH_PARAMS) <= set(child.data.params)
-        history = client.get_metric_history(child.info.run_id, T.METRIC_OBJECTIVE)
+        assert child.info.status == "FINISHED" and child.data.tags[names.TAG_KIND] == names.KIND_TRIAL
+        assert set(names.SEARCH_PARAMS) <= set(child.data.params)
+        history = client.get_metric_history(child.info.run_id, names.METRIC_OBJECTIVE)
         assert [m.step for m in sorted(history, key=lambda m: m.step)] == list(range(1, len(history) + 1))
-        assert T.METRIC_VAL_DICE in child.data.metrics and T.METRIC_PROXY in child.data.metrics
+        assert names.METRIC_VAL_DICE in child.data.metrics and names.METRIC_PROXY in child.data.metrics
         if len(history) == result.full_steps:
-            finals[float(child.data.params[T.PARAM_GUIDANCE])] = child.data.metrics[T.METRIC_OBJECTIVE]
-    assert {float(c.data.params[T.PARAM_GUIDANCE]) for c in children} == {0.0, 1.0, 3.0}
+            finals[float(child.data.params[names.PARAM_GUIDANCE])] = child.data.metrics[names.METRIC_OBJECTIVE]
+    assert {float(c.data.params[names.PARAM_GUIDANCE]) for c in children} == {0.0, 1.0, 3.0}
 
     # The best: the highest final objective among children that evaluated every step.
-    assert parent.data.metrics[T.METRIC_BEST] == pytest.approx(max(finals.values()))
-    assert finals[float(parent.data.params[T.BEST_PREFIX + T.PARAM_GUIDANCE])] == pytest.approx(max(finals.values()))
+    assert parent.data.metrics[names.METRIC_BEST] == pytest.approx(max(finals.values()))
+    assert finals[float(parent.data.params[names.BEST_PREFIX + names.PARAM_GUIDANCE])] == pytest.approx(max(finals.values()))
     # Proxy path on the same work dir (tune settings leave the method hash alone): the saved round-0 weights are
     # reused, not retrained, and the objective is the mean reliability of the pool sample.
     # The whole pool (2 steps of 16), so the sample holds cases with hidden truth as well as unlabelled ones.
@@ -190,16 +191,16 @@ def test_tiny_search_logs_nested_runs_and_picks_the_best(tmp_path, ray_session):
         },
     )
     proxy = T.run_tune(proxy_cfg, progress=False)
-    assert proxy.objective == T.OBJECTIVE_PROXY and proxy.eval_source == "pool sample"
+    assert proxy.objective == names.OBJECTIVE_PROXY and proxy.eval_source == "pool sample"
     assert proxy.models_reused and proxy.train_saved_s == pytest.approx(proxy.shared_train_s)
     _, parent, children = _runs(proxy)
-    assert parent.data.tags[T.TAG_OBJECTIVE] == T.OBJECTIVE_PROXY and len(children) == 1
+    assert parent.data.tags[names.TAG_OBJECTIVE] == names.OBJECTIVE_PROXY and len(children) == 1
     for child in children:
-        value = child.data.metrics[T.METRIC_PROXY]
-        assert child.data.metrics[T.METRIC_OBJECTIVE] == pytest.approx(value) and 0.0 <= value <= 1.0
-        assert T.METRIC_VAL_DICE not in child.data.metrics
+        value = child.data.metrics[names.METRIC_PROXY]
+        assert child.data.metrics[names.METRIC_OBJECTIVE] == pytest.approx(value) and 0.0 <= value <= 1.0
+        assert names.METRIC_VAL_DICE not in child.data.metrics
         # Phantom pool cases carry hidden truth: reported beside the proxy, never chosen by.
-        assert math.isfinite(child.data.metrics[T.METRIC_POOL_DICE])
+        assert math.isfinite(child.data.metrics[names.METRIC_POOL_DICE])
 
 
 @pytest.mark.slow
@@ -216,12 +217,12 @@ def test_asha_stops_a_bad_setting_early(tmp_path, ray_session):
         },
     )
     result = T.run_tune(cfg, progress=False)
-    steps = {t.params[T.PARAM_GUIDANCE]: t.steps for t in result.trials}
-    objective = {t.params[T.PARAM_GUIDANCE]: t.metrics["objective"] for t in result.trials}
+    steps = {t.params[names.PARAM_GUIDANCE]: t.steps for t in result.trials}
+    objective = {t.params[names.PARAM_GUIDANCE]: t.metrics["objective"] for t in result.trials}
     assert result.full_steps == 3
     assert steps[0.0] == result.full_steps
     assert steps[200.0] < result.full_steps, (steps, objective)  # stopped early by ASHA
-    assert result.best.params[T.PARAM_GUIDANCE] == 0.0
+    assert result.best.params[names.PARAM_GUIDANCE] == 0.0
 
 
 def test_cli_tune_takes_the_run_options(tmp_path):

@@ -10,7 +10,7 @@ from PIL import Image
 from caudo_ray import data as D
 from caudo_ray.config import PhantomConfig
 from caudo_ray.errors import DataError, StoreError
-from caudo_ray.workspace import load_labelled, prepare_run
+from caudo_ray.run.prepare import load_labelled, prepare_run
 
 
 def test_prepare_is_idempotent(tmp_path):
@@ -72,7 +72,7 @@ def test_annotations_join_the_exemplars(tmp_path):
 def test_store_can_live_outside_the_work_dir(tmp_path, scheme):
     """runtime.store_url: a path or an fsspec URL that a cluster shares; the CLI finds it from the work dir."""
     from caudo_ray.cli import main
-    from caudo_ray.coordinator import Coordinator
+    from caudo_ray.run.coordinator import Coordinator
 
     location = tmp_path / "shared" / "store.zarr"
     url = str(location) if scheme == "path" else f"file://{location}"

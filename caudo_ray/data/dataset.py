@@ -6,15 +6,21 @@ A dataset is a folder::
       images/      labelled images (PNG, JPEG, NIfTI, DICOM)
       masks/       one mask per image, same file stem (the extension may differ: a.jpg <-> a.png)
       unlabeled/   optional further images without masks
-      meta.csv     optional; a ``filename`` column (image file name) and a group column (patient, exam...)
+      meta.csv     optional; a ``filename`` column (image file name) and a group column (patient, exam...);
+                   optionally a split column (train / val / test) and volume + slice-order columns
 
 Cases of one group never end up on both sides of a split. Without a group column each file is its own group;
 the slices of a 3D volume always share their file's group.
+
+A predefined split (the one a benchmark's published tables use) comes from meta.csv's split column or from a
+Medical Segmentation Decathlon datalist JSON (:func:`read_datalist`); it is checked entry by entry while
+indexing, so a split naming a file the folder lacks is refused before any work.
 """
 
 from __future__ import annotations
 
 import csv
+import json
 import re
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -37,6 +43,10 @@ from caudo_ray.errors import DataError
 
 _SAFE_ID = re.compile(r"[A-Za-z0-9._-]+")
 UNLABELLED_DIRS = ("unlabeled", "unlabelled")
+SPLIT_SETS = ("train", "val", "test")
+# Values a meta.csv split column may hold (compared lower-cased); the MSD datalist spells its sets the long way.
+_SPLIT_VALUES = {"train": "train", "training": "train", "val": "val", "validation": "val", "test": "test", "testing": "test"}
+DATALIST_KEYS = {"train": "training", "val": "validation", "test": "test"}
 
 
 def validate_case_id(case_id: str, source: str | None = None) -> str:
@@ -67,6 +77,9 @@ class CaseRef:
         slice_index: slice within a 3D volume, or None.
         labelled: whether a mask exists.
         nifti_axis: the axis a 3D volume was sliced along (meaningful with ``slice_index``).
+        volume: the 3D volume this 2D slice belongs to (a NIfTI file's stem, or meta.csv's volume column), or
+            None when unknown.
+        slice_order: the slice's position within ``volume`` (stacking order), or None.
     """
 
     case_id: str
@@ -76,6 +89,8 @@ class CaseRef:
     slice_index: int | None = None
     labelled: bool = False
     nifti_axis: int = 2
+    volume: str | None = None
+    slice_order: int | None = None
 
     def __post_init__(self) -> None:
         validate_case_id(self.case_id, str(self.image_path))
@@ -93,6 +108,10 @@ class DatasetIndex:
             without a mask, used as unlabelled).
         group_column: the meta.csv column the groups came from, or None if each file is its own group.
         nifti_axis: the axis volumes were sliced along.
+        predefined: case id -> ``'train'``, ``'val'`` or ``'test'`` from a predefined split (meta.csv's split
+            column or a datalist); None when the split is to be drawn by seed. Cases it does not name are
+            either unlabelled (they join the pool) or left out of every set (reported in ``problems``).
+        split_source: the file the predefined split came from (meta.csv or the datalist), or None.
     """
 
     root: Path
@@ -101,6 +120,8 @@ class DatasetIndex:
     problems: list[tuple[str, str]] = field(default_factory=list)
     group_column: str | None = None
     nifti_axis: int = 2
+    predefined: dict[str, str] | None = None
+    split_source: str | None = None
 
     @property
     def cases(self) -> list[CaseRef]:
@@ -116,6 +137,15 @@ class DatasetIndex:
 
     def by_id(self) -> dict[str, CaseRef]:
         return {ref.case_id: ref for ref in self.cases}
+
+    def predefined_counts(self) -> dict[str, int] | None:
+        """Labelled cases per predefined set (``train``, ``val``, ``test``, ``none`` for those left out); None without one."""
+        if self.predefined is None:
+            return None
+        counts = dict.fromkeys((*SPLIT_SETS, "none"), 0)
+        for ref in self.labelled:
+            counts[self.predefined.get(ref.case_id, "none")] += 1
+        return counts
 
 
 @dataclass
@@ -137,24 +167,53 @@ class Case:
     geometry: Geometry
 
 
-def index_dataset(root: str | Path, group_column: str | None = "group", nifti_axis: int = 2) -> DatasetIndex:
+def index_dataset(
+    root: str | Path,
+    group_column: str | None = "group",
+    nifti_axis: int = 2,
+    *,
+    split_column: str | None = None,
+    datalist: str | Path | None = None,
+    volume_column: str | None = "volume",
+    slice_column: str | None = "slice",
+) -> DatasetIndex:
     """Find the cases of a dataset folder without reading pixel data (NIfTI volumes: header only).
+
+    A predefined split is taken from ``datalist`` when given, else from meta.csv's ``split_column`` when meta.csv
+    has that column; otherwise ``predefined`` stays None and :func:`~caudo_ray.data.splits.make_split` draws the
+    split by seed. Every entry of a predefined split must name a case of the folder, no case may be named in two
+    sets, and validation and test cases must have a mask; labelled cases it does not name are left out of every
+    set (reported in ``problems``), unlabelled ones join the pool as always.
 
     Args:
         root: the dataset folder.
         group_column: meta.csv column holding the group; None or absent: each file is its own group.
         nifti_axis: axis along which 3D NIfTI volumes are cut into slices.
+        split_column: meta.csv column naming each file's set (``train``/``training``, ``val``/``validation``,
+            ``test``, any case; an empty cell names no set); None (the default, so that callers indexing a folder
+            for prediction never meet a split) or absent: no predefined split from meta.csv. Runs pass
+            ``split.column`` (``"split"`` by default).
+        datalist: a Decathlon-style datalist JSON (relative paths are resolved against ``root``); its
+            ``training``, ``validation`` and ``test`` lists define the split, in place of the split column.
+            Entries are matched to cases by the image file's stem (the folder they name does not matter).
+        volume_column: meta.csv column naming the 3D volume a 2D slice file belongs to.
+        slice_column: meta.csv column holding the slice's (integer) position in its volume. Volume information
+            is read only when both columns are present; NIfTI volumes get it from the file (stem, slice index).
 
     Raises:
-        DataError: missing ``images/`` folder, an unreadable meta.csv, or an unreadable NIfTI header. A file
-            with an unsafe name, or a second file of a case id, is left out and reported in ``problems``.
+        DataError: missing ``images/`` folder, an unreadable meta.csv, an unreadable NIfTI header, or a
+            predefined split entry that is malformed or names no case of the folder (naming meta.csv and its
+            line, or the datalist and its entry). A file with an unsafe name, or a second file of a case id, is
+            left out and reported in ``problems``.
     """
     root = Path(root)
     images_dir = root / "images"
     if not images_dir.is_dir():
         raise DataError(str(root), "no images/ folder; a dataset folder holds images/, masks/ and optionally unlabeled/ and meta.csv")
     problems: list[tuple[str, str]] = []
-    groups, used_column = _read_groups(root, group_column, problems)
+    # A datalist replaces the split column, so the column is not even read (nor its values checked).
+    meta = _read_meta(root, group_column, None if datalist is not None else split_column, volume_column, slice_column, problems)
+    groups, used_column = meta.groups, meta.group_column
 
     images = _list_files(images_dir, problems)
     masks = _list_files(root / "masks", problems) if (root / "masks").is_dir() else {}
@@ -167,6 +226,7 @@ def index_dataset(root: str | Path, group_column: str | None = "group", nifti_ax
 
     labelled: list[CaseRef] = []
     unlabelled: list[CaseRef] = []
+    by_stem: dict[str, list[CaseRef]] = {}
     for stem, image_path in sorted(images.items()):
         mask_path = masks.get(stem)
         if mask_path is None:
@@ -174,14 +234,33 @@ def index_dataset(root: str | Path, group_column: str | None = "group", nifti_ax
         if used_column is not None and stem not in groups:
             problems.append((str(image_path), "not listed in meta.csv; it is its own group"))
         group = groups.get(stem, stem)
-        refs = _refs_for_file(stem, image_path, mask_path, group, nifti_axis)
+        refs = _refs_for_file(stem, image_path, mask_path, group, nifti_axis, meta.volumes.get(stem))
+        by_stem[stem] = refs
         (labelled if mask_path is not None else unlabelled).extend(refs)
     for stem, mask_path in sorted(masks.items()):
         if stem not in images:
             problems.append((str(mask_path), "mask without an image in images/; ignored"))
     for stem, image_path in sorted(unlabelled_files.items()):
         group = groups.get(stem, stem)
-        unlabelled.extend(_refs_for_file(stem, image_path, None, group, nifti_axis))
+        refs = _refs_for_file(stem, image_path, None, group, nifti_axis, meta.volumes.get(stem))
+        by_stem[stem] = refs
+        unlabelled.extend(refs)
+    _check_volumes(labelled + unlabelled, problems)
+
+    predefined: dict[str, str] | None = None
+    split_source: str | None = None
+    if datalist is not None:
+        path = Path(datalist) if Path(datalist).is_absolute() else root / datalist
+        sets = read_datalist(path)
+        entries = [
+            (f"{DATALIST_KEYS[role]}[{i}] ({image})", file_stem(image), role) for role in SPLIT_SETS for i, image in enumerate(sets[role])
+        ]
+        split_source = str(path)
+        predefined = _assign_predefined(entries, by_stem, split_source, problems)
+    elif meta.split_column is not None:
+        entries = [(f"line {line}: {name}", file_stem(name), role) for name, line, role in meta.splits]
+        split_source = str(root / "meta.csv")
+        predefined = _assign_predefined(entries, by_stem, split_source, problems, f"meta.csv column {meta.split_column!r}")
 
     return DatasetIndex(
         root=root,
@@ -190,7 +269,87 @@ def index_dataset(root: str | Path, group_column: str | None = "group", nifti_ax
         problems=problems,
         group_column=used_column,
         nifti_axis=nifti_axis,
+        predefined=predefined,
+        split_source=split_source,
     )
+
+
+def read_datalist(path: str | Path) -> dict[str, list[str]]:
+    """Read a Medical Segmentation Decathlon datalist JSON with MONAI's ``load_decathlon_datalist``.
+
+    The file holds ``training`` and ``validation`` lists of ``{"image": ..., "label": ...}`` entries and a
+    ``test`` list of entries or plain image paths; other keys (name, labels, numTraining...) are ignored, and a
+    list may be absent.
+
+    Args:
+        path: the JSON file.
+
+    Returns:
+        ``{'train': [...], 'val': [...], 'test': [...]}``: each set's image paths, resolved against the
+        datalist's folder as MONAI does; an absent list gives an empty one.
+
+    Raises:
+        DataError: naming the file: missing, not JSON, none of the three lists, or an entry without a single
+            image path (naming the entry, e.g. ``training[3]``).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(str(path), "datalist file does not exist")
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise DataError(str(path), f"not a readable JSON datalist ({exc})") from None
+    if not isinstance(raw, dict) or not any(key in raw for key in DATALIST_KEYS.values()):
+        raise DataError(str(path), "a datalist is a JSON object with 'training', 'validation' and/or 'test' lists")
+    # MONAI (and torch under it) is imported only when a datalist is used: indexing stays light otherwise.
+    from monai.data import load_decathlon_datalist
+
+    out: dict[str, list[str]] = {role: [] for role in SPLIT_SETS}
+    for role, key in DATALIST_KEYS.items():
+        if key not in raw:
+            continue
+        if not isinstance(raw[key], list):
+            raise DataError(str(path), f"{key!r} must be a list of entries, got {type(raw[key]).__name__}")
+        if not raw[key]:
+            continue  # MONAI's loader looks at the first test entry, which an empty list lacks
+        try:
+            items = load_decathlon_datalist(path, is_segmentation=True, data_list_key=key)
+        except (TypeError, ValueError, KeyError) as exc:
+            raise DataError(str(path), f"{key!r}: not a Decathlon datalist list ({exc})") from None
+        for i, item in enumerate(items):
+            image = item.get("image")
+            if not isinstance(image, str) or not image:
+                raise DataError(str(path), f"{key}[{i}]: needs one 'image' path, got {image!r} (multi-file images are not supported)")
+            out[role].append(image)
+    return out
+
+
+def volumes_of(refs: Iterable[CaseRef]) -> dict[str, list[CaseRef]]:
+    """Group 2D slices into their 3D volumes, for metrics computed per volume.
+
+    Args:
+        refs: cases; those without a ``volume`` are left out.
+
+    Returns:
+        Volume id -> its slices sorted by ``slice_order`` (numerically), volumes sorted by id.
+
+    Raises:
+        DataError: naming the volume, when two of its slices share a slice order or one has none (the stack
+            would be ambiguous).
+    """
+    out: dict[str, list[CaseRef]] = defaultdict(list)
+    for ref in refs:
+        if ref.volume is not None:
+            out[ref.volume].append(ref)
+    for volume, slices in out.items():
+        if any(ref.slice_order is None for ref in slices):
+            missing = [ref.case_id for ref in slices if ref.slice_order is None]
+            raise DataError(volume, f"slices without a slice order: {', '.join(missing)}")
+        slices.sort(key=lambda ref: ref.slice_order)
+        for a, b in zip(slices, slices[1:]):
+            if a.slice_order == b.slice_order:
+                raise DataError(volume, f"slice order {a.slice_order} is shared by {a.case_id} and {b.case_id}")
+    return {volume: out[volume] for volume in sorted(out)}
 
 
 def load_case(
@@ -305,6 +464,32 @@ def check_exemplar(case: Case) -> Case:
     return case
 
 
+def check_exemplar_set(cases: Sequence[Case]) -> list[Case]:
+    """Refuse a labelled set that holds no foreground at all.
+
+    A labelled set given by group (every slice of a patient) holds slices whose mask is empty (the apex or base
+    of a heart): these are valid labelled negatives and are kept. Only a set in which every mask is empty is
+    refused, since it cannot show the segmenter the target. For a single exemplar (K = 1 slice) this is the
+    same rule as :func:`check_exemplar`.
+
+    Raises:
+        DataError: the set is empty, a case has no mask (naming it), or every mask is empty at the working size
+            (naming the case ids).
+    """
+    cases = list(cases)
+    if not cases:
+        raise DataError("split.exemplars", "the labelled set is empty")
+    for case in cases:
+        if case.mask is None:
+            raise DataError(case.case_id, "exemplar has no mask")
+    if not any(case.mask.any() for case in cases):
+        ids = [case.case_id for case in cases]
+        named = ", ".join(ids[:8]) + (f" and {len(ids) - 8} more" if len(ids) > 8 else "")
+        shape = cases[0].mask.shape
+        raise DataError(named, f"every mask of the labelled set ({len(ids)} cases) is empty (no foreground at the working size {shape[0]}x{shape[1]})")
+    return cases
+
+
 def discover_num_classes(index: DatasetIndex, sample: int | None = None, nifti_axis: int | None = None) -> int:
     """Number of classes: the largest label over the masks + 1 (at least 2).
 
@@ -359,35 +544,139 @@ def _is_unique(stem: str, path: Path, other: Path | None, problems: list[tuple[s
     return False
 
 
-def _refs_for_file(stem: str, image_path: Path, mask_path: Path | None, group: str, nifti_axis: int) -> list[CaseRef]:
+def _refs_for_file(
+    stem: str, image_path: Path, mask_path: Path | None, group: str, nifti_axis: int, volume: tuple[str, int] | None = None
+) -> list[CaseRef]:
     labelled = mask_path is not None
     if file_extension(image_path) in (".nii", ".nii.gz"):
         n = nifti_slice_count(image_path, nifti_axis)
         if n is not None:
-            return [CaseRef(f"{stem}__s{k:04d}", image_path, mask_path, group, k, labelled, nifti_axis) for k in range(n)]
-    return [CaseRef(stem, image_path, mask_path, group, None, labelled)]
+            # The file is the volume: meta.csv volume columns describe 2D slice files and do not apply here.
+            return [CaseRef(f"{stem}__s{k:04d}", image_path, mask_path, group, k, labelled, nifti_axis, stem, k) for k in range(n)]
+    vol, order = volume if volume is not None else (None, None)
+    return [CaseRef(stem, image_path, mask_path, group, None, labelled, volume=vol, slice_order=order)]
 
 
-def _read_groups(root: Path, group_column: str | None, problems: list[tuple[str, str]]) -> tuple[dict[str, str], str | None]:
+def _check_volumes(refs: list[CaseRef], problems: list[tuple[str, str]]) -> None:
+    """Report slices that share a (volume, slice order): :func:`volumes_of` will refuse to stack that volume."""
+    seen: dict[tuple[str, int], CaseRef] = {}
+    for ref in sorted(refs, key=lambda r: r.case_id):
+        if ref.volume is None or ref.slice_order is None:
+            continue
+        other = seen.setdefault((ref.volume, ref.slice_order), ref)
+        if other is not ref:
+            problems.append((str(ref.image_path), f"volume {ref.volume!r} slice {ref.slice_order} is also {other.image_path.name}; the volume cannot be stacked"))
+
+
+def _assign_predefined(
+    entries: list[tuple[str, str, str]],
+    by_stem: dict[str, list[CaseRef]],
+    source: str,
+    problems: list[tuple[str, str]],
+    what: str | None = None,
+) -> dict[str, str]:
+    """Case id -> set from (where, stem, set) entries; refuses an entry the folder cannot honour, naming it."""
+    assigned: dict[str, tuple[str, str]] = {}
+    for where, stem, role in entries:
+        refs = by_stem.get(stem)
+        if refs is None:
+            raise DataError(source, f"{where}: no case with stem {stem!r} in images/ or unlabeled/ (missing, or left out while indexing)")
+        previous = assigned.get(stem)
+        if previous is not None and previous[1] != role:
+            raise DataError(source, f"{where}: in the {role} set, but already in the {previous[1]} set ({previous[0]}); a case belongs to one set")
+        if role != "train" and not refs[0].labelled:
+            raise DataError(source, f"{where}: in the {role} set but has no mask in masks/; validation and test cases are scored against their masks")
+        assigned[stem] = (where, role)
+    predefined = {ref.case_id: role for stem, (_, role) in assigned.items() for ref in by_stem[stem]}
+    by = what or source
+    for stem, refs in sorted(by_stem.items()):
+        if stem not in assigned and refs[0].labelled:
+            problems.append((str(refs[0].image_path), f"not in the predefined split ({by}); left out of train, val and test"))
+    return predefined
+
+
+@dataclass
+class _Meta:
+    """What meta.csv says about each file (keys: file stems)."""
+
+    groups: dict[str, str] = field(default_factory=dict)
+    group_column: str | None = None
+    splits: list[tuple[str, int, str]] = field(default_factory=list)  # (file name, line, set)
+    split_column: str | None = None
+    volumes: dict[str, tuple[str, int]] = field(default_factory=dict)  # stem -> (volume, slice order)
+
+
+def _read_meta(
+    root: Path,
+    group_column: str | None,
+    split_column: str | None,
+    volume_column: str | None,
+    slice_column: str | None,
+    problems: list[tuple[str, str]],
+) -> _Meta:
     meta = root / "meta.csv"
-    if group_column is None or not meta.is_file():
-        return {}, None
+    out = _Meta()
+    if not any((group_column, split_column, volume_column, slice_column)) or not meta.is_file():
+        return out
     try:
         with meta.open(newline="") as fh:
             reader = csv.DictReader(fh)
             columns = reader.fieldnames or []
-            if group_column not in columns:
+            use_group = group_column is not None and group_column in columns
+            if group_column is not None and not use_group:
                 problems.append((str(meta), f"no column {group_column!r} (columns: {', '.join(columns)}); each file is its own group"))
-                return {}, None
+            use_split = split_column is not None and split_column in columns
+            has_volume = volume_column is not None and volume_column in columns
+            has_slice = slice_column is not None and slice_column in columns
+            use_volume = has_volume and has_slice
+            if has_volume != has_slice:
+                present, absent = (volume_column, slice_column) if has_volume else (slice_column, volume_column)
+                problems.append((str(meta), f"column {present!r} without a {absent!r} column; no volume information"))
+            if not (use_group or use_split or use_volume):
+                return out
             if "filename" not in columns:
                 raise DataError(str(meta), f"needs a 'filename' column naming each image file (columns: {', '.join(columns)})")
-            groups: dict[str, str] = {}
             for line, row in enumerate(reader, start=2):
-                name, group = (row.get("filename") or "").strip(), (row.get(group_column) or "").strip()
-                if not name or not group:
-                    problems.append((str(meta), f"line {line}: empty filename or {group_column}; row ignored"))
+                name = (row.get("filename") or "").strip()
+                if use_group:
+                    group = (row.get(group_column) or "").strip()
+                    if not name or not group:
+                        problems.append((str(meta), f"line {line}: empty filename or {group_column}; row ignored"))
+                        continue
+                    out.groups[file_stem(name)] = group
+                elif not name:
+                    problems.append((str(meta), f"line {line}: empty filename; row ignored"))
                     continue
-                groups[file_stem(name)] = group
+                if use_split:
+                    _read_split_cell(meta, line, name, (row.get(split_column) or "").strip(), split_column, out)
+                if use_volume:
+                    _read_volume_cells(meta, line, name, row, volume_column, slice_column, out, problems)
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise DataError(str(meta), f"cannot read meta.csv ({exc})") from None
-    return groups, group_column
+    out.group_column = group_column if use_group else None
+    out.split_column = split_column if use_split else None
+    return out
+
+
+def _read_split_cell(meta: Path, line: int, name: str, value: str, column: str, out: _Meta) -> None:
+    if not value:
+        return  # an empty cell names no set: the file is outside the predefined split
+    role = _SPLIT_VALUES.get(value.lower())
+    if role is None:
+        raise DataError(str(meta), f"line {line}: unknown {column} value {value!r} for {name}; use train, val or test (or training, validation)")
+    out.splits.append((name, line, role))
+
+
+def _read_volume_cells(
+    meta: Path, line: int, name: str, row: dict[str, str], volume_column: str, slice_column: str, out: _Meta, problems: list[tuple[str, str]]
+) -> None:
+    volume, order = (row.get(volume_column) or "").strip(), (row.get(slice_column) or "").strip()
+    if not volume and not order:
+        return  # a file outside any volume
+    if not volume or not order:
+        problems.append((str(meta), f"line {line}: {volume_column} and {slice_column} must be given together; no volume information for {name}"))
+        return
+    try:
+        out.volumes[file_stem(name)] = (volume, int(order))
+    except ValueError:
+        problems.append((str(meta), f"line {line}: {slice_column} {order!r} is not an integer; no volume information for {name}"))

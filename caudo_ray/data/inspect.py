@@ -16,7 +16,15 @@ from caudo_ray.errors import DataError
 TOP_SIZES = 5
 
 
-def inspect_dataset(root: str | Path, group_column: str | None = "group", nifti_axis: int = 2, progress: bool = True) -> dict[str, Any]:
+def inspect_dataset(
+    root: str | Path,
+    group_column: str | None = "group",
+    nifti_axis: int = 2,
+    progress: bool = True,
+    *,
+    split_column: str | None = "split",
+    datalist: str | Path | None = None,
+) -> dict[str, Any]:
     """Read every file of a dataset folder once and summarise it.
 
     Args:
@@ -24,15 +32,27 @@ def inspect_dataset(root: str | Path, group_column: str | None = "group", nifti_
         group_column: meta.csv group column (None: each file its own group).
         nifti_axis: axis volumes are sliced along.
         progress: show a tqdm progress bar over the files.
+        split_column: meta.csv column of a predefined split (see :func:`index_dataset`).
+        datalist: a Decathlon datalist JSON defining the split instead.
 
     Returns:
         A JSON-serialisable dict: ``labelled``, ``unlabelled`` (case counts), ``files``, ``formats``,
         ``image_sizes`` (most common (rows, cols) with counts), ``distinct_sizes``, ``classes`` (class index ->
         pixel fraction over all masks), ``num_classes``, ``group_column``, ``groups`` (count and cases per group
-        min / median / max, and how many groups hold labelled cases), ``problems`` (file, problem) from indexing and reading.
+        min / median / max, and how many groups hold labelled cases), ``predefined_split`` (source and labelled
+        cases per set, or None), ``volumes`` (3D volumes the cases stack into), ``problems`` (file, problem)
+        from indexing and reading.
     """
-    index = index_dataset(root, group_column=group_column, nifti_axis=nifti_axis)
-    problems = [list(p) for p in index.problems]
+    try:
+        index = index_dataset(root, group_column=group_column, nifti_axis=nifti_axis, split_column=split_column, datalist=datalist)
+        split_problem = None
+    except DataError as exc:
+        # A broken predefined split is one more finding here, not a reason to stop looking at the data.
+        if split_column is None and datalist is None:
+            raise
+        index = index_dataset(root, group_column=group_column, nifti_axis=nifti_axis, split_column=None)
+        split_problem = [exc.source, exc.problem]
+    problems = [list(p) for p in index.problems] + ([split_problem] if split_problem else [])
     sizes: Counter[tuple[int, int]] = Counter()
     formats: Counter[str] = Counter()
     class_pixels: Counter[int] = Counter()
@@ -88,6 +108,8 @@ def inspect_dataset(root: str | Path, group_column: str | None = "group", nifti_
                 "max": per_group[-1] if per_group else 0,
             },
         },
+        "predefined_split": {"source": index.split_source, **(index.predefined_counts() or {})} if index.predefined is not None else None,
+        "volumes": len({ref.volume for ref in index.cases if ref.volume is not None}),
         "problems": problems,
     }
 
@@ -107,6 +129,12 @@ def format_report(report: dict[str, Any], max_problems: int = 20) -> str:
     cpg = g["cases_per_group"]
     source = f"from meta.csv column {report['group_column']!r}" if report["group_column"] else "each file its own group"
     lines.append(f"  groups: {g['count']} ({g['labelled_count']} with labelled cases; {source}); cases per group min {cpg['min']}, median {cpg['median']:g}, max {cpg['max']}")
+    split = report.get("predefined_split")
+    if split:
+        left_out = f", {split['none']} in no set" if split["none"] else ""
+        lines.append(f"  predefined split ({split['source']}): {split['train']} train, {split['val']} val, {split['test']} test labelled cases{left_out}")
+    if report.get("volumes"):
+        lines.append(f"  volumes: {report['volumes']} (slices stack into 3D volumes for per-volume metrics)")
     problems = report["problems"]
     lines.append(f"  problems: {len(problems)}" + ("" if problems else " (none)"))
     for source_file, problem in problems[:max_problems]:

@@ -4,7 +4,7 @@ The fluent ``mlflow.log_*`` API keeps the active run in process-global state, wh
 coordinator logs from several threads or when Tune trials log nested runs side by side; every call here names
 its run id instead.
 
-Metric names are stable and documented in docs/architecture.md ("Tracking"); dashboards read them by name.
+Every name logged is in :mod:`caudo_ray.tracking.names`.
 """
 
 from __future__ import annotations
@@ -16,39 +16,16 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
-
-# Stable metric names (step = round). Documented in docs/architecture.md.
-PSEUDO_DICE_INITIAL = "round/pseudo_dice_initial"
-PSEUDO_DICE_CALIBRATED = "round/pseudo_dice_calibrated"
-CALIBRATION_GAIN = "round/calibration_gain"
-SELECTED = "round/selected"
-SELECTED_FRACTION = "round/selected_fraction"
-RELIABILITY_MEAN = "round/reliability_mean"
-RELIABILITY_P10 = "round/reliability_p10"
-RELIABILITY_P50 = "round/reliability_p50"
-RELIABILITY_SPEARMAN = "round/reliability_spearman"
-AGREEMENT_MEAN = "round/agreement_mean"
-ACCEPTED_FRACTION = "round/calibration_accepted"  # share of cases whose calibrated label passed the reliability test
-CHANGED_FRACTION = "round/changed_fraction"
-VAL_DICE = "val/dice"
-VAL_HD95 = "val/hd95"
-CASES_PER_S = "perf/cases_per_s"
-INFER_S_PER_CASE = "perf/infer_s_per_case"
-DDIM_S_PER_CASE = "perf/ddim_s_per_case"
-STORE_S_PER_CASE = "perf/store_write_s_per_case"
-TRAIN_S = "perf/train_s"
-SKIPPED = "data/skipped"
 
 _UNSAFE_ARTIFACT_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
 _MAX_PARAM_LEN = 6000
 
 
-def default_tracking_uri(work_dir: str | Path) -> str:
-    """A sqlite store inside the run's work dir (MLflow's file store is deprecated and unsafe to share)."""
-    return f"sqlite:///{Path(work_dir).resolve() / 'mlflow.db'}"
+def sqlite_tracking_uri(db_path: str | Path) -> str:
+    """The URI of a sqlite tracking store (a run's default: MLflow's file store is deprecated and unsafe to share)."""
+    return f"sqlite:///{Path(db_path).resolve()}"
 
 
 def sanitize_artifact_path(path: str) -> str:
@@ -156,58 +133,3 @@ class Tracker:
 
     def metric_history(self, key: str) -> list[tuple[int, float]]:
         return [(m.step, m.value) for m in self.client.get_metric_history(self.run_id, key)]
-
-
-# One colour per foreground class, cycling; chosen to stay visible on grayscale ultrasound.
-_CLASS_COLOURS = np.array([[255, 64, 64], [64, 255, 64], [64, 160, 255], [255, 220, 0]], dtype=np.uint8)
-
-
-def overlay(image: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """(H, W) image in [0, 1] with each foreground class's outline drawn on it, as (H, W, 3) uint8."""
-    from scipy import ndimage
-
-    gray = (np.clip(image.astype(np.float32), 0, 1) * 255).astype(np.uint8)
-    rgb = np.repeat(gray[..., None], 3, axis=-1)
-    for c in np.unique(labels):
-        if c == 0:
-            continue
-        region = labels == c
-        outline = region & ~ndimage.binary_erosion(region)
-        rgb[outline] = _CLASS_COLOURS[(int(c) - 1) % len(_CLASS_COLOURS)]
-    return rgb
-
-
-def overlay_panel(image: np.ndarray, initial: np.ndarray, calibrated: np.ndarray) -> np.ndarray:
-    """Side by side: image, initial pseudo label, calibrated label (outlines), as one RGB uint8 array."""
-    gap = np.full((image.shape[0], 2, 3), 255, dtype=np.uint8)
-    plain = overlay(image, np.zeros_like(initial))
-    return np.concatenate([plain, gap, overlay(image, initial), gap, overlay(image, calibrated)], axis=1)
-
-
-def round_curves_png(tracker: Tracker, path: str | Path) -> Path:
-    """Plot the per-round label-quality and selection metrics of a run into one PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    panels = [
-        ("pseudo-label Dice", [PSEUDO_DICE_INITIAL, PSEUDO_DICE_CALIBRATED, VAL_DICE]),
-        ("reliability", [RELIABILITY_MEAN, RELIABILITY_P10, RELIABILITY_P50, AGREEMENT_MEAN]),
-        ("selection", [SELECTED_FRACTION, ACCEPTED_FRACTION]),
-    ]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2))
-    for ax, (title, keys) in zip(axes, panels):
-        for key in keys:
-            points = tracker.metric_history(key)
-            if points:
-                steps, values = zip(*sorted(points))
-                ax.plot(steps, values, marker="o", label=key.split("/", 1)[1])
-        ax.set_title(title)
-        ax.set_xlabel("round")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path

@@ -1,14 +1,10 @@
 """Label-quality dashboards built from MLflow runs.
 
-Two halves share one artifact format, so they live together:
-
-- **Logging** (:func:`log_round_views`), called by the coordinator after each round's commit, records what the
-  views need beyond metrics: a per-case table ``rounds/round_<r>/cases.json`` and a gallery of overlays of the
-  most changed and least reliable cases, ``gallery/round_<r>/<group>_<rank>_<case>.png``.
-- **Building** (:func:`build_dashboard`) reads MLflow only (``search_runs``, metric histories, artifacts), so it
-  works on any tracking server without access to the run's store. It draws the figures with matplotlib, writes
-  one self-contained HTML page (figures inlined as base64 PNG, inline CSS, no external URLs) and logs page and
-  PNGs as artifacts of a report run tagged ``caudo_ray.kind=dashboard``.
+:func:`build_dashboard` reads MLflow only (``search_runs``, metric histories, artifacts), so it works on any
+tracking server without access to the run's store. It draws the figures with matplotlib's object API, writes one
+self-contained HTML page (figures inlined as base64 PNG, inline CSS, no external URLs) and logs page and PNGs as
+artifacts of a report run tagged ``caudo_ray.kind=dashboard``. What a run logs for it beyond metrics (per-case
+tables and galleries) is written by :mod:`caudo_ray.tracking.run_log`.
 
 Views: per-round pseudo-label Dice before and after calibration and the calibration gain; selected fraction and
 reliability quantiles per round; reliability against true Dice (where the pool has hidden truth); the gallery;
@@ -40,112 +36,19 @@ from mlflow.entities import Run
 from mlflow.environment_variables import MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR
 from mlflow.exceptions import MlflowException
 
-from caudo_ray import tracking
-from caudo_ray import tune as tune_names
-from caudo_ray.store import PseudoLabelStore
+from caudo_ray.tracking import names
+from caudo_ray.tracking.tracker import Tracker
 
-log = logging.getLogger("caudo_ray")
+log = logging.getLogger(__name__)
 
-KIND_TAG = tune_names.TAG_KIND  # "tune" on a Tune search's parent run, "dashboard" on a report run
-PARENT_TAG = "mlflow.parentRunId"
-SOURCES_TAG = "caudo_ray.dashboard_sources"  # on a report run: the run ids it was built from
-DASHBOARD_RUN_TAG = "caudo_ray.dashboard_run_id"  # on a source run: its latest report run
-NOTE_TAG = "mlflow.note.content"  # the run's description in the MLflow UI (markdown)
+# What Tune searches log, by name.
+TUNE_PARAMS = {"w": names.PARAM_GUIDANCE, "s": names.PARAM_STRENGTH, "steps": names.PARAM_STEPS}
 
-CASE_TABLE = "rounds/round_{r}/cases.json"
-GALLERY_DIR = "gallery/round_{r}"
-GALLERY_GROUPS = ("most_changed", "least_reliable")
-ARTIFACT_DIR = "dashboard"  # report run: dashboard/index.html, dashboard/figures/<key>.png
-
-# What Tune searches log, by the names caudo_ray/tune.py writes them under.
-TUNE_PARAMS = {"w": tune_names.PARAM_GUIDANCE, "s": tune_names.PARAM_STRENGTH, "steps": tune_names.PARAM_STEPS}
-
-_READ_BLOCK = 64  # cases read from the store at a time when building the case table
 _DPI = 90
 
 
 class DashboardError(ValueError):
     """The runs asked for do not exist or hold nothing a dashboard can show."""
-
-
-# --------------------------------------------------------------------------------------------------- logging side
-
-
-def case_table(store: PseudoLabelStore, r: int) -> dict[str, Any]:
-    """Round ``r``'s per-case table over the usable cases, column-wise (one list per column, JSON-ready).
-
-    Columns: ``index`` (store row), ``case_id``, ``selected``, every score the store records (``reliability``
-    and its parts, ``initial_dice``/``calibrated_dice`` against hidden truth, null where a case has none) and
-    ``changed_fraction``: the share of the label's pixels (foreground in either map) that calibration changed.
-    Label maps are read a block at a time, so memory stays bounded for large pools.
-    """
-    usable = np.flatnonzero(store.usable_mask())
-    names = store.score_names
-    scores = {name: np.full(len(usable), np.nan, dtype=np.float32) for name in names}
-    changed = np.zeros(len(usable), dtype=np.float32)
-    for start in range(0, len(usable), _READ_BLOCK):
-        idx = usable[start : start + _READ_BLOCK]
-        block = store.read_round(r, idx)
-        initial, calibrated = block["initial"], block["calibrated"]
-        differ = (initial != calibrated).sum(axis=(1, 2))
-        label = ((initial > 0) | (calibrated > 0)).sum(axis=(1, 2))
-        changed[start : start + len(idx)] = differ / np.maximum(label, 1)
-        for name in names:
-            scores[name][start : start + len(idx)] = block["scores"][name]
-    table: dict[str, Any] = {
-        "round": r,
-        "index": usable.tolist(),
-        "case_id": [store.case_ids[i] for i in usable],
-        "selected": store.selected(r)[usable].tolist(),
-        "changed_fraction": _json_floats(changed),
-    }
-    table.update({name: _json_floats(values) for name, values in scores.items()})
-    return table
-
-
-def log_round_views(tracker: tracking.Tracker, store: PseudoLabelStore, r: int, k: int) -> dict[str, Any]:
-    """Log round ``r``'s case table and a gallery of the ``k`` most changed and ``k`` least reliable cases.
-
-    The table records the gallery (``gallery``: group -> [{case_id, artifact}]) so the dashboard needs no listing.
-
-    Returns:
-        The logged table.
-    """
-    table = case_table(store, r)
-    gallery: dict[str, list[dict[str, str]]] = {group: [] for group in GALLERY_GROUPS}
-    if k > 0 and table["case_id"]:
-        changed = np.array([-math.inf if v is None else v for v in table["changed_fraction"]])
-        reliability = np.array([math.inf if v is None else v for v in table["reliability"]])
-        picks = {
-            "most_changed": np.argsort(-changed, kind="stable")[:k],
-            "least_reliable": np.argsort(reliability, kind="stable")[:k],
-        }
-        rows = np.unique(np.concatenate(list(picks.values())))
-        indices = np.asarray(table["index"])[rows]
-        images = store.read_images(indices)
-        labels = store.read_round(r, indices)
-        for group, order in picks.items():
-            for rank, row in enumerate(order):
-                j = int(np.searchsorted(rows, row))
-                case_id = table["case_id"][row]
-                path = f"{GALLERY_DIR.format(r=r)}/{group}_{rank:02d}_{case_id}.png"
-                tracker.log_image(
-                    tracking.overlay_panel(images[j], labels["initial"][j], labels["calibrated"][j]),
-                    path,
-                )
-                gallery[group].append(
-                    {
-                        "case_id": case_id,
-                        "artifact": tracking.sanitize_artifact_path(path),
-                    }
-                )
-    table["gallery"] = gallery
-    tracker.log_dict(table, CASE_TABLE.format(r=r))
-    return table
-
-
-def _json_floats(values: np.ndarray) -> list[float | None]:
-    return [round(float(v), 5) if math.isfinite(v) else None for v in values]
 
 
 # -------------------------------------------------------------------------------------------------- collecting
@@ -198,7 +101,7 @@ class DashboardResult:
 
     @property
     def artifact_path(self) -> str:
-        return f"{ARTIFACT_DIR}/index.html"
+        return f"{names.DASHBOARD_DIR}/index.html"
 
 
 def _search_all(client: MlflowClient, experiment_ids: list[str], filter_string: str = "") -> list[Run]:
@@ -238,7 +141,7 @@ def _source_runs(client: MlflowClient, run_ids: Sequence[str] | None, experiment
     return [
         run
         for run in _search_all(client, [exp.experiment_id])
-        if run.data.tags.get(KIND_TAG) != "dashboard" and PARENT_TAG not in run.data.tags
+        if run.data.tags.get(names.TAG_KIND) != names.KIND_DASHBOARD and names.TAG_PARENT not in run.data.tags
     ]
 
 
@@ -256,7 +159,7 @@ def _collect_training(client: MlflowClient, run: Run, scratch: Path) -> Training
     with_gallery = [r for r, t in tables.items() if any(t.get("gallery", {}).values())]
     if with_gallery:
         r = max(with_gallery)
-        local = Path(client.download_artifacts(run_id, GALLERY_DIR.format(r=r), str(scratch / run_id)))
+        local = Path(client.download_artifacts(run_id, names.GALLERY_DIR.format(r=r), str(scratch / run_id)))
         out.gallery_round = r
         for group, entries in tables[r]["gallery"].items():
             out.gallery[group] = [(entry, _read_png(local / Path(entry["artifact"]).name)) for entry in entries]
@@ -294,14 +197,14 @@ def collect(
     """The self-training runs and Tune searches to show, read from MLflow (artifacts go to ``scratch``)."""
     training, searches = [], []
     for run in _source_runs(client, run_ids, experiment):
-        if run.data.tags.get(KIND_TAG) == tune_names.KIND_TUNE:
+        if run.data.tags.get(names.TAG_KIND) == names.KIND_TUNE:
             trials = _search_all(
                 client,
                 [run.info.experiment_id],
-                f"tags.`{PARENT_TAG}` = '{run.info.run_id}'",
+                f"tags.`{names.TAG_PARENT}` = '{run.info.run_id}'",
             )
             searches.append(TuneSearch(run, trials))
-        elif run.data.tags.get(KIND_TAG) != "dashboard":
+        elif run.data.tags.get(names.TAG_KIND) != names.KIND_DASHBOARD:
             training.append(_collect_training(client, run, scratch))
     if not training and not searches:
         raise DashboardError("no self-training runs or Tune searches among the runs asked for")
@@ -334,9 +237,9 @@ def _png(fig) -> bytes:
 
 def _quality_figure(tr: TrainingRun) -> bytes | None:
     keys = [
-        tracking.PSEUDO_DICE_INITIAL,
-        tracking.PSEUDO_DICE_CALIBRATED,
-        tracking.VAL_DICE,
+        names.PSEUDO_DICE_INITIAL,
+        names.PSEUDO_DICE_CALIBRATED,
+        names.VAL_DICE,
     ]
     if not any(tr.metrics.get(k) for k in keys):
         return None
@@ -356,7 +259,7 @@ def _quality_figure(tr: TrainingRun) -> bytes | None:
     ax.set(title="Dice per round", xlabel="round", ylabel="Dice")
     ax.legend(fontsize=8)
     ax = axes[0, 1]
-    steps, gains = tr.series(tracking.CALIBRATION_GAIN)
+    steps, gains = tr.series(names.CALIBRATION_GAIN)
     ax.bar(steps, gains, color=["tab:green" if g >= 0 else "tab:red" for g in gains])
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set(
@@ -368,13 +271,13 @@ def _quality_figure(tr: TrainingRun) -> bytes | None:
 
 
 def _selection_figure(tr: TrainingRun) -> bytes | None:
-    steps, fractions = tr.series(tracking.SELECTED_FRACTION)
+    steps, fractions = tr.series(names.SELECTED_FRACTION)
     if not steps:
         return None
     fig, axes = _new_figure(10, 3.2, ncols=2)
     ax = axes[0, 0]
     ax.bar(steps, fractions, color="tab:blue")
-    _, counts = tr.series(tracking.SELECTED)
+    _, counts = tr.series(names.SELECTED)
     for s, f, n in zip(steps, fractions, counts):
         ax.annotate(f"{int(n)}", (s, f), ha="center", va="bottom", fontsize=8)
     ax.set(
@@ -385,11 +288,11 @@ def _selection_figure(tr: TrainingRun) -> bytes | None:
     )
     ax = axes[0, 1]
     for key in (
-        tracking.RELIABILITY_P10,
-        tracking.RELIABILITY_P50,
-        tracking.RELIABILITY_MEAN,
-        tracking.AGREEMENT_MEAN,
-        tracking.ACCEPTED_FRACTION,
+        names.RELIABILITY_P10,
+        names.RELIABILITY_P50,
+        names.RELIABILITY_MEAN,
+        names.AGREEMENT_MEAN,
+        names.ACCEPTED_FRACTION,
     ):
         s, v = tr.series(key)
         if s:
@@ -427,7 +330,7 @@ def _reliability_figure(tr: TrainingRun) -> bytes | None:
             color="tab:blue",
             label="selected",
         )
-        rho = dict(tr.metrics.get(tracking.RELIABILITY_SPEARMAN, [])).get(r)
+        rho = dict(tr.metrics.get(names.RELIABILITY_SPEARMAN, [])).get(r)
         title = f"round {r}" + (f" (Spearman {rho:.2f})" if rho is not None else "")
         ax.set(
             title=title,
@@ -474,11 +377,11 @@ def _gallery_figure(tr: TrainingRun, group: str) -> bytes | None:
 
 
 def _throughput_figure(tr: TrainingRun) -> bytes | None:
-    steps, rate = tr.series(tracking.CASES_PER_S)
+    steps, rate = tr.series(names.CASES_PER_S)
     stages = [
-        (tracking.INFER_S_PER_CASE, "segmenter"),
-        (tracking.DDIM_S_PER_CASE, "DDIM"),
-        (tracking.STORE_S_PER_CASE, "store write"),
+        (names.INFER_S_PER_CASE, "segmenter"),
+        (names.DDIM_S_PER_CASE, "DDIM"),
+        (names.STORE_S_PER_CASE, "store write"),
     ]
     if not steps and not any(tr.metrics.get(k) for k, _ in stages):
         return None
@@ -503,7 +406,7 @@ def _throughput_figure(tr: TrainingRun) -> bytes | None:
         ylabel="ms / case",
     )
     ax.legend(fontsize=8)
-    s, v = tr.series(tracking.TRAIN_S)
+    s, v = tr.series(names.TRAIN_S)
     axes[0, 2].bar(s, v, color="tab:purple")
     axes[0, 2].set(title="training time per round", xlabel="round", ylabel="s")
     return _png(fig)
@@ -518,25 +421,25 @@ def _trial_value(run: Run, key: str) -> float | None:
 
 
 def _stopped_early(trial: Run) -> bool:
-    return trial.data.tags.get(tune_names.TAG_STOPPED_EARLY) == "true"
+    return trial.data.tags.get(names.TAG_STOPPED_EARLY) == "true"
 
 
 def _best_trial(search: TuneSearch) -> Run | None:
     """The trial the search chose (the parent's ``best.*`` params), else the highest final objective."""
-    chosen = {key: search.parent.data.params.get(tune_names.BEST_PREFIX + key) for key in TUNE_PARAMS.values()}
+    chosen = {key: search.parent.data.params.get(names.BEST_PREFIX + key) for key in TUNE_PARAMS.values()}
     if all(v is not None for v in chosen.values()):
         for trial in search.trials:
             if all(_trial_value(trial, key) == float(v) for key, v in chosen.items()):
                 return trial
-    scored = [t for t in search.trials if tune_names.METRIC_OBJECTIVE in t.data.metrics]
-    return max(scored, key=lambda t: t.data.metrics[tune_names.METRIC_OBJECTIVE]) if scored else None
+    scored = [t for t in search.trials if names.METRIC_OBJECTIVE in t.data.metrics]
+    return max(scored, key=lambda t: t.data.metrics[names.METRIC_OBJECTIVE]) if scored else None
 
 
 def _tune_figure(search: TuneSearch) -> bytes | None:
     points = []
     for trial in search.trials:
         values = {name: _trial_value(trial, key) for name, key in TUNE_PARAMS.items()}
-        values["objective"] = trial.data.metrics.get(tune_names.METRIC_OBJECTIVE)
+        values["objective"] = trial.data.metrics.get(names.METRIC_OBJECTIVE)
         if all(values[k] is not None for k in ("objective", "w", "s")):
             points.append((trial, values))
     if not points:
@@ -566,10 +469,10 @@ def _tune_figure(search: TuneSearch) -> bytes | None:
                     marker=marker,
                     label=legend,
                 )
-        if best is not None and tune_names.METRIC_OBJECTIVE in best.data.metrics:
+        if best is not None and names.METRIC_OBJECTIVE in best.data.metrics:
             ax.scatter(
                 [_trial_value(best, TUNE_PARAMS[name])],
-                [best.data.metrics[tune_names.METRIC_OBJECTIVE]],
+                [best.data.metrics[names.METRIC_OBJECTIVE]],
                 marker="*",
                 s=260,
                 facecolors="none",
@@ -577,7 +480,7 @@ def _tune_figure(search: TuneSearch) -> bytes | None:
                 label="chosen",
             )
         fig.colorbar(sc, ax=ax, label=colour_by)
-        ax.set(title=f"objective vs {name}", xlabel=label, ylabel=tune_names.METRIC_OBJECTIVE)
+        ax.set(title=f"objective vs {name}", xlabel=label, ylabel=names.METRIC_OBJECTIVE)
         ax.legend(fontsize=7)
     return _png(fig)
 
@@ -617,15 +520,15 @@ _STATUS_SCRIPT = """
 """
 
 _ROUND_COLUMNS = [
-    ("Dice initial", tracking.PSEUDO_DICE_INITIAL),
-    ("Dice calibrated", tracking.PSEUDO_DICE_CALIBRATED),
-    ("gain", tracking.CALIBRATION_GAIN),
-    ("selected", tracking.SELECTED),
-    ("selected fraction", tracking.SELECTED_FRACTION),
-    ("reliability mean", tracking.RELIABILITY_MEAN),
-    ("Spearman rel. vs Dice", tracking.RELIABILITY_SPEARMAN),
-    ("val Dice", tracking.VAL_DICE),
-    ("cases/s", tracking.CASES_PER_S),
+    ("Dice initial", names.PSEUDO_DICE_INITIAL),
+    ("Dice calibrated", names.PSEUDO_DICE_CALIBRATED),
+    ("gain", names.CALIBRATION_GAIN),
+    ("selected", names.SELECTED),
+    ("selected fraction", names.SELECTED_FRACTION),
+    ("reliability mean", names.RELIABILITY_MEAN),
+    ("Spearman rel. vs Dice", names.RELIABILITY_SPEARMAN),
+    ("val Dice", names.VAL_DICE),
+    ("cases/s", names.CASES_PER_S),
 ]
 
 
@@ -656,13 +559,13 @@ def _round_table(tr: TrainingRun) -> str:
 
 
 def _tune_table(search: TuneSearch) -> str:
-    trials = sorted(search.trials, key=lambda t: -t.data.metrics.get(tune_names.METRIC_OBJECTIVE, -math.inf))
+    trials = sorted(search.trials, key=lambda t: -t.data.metrics.get(names.METRIC_OBJECTIVE, -math.inf))
     if not trials:
         return "<p class='meta'>no trials logged</p>"
     best = _best_trial(search)
     head = (
         "".join(f"<th>{name}</th>" for name in TUNE_PARAMS)
-        + f"<th>{tune_names.METRIC_OBJECTIVE}</th><th>stopped early</th><th>status</th>"
+        + f"<th>{names.METRIC_OBJECTIVE}</th><th>stopped early</th><th>status</th>"
     )
     rows = []
     for t in trials:
@@ -670,7 +573,7 @@ def _tune_table(search: TuneSearch) -> str:
         mark = ' class="best"' if t is best else ""
         rows.append(
             f"<tr{mark}><td class='text'>{html.escape(t.info.run_name or t.info.run_id)}</td>{cells}"
-            f"<td>{_fmt(t.data.metrics.get(tune_names.METRIC_OBJECTIVE))}</td><td>{'yes' if _stopped_early(t) else ''}</td>"
+            f"<td>{_fmt(t.data.metrics.get(names.METRIC_OBJECTIVE))}</td><td>{'yes' if _stopped_early(t) else ''}</td>"
             f"<td class='text'>{html.escape(t.info.status)}</td></tr>"
         )
     return f"<table><tr><th class='text'>trial</th>{head}</tr>{''.join(rows)}</table>"
@@ -690,7 +593,7 @@ def _render(training: list[TrainingRun], searches: list[TuneSearch]) -> tuple[li
     for n, tr in enumerate(training):
         run_id = tr.run.info.run_id
         prefix = f"run{n}"
-        has_truth = bool(tr.metrics.get(tracking.PSEUDO_DICE_CALIBRATED))
+        has_truth = bool(tr.metrics.get(names.PSEUDO_DICE_CALIBRATED))
         parts = [
             f"<h2>Self-training run {html.escape(tr.name)}</h2>",
             (
@@ -723,7 +626,7 @@ def _render(training: list[TrainingRun], searches: list[TuneSearch]) -> tuple[li
             ]
         if tr.gallery:
             parts.append("<h3>Gallery</h3>")
-            for group in GALLERY_GROUPS:
+            for group in names.GALLERY_GROUPS:
                 title = f"{group.replace('_', ' ').capitalize()} cases of round {tr.gallery_round}: image, initial, calibrated"
                 parts.append(add(f"{prefix}_gallery_{group}", title, _gallery_figure(tr, group)))
         parts += [
@@ -737,7 +640,7 @@ def _render(training: list[TrainingRun], searches: list[TuneSearch]) -> tuple[li
         sections.append("\n".join(p for p in parts if p))
 
     for n, search in enumerate(searches):
-        best = search.parent.data.metrics.get(tune_names.METRIC_BEST)
+        best = search.parent.data.metrics.get(names.METRIC_BEST)
         parts = [
             f"<h2>Tune search {html.escape(search.parent.info.run_name or search.parent.info.run_id)}</h2>",
             f"<p class='meta'>run id {search.parent.info.run_id} &middot; {len(search.trials)} trials"
@@ -801,14 +704,14 @@ def build_dashboard(
         sources = [tr.run for tr in training] + [s.parent for s in searches]
         source_ids = [run.info.run_id for run in sources]
         exp_name = experiment or client.get_experiment(sources[0].info.experiment_id).name
-        report = tracking.Tracker(
+        report = Tracker(
             tracking_uri,
             exp_name,
             run_name=f"dashboard {', '.join(r.info.run_name or r.info.run_id for r in sources)}"[:250],
-            tags={KIND_TAG: "dashboard", SOURCES_TAG: ",".join(source_ids)},
+            tags={names.TAG_KIND: names.KIND_DASHBOARD, names.TAG_SOURCES: ",".join(source_ids)},
         )
         try:
-            report.client.log_artifacts(report.run_id, str(site), ARTIFACT_DIR)
+            report.client.log_artifacts(report.run_id, str(site), names.DASHBOARD_DIR)
             report.finish("FINISHED")
         except BaseException:
             report.finish("FAILED")
@@ -838,8 +741,8 @@ def link_dashboard(client: MlflowClient, source_run_id: str, result: DashboardRe
         f"(a self-contained page; also written to `{result.html_path}`). "
         f"Rebuild it with `caudo-ray dashboard --run-id {source_run_id}`."
     )
-    client.set_tag(source_run_id, DASHBOARD_RUN_TAG, result.run_id)
-    client.set_tag(source_run_id, NOTE_TAG, note)
+    client.set_tag(source_run_id, names.TAG_DASHBOARD_RUN, result.run_id)
+    client.set_tag(source_run_id, names.TAG_NOTE, note)
 
 
 def build_and_link(tracking_uri: str, run_id: str, out: Path) -> Path | None:

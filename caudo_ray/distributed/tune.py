@@ -2,7 +2,7 @@
 
 None of the three changes training, so the round-0 segmenter and calibrator are trained once (or loaded from the
 work dir's ``models/round_0.pt`` when a self-training run already made them), ``ray.put`` once, and every trial
-only calibrates. A trial streams a fixed evaluation set through :class:`caudo_ray.method.LabelingEngine` batch
+only calibrates. A trial streams a fixed evaluation set through :class:`caudo_ray.labelling.engine.LabelingEngine` batch
 by batch and calls ``tune.report`` after each batch with the running objective, so ASHA's time axis is evaluation
 steps and bad settings stop after a few batches.
 
@@ -11,8 +11,8 @@ Objective (``tune.objective``):
 - ``val_dice``: mean Dice of the calibrated pseudo labels on the labelled validation split (used by ``auto``
   whenever the split has validation cases).
 - ``proxy``: with no validation split (one-shot users), the mean reliability score
-  (:func:`caudo_ray.selection.reliability_scores`) of the labels the run would keep (behind
-  :func:`caudo_ray.selection.accept_calibration`) over a fixed, seeded sample of the pool. Where the pool has hidden truth (benchmarks), the sample's pseudo-label Dice is reported beside it as
+  (:func:`caudo_ray.labelling.reliability.reliability_scores`) of the labels the run would keep (behind
+  :func:`caudo_ray.labelling.reliability.accept_calibration`) over a fixed, seeded sample of the pool. Where the pool has hidden truth (benchmarks), the sample's pseudo-label Dice is reported beside it as
   ``tune/pool_dice``, never used to choose.
 
 MLflow: one parent run (tag ``caudo_ray.kind=tune``) and one nested child run per trial, written from the driver
@@ -30,46 +30,30 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import ray
+import torch
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search.basic_variant import BasicVariantGenerator
 
-from caudo_ray import tracking
 from caudo_ray.config import ConfigError, RunConfig, TuneConfig
+from caudo_ray.distributed.cluster import init_ray
 from caudo_ray.errors import DataError
+from caudo_ray.labelling.engine import LabelingEngine
+from caudo_ray.networks.bundle import RoundModels
+from caudo_ray.rounds.executor import TrainContext
+from caudo_ray.run.prepare import PreparedRun, load_case, load_labelled, prepare_run
+from caudo_ray.tracking import names
+from caudo_ray.tracking.tracker import Tracker, sqlite_tracking_uri
 
-log = logging.getLogger("caudo_ray")
-
-# Names the dashboards read; keep them stable (docs/tune.md).
-PARAM_GUIDANCE = "calibrator.guidance_strength"
-PARAM_STRENGTH = "calibrator.calibration_strength"
-PARAM_STEPS = "calibrator.inference_steps"
-SEARCH_PARAMS = (PARAM_GUIDANCE, PARAM_STRENGTH, PARAM_STEPS)
-BEST_PREFIX = "best."
-
-TAG_KIND = "caudo_ray.kind"
-KIND_TUNE = "tune"  # the parent run
-KIND_TRIAL = "tune_trial"  # each nested child run
-TAG_OBJECTIVE = "caudo_ray.objective"
-TAG_STOPPED_EARLY = "caudo_ray.tune.stopped_early"
-OBJECTIVE_VAL_DICE = "val_dice"
-OBJECTIVE_PROXY = "proxy"
-
-METRIC_OBJECTIVE = "tune/objective"  # child, per evaluation step
-METRIC_PROXY = "tune/proxy"  # child: running mean reliability of the calibrated labels
-METRIC_VAL_DICE = "tune/val_dice"  # child, objective val_dice: running mean Dice on the validation cases
-METRIC_POOL_DICE = "tune/pool_dice"  # child, objective proxy: hidden-truth Dice of the pool sample, where it exists
-METRIC_INITIAL_DICE = "tune/initial_dice"  # child: the same cases' Dice before calibration
-METRIC_BEST = "tune/best_objective"  # parent
-METRIC_TRIALS = "tune/trials"  # parent
-METRIC_STOPPED_EARLY = "tune/stopped_early"  # parent: trials ASHA stopped
-METRIC_SHARED_TRAIN_S = "perf/shared_train_s"  # parent: training the shared weights took this long (once)
-METRIC_TRAIN_SAVED_S = "perf/tune_train_saved_s"  # parent: training time the trials did not spend
-METRIC_WALL_S = "perf/tune_wall_s"  # parent: the search, end to end
+log = logging.getLogger(__name__)
 
 # Keys a trial reports to Tune (no "/": Tune reads "/" as nesting) -> child run metric names.
 _REPORTED = {
-    "objective": METRIC_OBJECTIVE,
-    "proxy": METRIC_PROXY,
+    "objective": names.METRIC_OBJECTIVE,
+    "proxy": names.METRIC_PROXY,
     "dice": None,
-    "initial_dice": METRIC_INITIAL_DICE,
+    "initial_dice": names.METRIC_INITIAL_DICE,
 }
 
 
@@ -89,12 +73,12 @@ def parse_space(tcfg: TuneConfig) -> dict[str, Dimension]:
     """The search space of a validated ``tune:`` section, keyed by the run-config keys it sets."""
     space = {}
     for param, dim in (
-        (PARAM_GUIDANCE, tcfg.guidance_strength),
-        (PARAM_STRENGTH, tcfg.calibration_strength),
-        (PARAM_STEPS, tcfg.inference_steps),
+        (names.PARAM_GUIDANCE, tcfg.guidance_strength),
+        (names.PARAM_STRENGTH, tcfg.calibration_strength),
+        (names.PARAM_STEPS, tcfg.inference_steps),
     ):
         kind = next(k for k in ("grid", "choice", "range") if getattr(dim, k) is not None)
-        integer = param == PARAM_STEPS
+        integer = param == names.PARAM_STEPS
         values = tuple(int(v) if integer else float(v) for v in getattr(dim, kind))
         space[param] = Dimension(kind, values, integer)
     return space
@@ -108,8 +92,8 @@ def count_trials(space: Mapping[str, Dimension], num_samples: int) -> int:
 def resolve_objective(setting: str, num_val: int) -> str:
     """``val_dice`` or ``proxy``: ``auto`` takes val_dice whenever there are validation cases."""
     if setting == "auto":
-        return OBJECTIVE_VAL_DICE if num_val else OBJECTIVE_PROXY
-    if setting == OBJECTIVE_VAL_DICE and not num_val:
+        return names.OBJECTIVE_VAL_DICE if num_val else names.OBJECTIVE_PROXY
+    if setting == names.OBJECTIVE_VAL_DICE and not num_val:
         raise ConfigError(
             "tune.objective",
             "val_dice needs a labelled validation split (split.val_fraction > 0), and this one is empty; use proxy or auto",
@@ -124,11 +108,11 @@ def num_steps(num_cases: int, batch_size: int, max_t: int | None) -> int:
 
 
 def trial_config(cfg: RunConfig, params: Mapping[str, Any]) -> RunConfig:
-    """``cfg`` with a trial's calibrator settings applied (the three :data:`SEARCH_PARAMS`)."""
+    """``cfg`` with a trial's calibrator settings applied (the three :data:`names.SEARCH_PARAMS`)."""
     out = copy.deepcopy(cfg)
-    out.calibrator.guidance_strength = float(params[PARAM_GUIDANCE])
-    out.calibrator.calibration_strength = float(params[PARAM_STRENGTH])
-    out.calibrator.inference_steps = int(params[PARAM_STEPS])
+    out.calibrator.guidance_strength = float(params[names.PARAM_GUIDANCE])
+    out.calibrator.calibration_strength = float(params[names.PARAM_STRENGTH])
+    out.calibrator.inference_steps = int(params[names.PARAM_STEPS])
     out.calibrator.validate("calibrator")
     return out
 
@@ -159,7 +143,7 @@ class EvalTally:
         if self.with_truth:
             out["dice"] = self.dice / self.with_truth
             out["initial_dice"] = self.initial_dice / self.with_truth
-        out["objective"] = out["proxy"] if self.objective == OBJECTIVE_PROXY else out.get("dice", math.nan)
+        out["objective"] = out["proxy"] if self.objective == names.OBJECTIVE_PROXY else out.get("dice", math.nan)
         return out
 
 
@@ -189,7 +173,7 @@ def pick_best(outcomes: list[TrialOutcome], full_steps: int) -> TrialOutcome:
 
 def format_trials(outcomes: list[TrialOutcome], objective: str, best: TrialOutcome | None = None) -> str:
     """A plain-text table of trials, best objective first."""
-    dice_col = "val_dice" if objective == OBJECTIVE_VAL_DICE else "pool_dice"
+    dice_col = "val_dice" if objective == names.OBJECTIVE_VAL_DICE else "pool_dice"
     lines = [f"{'w':>6} {'s':>5} {'steps':>5} {'objective':>9} {'proxy':>7} {dice_col:>9} {'initial':>7} {'evals':>5}"]
     for o in sorted(
         outcomes,
@@ -197,7 +181,7 @@ def format_trials(outcomes: list[TrialOutcome], objective: str, best: TrialOutco
     ):
         m = o.metrics
         lines.append(
-            f"{o.params[PARAM_GUIDANCE]:6.2f} {o.params[PARAM_STRENGTH]:5.2f} {int(o.params[PARAM_STEPS]):5d} "
+            f"{o.params[names.PARAM_GUIDANCE]:6.2f} {o.params[names.PARAM_STRENGTH]:5.2f} {int(o.params[names.PARAM_STEPS]):5d} "
             f"{m.get('objective', math.nan):9.4f} {m.get('proxy', math.nan):7.4f} {m.get('dice', math.nan):9.4f} "
             f"{m.get('initial_dice', math.nan):7.4f} {o.steps:5d}" + ("  <- best" if o is best else "")
         )
@@ -232,12 +216,6 @@ class SharedInputs:
 
 def _trial(config: dict[str, Any], shared: SharedInputs) -> None:
     """One Tune trial: calibrate the evaluation set batch by batch with this trial's w, s and steps."""
-    import ray
-    import torch
-    from ray import tune
-
-    from caudo_ray.method import LabelingEngine
-
     torch.set_num_threads(shared.threads)
     models, ev = ray.get([shared.models_ref, shared.eval_ref])
     engine = LabelingEngine(trial_config(shared.cfg, config), models)
@@ -252,8 +230,6 @@ def _trial(config: dict[str, Any], shared: SharedInputs) -> None:
 
 
 def _tune_space(space: Mapping[str, Dimension]) -> dict[str, Any]:
-    from ray import tune
-
     out: dict[str, Any] = {}
     for key, d in space.items():
         if d.kind == "grid":
@@ -267,74 +243,68 @@ def _tune_space(space: Mapping[str, Dimension]) -> dict[str, Any]:
     return out
 
 
-def _trial_callback_class():
-    """The driver-side MLflow logger, defined lazily so importing this module does not import Ray."""
-    from ray import tune
+class MlflowTrials(tune.Callback):
+    """Writes each trial's nested child run from the driver: params at start, metrics per step, status at end."""
 
-    class MlflowTrials(tune.Callback):
-        """Writes each trial's nested child run from the driver: params at start, metrics per step, status at end."""
+    def __init__(
+        self,
+        uri: str,
+        experiment: str,
+        parent_run_id: str,
+        objective: str,
+        full_steps: int,
+    ):
+        self.uri, self.experiment, self.parent_run_id = (
+            uri,
+            experiment,
+            parent_run_id,
+        )
+        self.objective, self.full_steps = objective, full_steps
+        self.trackers: dict[str, Tracker] = {}
+        self.outcomes: dict[str, TrialOutcome] = {}
 
-        def __init__(
-            self,
-            uri: str,
-            experiment: str,
-            parent_run_id: str,
-            objective: str,
-            full_steps: int,
-        ):
-            self.uri, self.experiment, self.parent_run_id = (
-                uri,
-                experiment,
-                parent_run_id,
-            )
-            self.objective, self.full_steps = objective, full_steps
-            self.trackers: dict[str, tracking.Tracker] = {}
-            self.outcomes: dict[str, TrialOutcome] = {}
+    def on_trial_start(self, iteration, trials, trial, **info):
+        if trial.trial_id in self.trackers:
+            return
+        params = {k: trial.config[k] for k in names.SEARCH_PARAMS}
+        tracker = Tracker(
+            self.uri,
+            self.experiment,
+            run_name=f"trial-{trial.trial_id}",
+            parent_run_id=self.parent_run_id,
+            tags={
+                names.TAG_KIND: names.KIND_TRIAL,
+                names.TAG_OBJECTIVE: self.objective,
+                "caudo_ray.tune.trial_id": trial.trial_id,
+            },
+        )
+        tracker.log_params(params)
+        self.trackers[trial.trial_id] = tracker
+        self.outcomes[trial.trial_id] = TrialOutcome(trial.trial_id, params, {}, 0, tracker.run_id)
 
-        def on_trial_start(self, iteration, trials, trial, **info):
-            if trial.trial_id in self.trackers:
-                return
-            params = {k: trial.config[k] for k in SEARCH_PARAMS}
-            tracker = tracking.Tracker(
-                self.uri,
-                self.experiment,
-                run_name=f"trial-{trial.trial_id}",
-                parent_run_id=self.parent_run_id,
-                tags={
-                    TAG_KIND: KIND_TRIAL,
-                    TAG_OBJECTIVE: self.objective,
-                    "caudo_ray.tune.trial_id": trial.trial_id,
-                },
-            )
-            tracker.log_params(params)
-            self.trackers[trial.trial_id] = tracker
-            self.outcomes[trial.trial_id] = TrialOutcome(trial.trial_id, params, {}, 0, tracker.run_id)
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        outcome = self.outcomes[trial.trial_id]
+        outcome.steps = int(result["training_iteration"])
+        outcome.metrics = {k: float(result[k]) for k in _REPORTED if k in result}
+        dice_name = names.METRIC_VAL_DICE if self.objective == names.OBJECTIVE_VAL_DICE else names.METRIC_POOL_DICE
+        metric_names = {**_REPORTED, "dice": dice_name}
+        self.trackers[trial.trial_id].log_metrics(
+            {metric_names[k]: v for k, v in outcome.metrics.items()}, step=outcome.steps
+        )
 
-        def on_trial_result(self, iteration, trials, trial, result, **info):
-            outcome = self.outcomes[trial.trial_id]
-            outcome.steps = int(result["training_iteration"])
-            outcome.metrics = {k: float(result[k]) for k in _REPORTED if k in result}
-            dice_name = METRIC_VAL_DICE if self.objective == OBJECTIVE_VAL_DICE else METRIC_POOL_DICE
-            names = {**_REPORTED, "dice": dice_name}
-            self.trackers[trial.trial_id].log_metrics(
-                {names[k]: v for k, v in outcome.metrics.items()}, step=outcome.steps
-            )
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._end(trial, "FINISHED")
 
-        def on_trial_complete(self, iteration, trials, trial, **info):
-            self._end(trial, "FINISHED")
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._end(trial, "FAILED")
 
-        def on_trial_error(self, iteration, trials, trial, **info):
-            self._end(trial, "FAILED")
-
-        def _end(self, trial, status: str) -> None:
-            tracker = self.trackers.get(trial.trial_id)
-            if tracker is None:
-                return
-            stopped = self.outcomes[trial.trial_id].steps < self.full_steps
-            tracker.set_tags({TAG_STOPPED_EARLY: str(stopped).lower()})
-            tracker.finish(status)
-
-    return MlflowTrials
+    def _end(self, trial, status: str) -> None:
+        tracker = self.trackers.get(trial.trial_id)
+        if tracker is None:
+            return
+        stopped = self.outcomes[trial.trial_id].steps < self.full_steps
+        tracker.set_tags({names.TAG_STOPPED_EARLY: str(stopped).lower()})
+        tracker.finish(status)
 
 
 @dataclass
@@ -389,9 +359,7 @@ class TuneResult:
 
 def _eval_set(prepared, objective: str, tcfg: TuneConfig) -> EvalSet:
     """The validation split's first ``eval_cases`` readable cases, or a seeded sample of the usable pool for the proxy."""
-    from caudo_ray.workspace import load_case
-
-    if objective == OBJECTIVE_VAL_DICE:
+    if objective == names.OBJECTIVE_VAL_DICE:
         refs = {r.case_id: r for r in prepared.index.labelled}
         ids, cases = [], []
         for case_id in prepared.split.val:
@@ -420,9 +388,6 @@ def _eval_set(prepared, objective: str, tcfg: TuneConfig) -> EvalSet:
 
 def _shared_models(cfg: RunConfig, prepared, val_images, val_labels, progress: bool):
     """Round-0 models: the work dir's saved ones when a run already trained them, else trained once here and saved."""
-    from caudo_ray.coordinator import TrainContext
-    from caudo_ray.method import RoundModels
-
     path = prepared.workspace.model_path(0)
     if path.exists():
         models = RoundModels.load(path)
@@ -444,44 +409,40 @@ def run_tune(cfg: RunConfig, *, progress: bool = True) -> TuneResult:
 
     Joins ``runtime.address`` or starts a local Ray unless one is already initialised in this process.
     """
-    import ray
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search.basic_variant import BasicVariantGenerator
-
-    from caudo_ray.actors import init_ray
-    from caudo_ray.workspace import load_labelled, prepare_run
-
     if not cfg.calibrator.enabled:
         raise ConfigError(
             "calibrator.enabled",
             "tune searches calibration settings, so the calibrator must be enabled",
         )
-    tcfg = cfg.tune
-    space = parse_space(tcfg)
+    space = parse_space(cfg.tune)
     t_start = time.perf_counter()
+    # The search holds the work dir's lock from start to end, so no run writes the models it shares meanwhile.
     prepared = prepare_run(cfg, progress=progress)
     try:
-        ws = prepared.workspace
-        val_images, val_labels = load_labelled(prepared, prepared.split.val, skip_bad=True)
-        objective = resolve_objective(tcfg.objective, len(val_images))
-        ev = _eval_set(prepared, objective, tcfg)
-        full_steps = num_steps(len(ev.images), tcfg.eval_batch_size, tcfg.max_t)
-        models, reused = _shared_models(cfg, prepared, val_images, val_labels, progress)
+        return _search(cfg, prepared, space, t_start, progress)
     finally:
-        prepared.store.release_lock()  # trials only read the saved weights and images, never the store
+        prepared.lock.release()
 
-    uri = cfg.tracking.tracking_uri or tracking.default_tracking_uri(ws.root)
-    parent = tracking.Tracker(
+
+def _search(cfg: RunConfig, prepared: PreparedRun, space: Mapping[str, Dimension], t_start: float, progress: bool) -> TuneResult:
+    tcfg, ws = cfg.tune, prepared.workspace
+    val_images, val_labels = load_labelled(prepared, prepared.split.val, skip_bad=True)
+    objective = resolve_objective(tcfg.objective, len(val_images))
+    ev = _eval_set(prepared, objective, tcfg)
+    full_steps = num_steps(len(ev.images), tcfg.eval_batch_size, tcfg.max_t)
+    models, reused = _shared_models(cfg, prepared, val_images, val_labels, progress)
+
+    uri = cfg.tracking.tracking_uri or sqlite_tracking_uri(ws.mlflow_db)
+    parent = Tracker(
         uri,
         cfg.tracking.experiment,
         run_name=cfg.tracking.run_name or f"tune-{ws.root.name}",
-        artifact_root=ws.root / "mlartifacts",
+        artifact_root=ws.artifacts_dir,
         tags={
-            TAG_KIND: KIND_TUNE,
-            TAG_OBJECTIVE: objective,
-            "caudo_ray.work_dir": str(ws.root.resolve()),
-            "caudo_ray.method_hash": cfg.method_hash(),
+            names.TAG_KIND: names.KIND_TUNE,
+            names.TAG_OBJECTIVE: objective,
+            names.TAG_WORK_DIR: str(ws.root.resolve()),
+            names.TAG_METHOD_HASH: cfg.method_hash(),
         },
     )
     try:
@@ -496,7 +457,7 @@ def run_tune(cfg: RunConfig, *, progress: bool = True) -> TuneResult:
             steps=full_steps,
             threads=max(1, int(tcfg.cpus_per_trial)),
         )
-        callback = _trial_callback_class()(uri, cfg.tracking.experiment, parent.run_id, objective, full_steps)
+        callback = MlflowTrials(uri, cfg.tracking.experiment, parent.run_id, objective, full_steps)
         tuner = tune.Tuner(
             tune.with_resources(
                 tune.with_parameters(_trial, shared=shared),
@@ -535,15 +496,15 @@ def run_tune(cfg: RunConfig, *, progress: bool = True) -> TuneResult:
         # Without sharing, every trial would train the same round-0 models before calibrating.
         saved = models.train_s * (len(outcomes) if reused else len(outcomes) - 1)
         wall = time.perf_counter() - t_start
-        parent.log_params({BEST_PREFIX + k: v for k, v in best.params.items()})
+        parent.log_params({names.BEST_PREFIX + k: v for k, v in best.params.items()})
         parent.log_metrics(
             {
-                METRIC_BEST: best.metrics["objective"],
-                METRIC_TRIALS: len(outcomes),
-                METRIC_STOPPED_EARLY: sum(o.steps < full_steps for o in outcomes),
-                METRIC_SHARED_TRAIN_S: models.train_s,
-                METRIC_TRAIN_SAVED_S: saved,
-                METRIC_WALL_S: wall,
+                names.METRIC_BEST: best.metrics["objective"],
+                names.METRIC_TRIALS: len(outcomes),
+                names.METRIC_STOPPED_EARLY: sum(o.steps < full_steps for o in outcomes),
+                names.METRIC_SHARED_TRAIN_S: models.train_s,
+                names.METRIC_TRAIN_SAVED_S: saved,
+                names.METRIC_WALL_S: wall,
             },
             step=0,
         )

@@ -1,8 +1,6 @@
-"""Reliability of calibrated pseudo labels without ground truth, curriculum selection and annotation queries.
+"""Reliability of pseudo labels without ground truth, and the per-case choice between calibrated and initial.
 
-Pure numpy/scipy: the coordinator scores every calibrated case, keeps the most reliable fraction for the next
-round (stratified by target size so selection does not collapse onto the easy, typical cases) and proposes the
-least reliable cases to a person for annotation.
+Pure numpy/scipy: computed by every calibration worker for the cases it labels.
 """
 
 from __future__ import annotations
@@ -10,18 +8,10 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from scipy import ndimage, stats
+from scipy import ndimage
 
 from caudo_ray.errors import DataError
-
-__all__ = [
-    "annotation_queries",
-    "area_strata",
-    "dice_per_case",
-    "reliability_scores",
-    "select_top",
-    "spearman",
-]
+from caudo_ray.metrics import dice
 
 BAND_RADIUS = 2  # pixels on each side of a predicted boundary that make up the uncertain band
 
@@ -87,9 +77,9 @@ def reliability_scores(
     out = {k: np.ones(n, np.float32) for k in ("agreement", "consistency", "confidence", "entropy", "area", "compactness")}
     band_struct = ndimage.generate_binary_structure(2, 2)
     for i in range(n):
-        out["agreement"][i] = np.mean([_dice(a[i] == k, b[i] == k) for k in range(1, c)])
+        out["agreement"][i] = np.mean([dice(a[i] == k, b[i] == k) for k in range(1, c)])
         if flipped_probs is not None:
-            out["consistency"][i] = np.mean([_dice(f[i] == k, b[i] == k) for k in range(1, c)])
+            out["consistency"][i] = np.mean([dice(f[i] == k, b[i] == k) for k in range(1, c)])
         band = _boundary(a[i]) | _boundary(b[i])
         if band.any():
             band = ndimage.binary_dilation(band, band_struct, iterations=BAND_RADIUS)
@@ -134,81 +124,6 @@ def accept_calibration(
     return probs, scores
 
 
-def select_top(reliability: np.ndarray, fraction: float, *, strata: np.ndarray | None = None) -> np.ndarray:
-    """Indices (sorted ascending) of the most reliable cases.
-
-    Without strata: the ``ceil(fraction * N)`` most reliable. With strata: the ``ceil(fraction * n_s)`` most
-    reliable of each stratum s (so every non-empty stratum contributes at least one case and the total can
-    exceed ``ceil(fraction * N)`` by fewer than the number of strata). Ties go to the lower index; NaN
-    reliabilities rank last.
-
-    Args:
-        reliability: (N,) scores, higher is better.
-        fraction: in (0, 1].
-        strata: optional (N,) integer stratum per case, e.g. from :func:`area_strata`.
-    """
-    rel = _check_vector("reliability", reliability)
-    if not 0.0 < fraction <= 1.0:
-        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
-    if strata is None:
-        return np.sort(_ranked(rel)[: math.ceil(fraction * len(rel))])
-    strata = np.asarray(strata)
-    if strata.shape != rel.shape:
-        raise DataError("strata", f"shape {strata.shape} does not match reliability's {rel.shape}")
-    chosen = []
-    for s in np.unique(strata):
-        members = np.flatnonzero(strata == s)
-        chosen.append(members[_ranked(rel[members])[: math.ceil(fraction * len(members))]])
-    return np.sort(np.concatenate(chosen)) if chosen else np.empty(0, np.int64)
-
-
-def area_strata(area: np.ndarray, n_bins: int = 4) -> np.ndarray:
-    """Quantile bins of target area: (N,) int64 in [0, n_bins), by rank so the bins have equal counts.
-
-    Ties are broken by index, so equal areas can fall into neighbouring bins; that keeps the bins balanced.
-    """
-    area = _check_vector("area", area)
-    if n_bins <= 0:
-        raise ValueError(f"n_bins must be > 0, got {n_bins}")
-    ranks = np.empty(len(area), np.int64)
-    ranks[np.argsort(area, kind="stable")] = np.arange(len(area))
-    return (ranks * n_bins // max(len(area), 1)).astype(np.int64)
-
-
-def annotation_queries(case_ids: list[str] | np.ndarray, reliability: np.ndarray, k: int) -> list[tuple[str, float]]:
-    """The ``k`` least reliable cases, least reliable first, as ``(case_id, reliability)``; ties by index."""
-    rel = _check_vector("reliability", reliability)
-    if len(case_ids) != len(rel):
-        raise DataError("case_ids", f"{len(case_ids)} ids for {len(rel)} reliabilities")
-    if k < 0:
-        raise ValueError(f"k must be >= 0, got {k}")
-    order = _ranked_ascending(rel)
-    return [(str(case_ids[i]), float(rel[i])) for i in order[:k]]
-
-
-def dice_per_case(pred: np.ndarray, truth: np.ndarray, num_classes: int) -> np.ndarray:
-    """(N,) float32 mean foreground Dice per case; a class empty in both maps counts 1."""
-    pred, truth = np.asarray(pred), np.asarray(truth)
-    if pred.shape != truth.shape or pred.ndim != 3:
-        raise DataError("pred", f"shape {pred.shape} must be (N, H, W) and match truth's {truth.shape}")
-    if num_classes < 2:
-        raise ValueError(f"num_classes must be >= 2, got {num_classes}")
-    return np.array(
-        [np.mean([_dice(p == k, t == k) for k in range(1, num_classes)]) for p, t in zip(pred, truth)],
-        dtype=np.float32,
-    )
-
-
-def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    """Spearman rank correlation of two (N,) arrays; NaN when either is constant."""
-    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
-    if a.shape != b.shape:
-        raise DataError("spearman", f"lengths differ: {a.size} and {b.size}")
-    if a.size < 2 or np.ptp(a) == 0 or np.ptp(b) == 0:
-        return float("nan")
-    return float(stats.spearmanr(a, b).statistic)
-
-
 def _normalised_entropy(probs: np.ndarray) -> np.ndarray:
     """(N, H, W) entropy divided by log(C), so 0 is certain and 1 uniform."""
     p = np.clip(probs, 1e-8, 1.0)
@@ -218,11 +133,6 @@ def _normalised_entropy(probs: np.ndarray) -> np.ndarray:
 def _boundary(label: np.ndarray) -> np.ndarray:
     """Pixels whose 3x3 neighbourhood holds more than one class."""
     return ndimage.grey_dilation(label, size=3) != ndimage.grey_erosion(label, size=3)
-
-
-def _dice(x: np.ndarray, y: np.ndarray) -> float:
-    total = int(x.sum()) + int(y.sum())
-    return 1.0 if total == 0 else 2.0 * np.logical_and(x, y).sum() / total
 
 
 def _ellipse_fit(mask: np.ndarray) -> float:
@@ -244,21 +154,6 @@ def _ellipse_fit(mask: np.ndarray) -> float:
     return float(2.0 * np.logical_and(ellipse, mask).sum() / (ellipse.sum() + len(ys)))
 
 
-def _nan_low(rel: np.ndarray) -> np.ndarray:
-    """NaN mapped to -inf so it ranks as least reliable."""
-    return np.where(np.isnan(rel), -np.inf, rel)
-
-
-def _ranked(rel: np.ndarray) -> np.ndarray:
-    """Indices by descending reliability, ties by ascending index, NaN last."""
-    return np.lexsort((np.arange(len(rel)), -_nan_low(rel)))
-
-
-def _ranked_ascending(rel: np.ndarray) -> np.ndarray:
-    """Indices by ascending reliability, ties by ascending index, NaN first (least trustworthy)."""
-    return np.lexsort((np.arange(len(rel)), _nan_low(rel)))
-
-
 def _check_probs(name: str, probs: np.ndarray) -> np.ndarray:
     probs = np.asarray(probs, dtype=np.float32)
     if probs.ndim != 4 or probs.shape[1] < 2:
@@ -266,10 +161,3 @@ def _check_probs(name: str, probs: np.ndarray) -> np.ndarray:
     if not np.all(np.isfinite(probs)):
         raise DataError(name, "holds NaN or infinite values")
     return probs
-
-
-def _check_vector(name: str, values: np.ndarray) -> np.ndarray:
-    values = np.asarray(values, dtype=np.float64)
-    if values.ndim != 1:
-        raise DataError(name, f"expected a (N,) vector, got shape {values.shape}")
-    return values

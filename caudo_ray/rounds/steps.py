@@ -14,32 +14,25 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from caudo_ray import selection
 from caudo_ray.config import RunConfig
-from caudo_ray.method import LabelingEngine
+from caudo_ray.labelling import selection
+from caudo_ray.labelling.engine import LabelingEngine
+from caudo_ray.metrics import spearman
 from caudo_ray.store import PseudoLabelStore
+from caudo_ray.training.inputs import RoundInputs
 
 
-@dataclass
-class TrainingInputs:
-    exemplar_images: np.ndarray
-    exemplar_labels: np.ndarray
-    pseudo_images: np.ndarray | None
-    pseudo_labels: np.ndarray | None
-    pseudo_weights: np.ndarray | None
-
-
-def training_inputs(store: PseudoLabelStore, r: int) -> TrainingInputs:
+def training_inputs(store: PseudoLabelStore, r: int) -> RoundInputs:
     """Exemplars plus, from round 1, the selected calibrated labels of round r-1 weighted by reliability."""
     _, ex_images, ex_labels = store.exemplars()
     if r == 0:
-        return TrainingInputs(ex_images, ex_labels, None, None, None)
+        return RoundInputs(ex_images, ex_labels)
     prev = r - 1
-    selected = np.flatnonzero(store.selected(prev))
+    selected = np.flatnonzero(store.rounds.selected(prev))
     if not len(selected):
-        return TrainingInputs(ex_images, ex_labels, None, None, None)
-    labels = store.read_round(prev, selected)
-    return TrainingInputs(
+        return RoundInputs(ex_images, ex_labels)
+    labels = store.rounds.read(prev, selected)
+    return RoundInputs(
         ex_images,
         ex_labels,
         store.read_images(selected),
@@ -64,7 +57,7 @@ def label_cases(engine: LabelingEngine, store: PseudoLabelStore, r: int, indices
     truth = store.read_truth(indices)
     result = engine.label_batch(images, truth)
     t0 = time.perf_counter()
-    store.write_results(r, indices, result.initial, result.calibrated, result.scores)
+    store.rounds.write(r, indices, result.initial, result.calibrated, result.scores)
     return BatchStats(indices, result.timings["infer_s"], result.timings["ddim_s"], time.perf_counter() - t0)
 
 
@@ -74,7 +67,7 @@ def select_and_commit(cfg: RunConfig, store: PseudoLabelStore, r: int, extra_sum
     Returns the round summary (also stored in the round's attributes): counts, reliability quantiles and, where
     the pool has hidden truth, pseudo-label Dice before and after calibration.
     """
-    scores = store.read_scores(r)
+    scores = store.rounds.scores(r)
     usable = store.usable_mask()
     reliability = np.where(usable, scores["reliability"], -np.inf)
     n_usable = int(usable.sum())
@@ -105,15 +98,15 @@ def select_and_commit(cfg: RunConfig, store: PseudoLabelStore, r: int, extra_sum
             summary["pseudo_dice_calibrated"] = float(calib[has].mean())
             summary["calibration_gain"] = summary["pseudo_dice_calibrated"] - summary["pseudo_dice_initial"]
             summary["selected_pseudo_dice"] = _finite_mean(calib[has & selected[usable]])
-            summary["reliability_spearman"] = selection.spearman(rel[has], calib[has]) if has.sum() > 2 else math.nan
+            summary["reliability_spearman"] = spearman(rel[has], calib[has]) if has.sum() > 2 else math.nan
     summary.update(extra_summary or {})
-    store.commit_round(r, selected, summary)
+    store.rounds.commit(r, selected, summary)
     return summary
 
 
 def annotation_queries(store: PseudoLabelStore, r: int, k: int) -> list[tuple[str, float]]:
     """The ``k`` least reliable usable cases of round ``r``: what a person should label next."""
-    scores = store.read_scores(r)
+    scores = store.rounds.scores(r)
     usable = store.usable_mask()
     ids = [cid for cid, ok in zip(store.case_ids, usable) if ok]
     return selection.annotation_queries(ids, scores["reliability"][usable], k)

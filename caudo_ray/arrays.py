@@ -1,0 +1,36 @@
+"""Checks of the arrays the method's functions take: (N, H, W) float images in [0, 1] and their label maps."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from caudo_ray.errors import DataError
+
+
+def check_images(name: str, images: np.ndarray) -> np.ndarray:
+    """(N, H, W) float images as contiguous float32; the error names ``name``."""
+    images = np.asarray(images)
+    if images.ndim != 3:
+        raise DataError(name, f"expected (N, H, W) images, got shape {images.shape}")
+    if not np.issubdtype(images.dtype, np.floating):
+        raise DataError(name, f"expected float images in [0, 1], got dtype {images.dtype}")
+    return np.ascontiguousarray(images, dtype=np.float32)
+
+
+def check_pair(name: str, images: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Non-empty images with integer label maps of the same shape (as uint8)."""
+    images = check_images(f"{name}_images", images)
+    labels = np.asarray(labels)
+    if labels.shape != images.shape:
+        raise DataError(f"{name}_labels", f"shape {labels.shape} does not match the images' {images.shape}")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise DataError(f"{name}_labels", f"expected integer class indices, got dtype {labels.dtype}")
+    if len(images) == 0:
+        raise DataError(f"{name}_images", "no images given")
+    return images, labels.astype(np.uint8)
+
+
+def check_label_range(name: str, labels: np.ndarray, num_classes: int) -> None:
+    top = int(labels.max()) if labels.size else 0
+    if top >= num_classes:
+        raise DataError(name, f"holds class {top} but the model has {num_classes} classes")

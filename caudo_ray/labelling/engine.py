@@ -1,0 +1,93 @@
+"""Labelling a batch: segmenter inference, calibration and reliability scores, in one process.
+
+:class:`LabelingEngine` holds a round's networks, built once per round, so each calibration worker (or the local
+loop) labels batch after batch with them; feature maps never leave the process.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from caudo_ray.calibration.sampling import calibrate
+from caudo_ray.calibration.schedule import CalibrationSchedule
+from caudo_ray.config import RunConfig
+from caudo_ray.labelling.reliability import accept_calibration, reliability_scores
+from caudo_ray.metrics import dice_per_case
+from caudo_ray.networks.bundle import RoundModels, build_models
+from caudo_ray.networks.device import resolve_device
+from caudo_ray.networks.segmenter import predict_tensor
+from caudo_ray.store import NO_TRUTH
+
+
+@dataclass
+class BatchResult:
+    """Labels and per-case scores of one batch, plus where its time went."""
+
+    initial: np.ndarray  # (B, H, W) u8
+    calibrated: np.ndarray  # (B, H, W) u8
+    scores: dict[str, np.ndarray]  # name -> (B,) f32
+    timings: dict[str, float]
+
+
+class LabelingEngine:
+    """The round's segmenter and calibrator, built once per round, labelling batch after batch.
+
+    Segmenter inference and calibration run in the same process, so feature maps never leave it.
+    """
+
+    def __init__(self, cfg: RunConfig, models: RoundModels, device: torch.device | None = None):
+        self.cfg = cfg
+        self.models = models
+        self.device = device or resolve_device(cfg.device)
+        self.net, self.calibrator = build_models(cfg, models, self.device)
+        self.schedule = CalibrationSchedule(cfg.calibrator.train_timesteps)
+
+    @torch.no_grad()
+    def label_batch(self, images: np.ndarray, truth: np.ndarray | None = None) -> BatchResult:
+        """Pseudo-label, calibrate and score a batch of preprocessed images.
+
+        Args:
+            images: (B, H, W) float32 in [0, 1].
+            truth: optional (B, H, W) uint8 hidden labels, used only to report pseudo-label Dice (NaN where a
+                case has none, marked by 255); never seen by the method.
+        """
+        c = self.cfg.calibrator
+        x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).unsqueeze(1).to(self.device)
+        t0 = time.perf_counter()
+        probs, feats = predict_tensor(self.net, x)
+        flipped, _ = predict_tensor(self.net, x.flip(-1))
+        t1 = time.perf_counter()
+        if self.calibrator is not None:
+            calibrated = calibrate(
+                self.calibrator, self.schedule, x, probs, feats, w=c.guidance_strength, s=c.calibration_strength, num_steps=c.inference_steps
+            )
+        else:
+            calibrated = probs
+        t2 = time.perf_counter()
+        p0 = probs.float().cpu().numpy()
+        pf = flipped.flip(-1).float().cpu().numpy()
+        p1 = calibrated.float().cpu().numpy() if self.calibrator is not None else p0
+        if self.calibrator is not None and c.accept_gate:
+            p1, scores = accept_calibration(p0, p1, pf)
+        else:
+            scores = reliability_scores(p0, p1, pf)
+            if self.calibrator is not None:
+                scores["accepted"] = np.ones(len(p1), dtype=np.float32)
+        initial = p0.argmax(1).astype(np.uint8)
+        final = p1.argmax(1).astype(np.uint8)
+        if truth is not None:
+            scores["initial_dice"] = _dice_or_nan(initial, truth, self.models.num_classes)
+            scores["calibrated_dice"] = _dice_or_nan(final, truth, self.models.num_classes)
+        return BatchResult(initial, final, scores, {"infer_s": t1 - t0, "ddim_s": t2 - t1, "n": len(images)})
+
+
+def _dice_or_nan(pred: np.ndarray, truth: np.ndarray, num_classes: int) -> np.ndarray:
+    has = (truth != NO_TRUTH).any(axis=(1, 2))
+    out = np.full(len(pred), np.nan, dtype=np.float32)
+    if has.any():
+        out[has] = dice_per_case(pred[has], truth[has], num_classes)
+    return out

@@ -1,0 +1,108 @@
+"""Where a round's training and labelling run: the :class:`Executor` protocol and the in-process executor.
+
+:class:`LocalExecutor` runs everything in this process (``--no-ray``); ``caudo_ray.distributed.executor.RayExecutor``
+runs training on a trainer actor and labelling on a pool of calibration workers. Both execute the same steps
+(:class:`TrainContext.train`, :func:`caudo_ray.rounds.steps.label_cases`), so the choice changes speed, never
+results.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+from torch import nn
+
+from caudo_ray.config import RunConfig
+from caudo_ray.labelling.engine import LabelingEngine
+from caudo_ray.networks.bundle import RoundModels
+from caudo_ray.networks.device import resolve_device
+from caudo_ray.rounds.steps import BatchStats, label_cases, training_inputs
+from caudo_ray.rounds.train import train_round_models
+from caudo_ray.store import PseudoLabelStore
+from caudo_ray.training.checkpoint import TrainingCheckpoint
+from caudo_ray.training.hooks import TrainingHooks
+from caudo_ray.workspace import Workspace
+
+
+class Executor(Protocol):
+    """Where training and labelling run. Implementations add placement, never method logic."""
+
+    def train(self, r: int, previous: RoundModels | None, *, with_calibrator: bool = True) -> RoundModels: ...
+
+    def label(self, r: int, models: RoundModels, batches: Iterable[np.ndarray]) -> Iterator[BatchStats]: ...
+
+    def owner(self, store: PseudoLabelStore) -> PseudoLabelStore:
+        """The store handle through which the coordinator begins and commits rounds."""
+        ...
+
+    def close(self) -> None: ...
+
+
+@dataclass
+class TrainContext:
+    """What a trainer needs besides the store: the config, class count and validation cases."""
+
+    cfg: RunConfig
+    store_url: str
+    num_classes: int
+    val_images: np.ndarray | None = None
+    val_labels: np.ndarray | None = None
+
+    def train(
+        self,
+        r: int,
+        previous: RoundModels | None,
+        *,
+        with_calibrator: bool = True,
+        progress: bool = False,
+        wrap_model: Callable[[nn.Module], nn.Module] | None = None,
+        rank: int = 0,
+    ) -> RoundModels | None:
+        """Train round ``r``'s models from the store's inputs; checkpoints in the work dir unless data-parallel."""
+        store = PseudoLabelStore.open(self.store_url)
+        cfg = self.cfg
+        if not with_calibrator:
+            cfg = dataclasses.replace(cfg, calibrator=dataclasses.replace(cfg.calibrator, enabled=False))
+        hooks = TrainingHooks(progress=progress, wrap_model=wrap_model, rank=rank)
+        # Data-parallel ranks would each need the same resume point; only single-process training checkpoints.
+        if wrap_model is None:
+            previous_version = previous.version if previous is not None else None
+            key = f"{cfg.method_hash()} round {r} calibrator={with_calibrator} previous={previous_version}"
+            checkpoint = TrainingCheckpoint(Workspace.of(cfg).checkpoint_path(r), key)
+            hooks = dataclasses.replace(hooks, checkpoint=checkpoint, every=cfg.runtime.checkpoint_every)
+        val = (self.val_images, self.val_labels) if self.val_images is not None else None
+        return train_round_models(
+            cfg, r, training_inputs(store, r), num_classes=self.num_classes, previous=previous, val=val, hooks=hooks
+        )
+
+
+def batches_of(indices: np.ndarray, size: int) -> Iterator[np.ndarray]:
+    for i in range(0, len(indices), size):
+        yield indices[i : i + size]
+
+
+class LocalExecutor:
+    """Everything in this process, one batch at a time."""
+
+    def __init__(self, ctx: TrainContext, progress: bool = True):
+        self.ctx = ctx
+        self.progress = progress
+        self.store = PseudoLabelStore.open(ctx.store_url)
+
+    def train(self, r: int, previous: RoundModels | None, *, with_calibrator: bool = True) -> RoundModels:
+        return self.ctx.train(r, previous, with_calibrator=with_calibrator, progress=self.progress)
+
+    def label(self, r: int, models: RoundModels, batches: Iterable[np.ndarray]) -> Iterator[BatchStats]:
+        engine = LabelingEngine(self.ctx.cfg, models, resolve_device(self.ctx.cfg.device))
+        for indices in batches:
+            yield label_cases(engine, self.store, r, indices)
+
+    def owner(self, store: PseudoLabelStore) -> PseudoLabelStore:
+        return store
+
+    def close(self) -> None:
+        pass

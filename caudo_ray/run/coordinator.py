@@ -1,0 +1,161 @@
+"""The coordinator: a whole self-training run, rounds of train -> label (streamed) -> select -> commit, resumable.
+
+The coordinator owns the store's group attributes, round commits and the MLflow run. Where the work runs is an
+:class:`~caudo_ray.rounds.executor.Executor` (in this process, or on Ray actors), which changes speed, never
+results.
+
+Memory: the pool is streamed as index batches; the driver holds indices, per-round (N,) score vectors at commit
+and nothing per-pixel, so its footprint does not grow with the images in the pool.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from caudo_ray.config import RunConfig
+from caudo_ray.networks.bundle import RoundModels
+from caudo_ray.rounds.executor import Executor, LocalExecutor, TrainContext
+from caudo_ray.rounds.loop import load_or_train, repair_round, stream_round
+from caudo_ray.rounds.steps import select_and_commit
+from caudo_ray.run.logs import attach_file_log
+from caudo_ray.run.prepare import PreparedRun, load_labelled, prepare_run
+from caudo_ray.store import PseudoLabelStore
+from caudo_ray.tracking import names
+from caudo_ray.tracking.figures import round_curves_png
+from caudo_ray.tracking.report import build_and_link
+from caudo_ray.tracking.run_log import log_overlays, log_round, log_round_views
+from caudo_ray.tracking.tracker import Tracker, sqlite_tracking_uri
+from caudo_ray.workspace import Workspace
+
+log = logging.getLogger(__name__)
+
+ExecutorFactory = Callable[[TrainContext], Executor]
+
+
+@dataclass
+class RunResult:
+    work_dir: Path
+    store_url: str
+    run_id: str
+    tracking_uri: str
+    rounds: list[dict] = field(default_factory=list)
+    final_metrics: dict = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+    recomputed: int = 0  # cases labelled by this invocation (0 for rounds already complete)
+    dashboard: Path | None = None  # the run's dashboard page, when it could be built
+
+
+class Coordinator:
+    """Runs (or resumes) a self-training run described by ``cfg``.
+
+    Args:
+        cfg: validated run config.
+        executor_factory: builds the executor from the prepared run's :class:`TrainContext`; defaults to local.
+        progress: show progress bars.
+    """
+
+    def __init__(self, cfg: RunConfig, executor_factory: ExecutorFactory | None = None, progress: bool = True):
+        self.cfg = cfg
+        self.executor_factory = executor_factory or (lambda ctx: LocalExecutor(ctx, progress))
+        self.progress = progress
+
+    def run(self) -> RunResult:
+        cfg = self.cfg
+        ws = Workspace.of(cfg)
+        # Logged to the work dir from the start, so files skipped while the pool loads are in run.log too.
+        ws.root.mkdir(parents=True, exist_ok=True)
+        attach_file_log(ws.log_path)
+        prepared = prepare_run(cfg, progress=self.progress)
+        store = prepared.store
+        try:
+            tracker = open_tracker(cfg, prepared)
+            # A bad validation case is skipped and reported like a bad pool file; a bad exemplar stops the run.
+            val_images, val_labels = load_labelled(prepared, prepared.split.val, skip_bad=True)
+            ctx = TrainContext(cfg, ws.store_url, prepared.num_classes, val_images, val_labels)
+            if prepared.skipped:
+                tracker.log_dict(prepared.skipped, names.SKIPPED_FILES)
+                tracker.log_metrics({names.SKIPPED: len(prepared.skipped)}, step=0)
+            result = RunResult(ws.root, ws.store_url, tracker.run_id, tracker.tracking_uri, skipped=dict(prepared.skipped))
+            executor = self.executor_factory(ctx)
+            try:
+                owner = executor.owner(store)
+                previous: RoundModels | None = None
+                for r in range(cfg.rounds):
+                    previous = self._round(r, previous, executor, owner, prepared, tracker, result)
+                result.final_metrics = self._final(previous, executor, prepared, tracker)
+                tracker.finish("FINISHED")
+            except BaseException:
+                tracker.finish("FAILED")
+                raise
+            finally:
+                executor.close()
+        finally:
+            prepared.lock.release()
+        result.dashboard = build_and_link(result.tracking_uri, result.run_id, ws.dashboard_path)
+        return result
+
+    def _round(
+        self, r: int, previous: RoundModels | None, executor: Executor, owner, prepared: PreparedRun, tracker: Tracker, result: RunResult
+    ) -> RoundModels:
+        cfg, ws = self.cfg, prepared.workspace
+        models = load_or_train(ws.model_path(r), lambda: executor.train(r, previous), ws.checkpoint_path(r))
+        if owner.rounds.is_committed(r):
+            result.recomputed += repair_round(cfg, owner, executor, r, models)
+            result.rounds.append(owner.rounds.summary(r))
+            return models
+        perf, labelled = stream_round(cfg, owner, executor, r, models, self.progress)
+        perf["train_s"] = models.train_s
+        result.recomputed += labelled
+        summary = select_and_commit(cfg, owner, r, {"perf": perf, "val": _scalars(models.val_metrics)})
+        result.rounds.append(summary)
+        # A read-only handle of our own: under Ray ``owner`` is the owner actor's proxy, which would ship every label.
+        reader = PseudoLabelStore.open(ws.store_url, mode="r")
+        log_round(tracker, r, summary, models.val_metrics)
+        log_overlays(tracker, reader, r, cfg.tracking.num_overlays)
+        log_round_views(tracker, reader, r, cfg.tracking.num_overlays)
+        tracker.log_artifact(round_curves_png(tracker, ws.root / "round_curves.png"), names.CURVES_DIR)
+        log.info("round %d committed: %s", r, {k: v for k, v in summary.items() if not isinstance(v, dict)})
+        return models
+
+    def _final(self, previous: RoundModels | None, executor: Executor, prepared: PreparedRun, tracker: Tracker) -> dict:
+        """Train the final segmenter on the exemplars plus the last round's selection, log it, report validation."""
+        ws, rounds = prepared.workspace, self.cfg.rounds
+        final = load_or_train(
+            ws.final_model_path,
+            lambda: executor.train(rounds, previous, with_calibrator=False),
+            ws.checkpoint_path(rounds),
+        )
+        tracker.log_artifact(ws.final_model_path, names.MODEL_DIR)
+        tracker.log_artifact(ws.config_path)
+        tracker.log_artifact(ws.split_path)
+        metrics = _scalars(final.val_metrics)
+        if metrics:
+            tracker.log_metrics({f"{names.FINAL_VAL_PREFIX}{k}": v for k, v in metrics.items()}, step=rounds)
+        return metrics
+
+
+def open_tracker(cfg: RunConfig, prepared: PreparedRun) -> Tracker:
+    """The run's MLflow run: the one ``run.json`` names (a resume), or a new one with the config as params."""
+    ws = prepared.workspace
+    uri = cfg.tracking.tracking_uri or sqlite_tracking_uri(ws.mlflow_db)
+    info = ws.read_run_info()
+    if info.get("run_id") and info.get("tracking_uri") == uri:
+        return Tracker(uri, cfg.tracking.experiment, run_id=info["run_id"])
+    tracker = Tracker(
+        uri,
+        cfg.tracking.experiment,
+        run_name=cfg.tracking.run_name or ws.root.name,
+        artifact_root=ws.artifacts_dir,
+        tags={names.TAG_WORK_DIR: str(ws.root.resolve()), names.TAG_METHOD_HASH: cfg.method_hash()},
+    )
+    ws.write_run_info({"run_id": tracker.run_id, "tracking_uri": uri, "experiment": cfg.tracking.experiment})
+    tracker.log_params(cfg.to_dict())
+    tracker.log_params({"data.num_classes_used": prepared.num_classes, "split.pool_size": len(prepared.split.pool)})
+    return tracker
+
+
+def _scalars(d: dict) -> dict[str, float]:
+    return {k: float(v) for k, v in d.items() if isinstance(v, (int, float))}

@@ -1,0 +1,18 @@
+"""The pseudo-label store on Zarr v3: layout, cases and exemplars, round lifecycle, export, single-writer lock."""
+
+from caudo_ray.store.export import export_round
+from caudo_ray.store.layout import DEFAULT_SCORE_NAMES, NO_TRUTH, SCHEMA_VERSION
+from caudo_ray.store.lock import StoreLock
+from caudo_ray.store.rounds import RoundRecords
+from caudo_ray.store.store import PseudoLabelStore, StoreNotFoundError
+
+__all__ = [
+    "DEFAULT_SCORE_NAMES",
+    "NO_TRUTH",
+    "SCHEMA_VERSION",
+    "PseudoLabelStore",
+    "RoundRecords",
+    "StoreLock",
+    "StoreNotFoundError",
+    "export_round",
+]

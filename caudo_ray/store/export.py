@@ -1,0 +1,81 @@
+"""Export a round's label maps as files at each case's original geometry (the inverse of loading a case)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from caudo_ray.data import Geometry, restore_mask, write_mask
+from caudo_ray.errors import StoreError
+from caudo_ray.store.layout import LABEL_ARRAYS, READ_BLOCK
+from caudo_ray.store.store import PseudoLabelStore
+
+log = logging.getLogger(__name__)
+
+# Label maps of JPEG and DICOM sources are written as PNG: JPEG's lossy coding would corrupt class indices.
+_EXPORT_EXTENSIONS = {"png": ".png", "jpeg": ".png", "dicom": ".png", "nifti": ".nii.gz"}
+
+
+def export_round(
+    store: PseudoLabelStore,
+    r: int,
+    out_dir: str | os.PathLike,
+    *,
+    which: str = "calibrated",
+    fmt: str = "png",
+    selected_only: bool = False,
+) -> list[Path]:
+    """Writes each done case's label map of round ``r`` at its original geometry.
+
+    Args:
+        store: the store to read.
+        r: the round.
+        out_dir: folder for the files, named ``<case_id><ext>``.
+        which: ``"calibrated"`` or ``"initial"`` label maps.
+        fmt: ``"png"``, ``"nifti"`` (``.nii.gz``) or ``"source"`` (the format the case came from; a JPEG or DICOM
+            source gets a PNG mask).
+        selected_only: export only the cases selected when the round was committed.
+
+    Returns:
+        The written paths, in case order.
+
+    Raises:
+        StoreError: unknown ``which``/``fmt``, or a path that would leave ``out_dir`` (a tampered store).
+    """
+    if which not in LABEL_ARRAYS:
+        raise StoreError(f"which must be one of {list(LABEL_ARRAYS)}, got {which!r}")
+    if fmt not in ("png", "nifti", "source"):
+        raise StoreError(f"fmt must be 'png', 'nifti' or 'source', got {fmt!r}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    root_dir = out.resolve()
+    keep = store.rounds.done(r)
+    if selected_only:
+        keep &= store.rounds.selected(r)
+    idx = np.flatnonzero(keep)
+    ids = store.case_ids
+    written: list[Path] = []
+    for start in range(0, idx.size, READ_BLOCK):
+        block = idx[start : start + READ_BLOCK]
+        masks = store.rounds.read(r, block)[which]
+        for i, mask, geometry in zip(block, masks, store.geometries(block)):
+            case_id = ids[i]
+            path = out / f"{case_id}{_extension(fmt, geometry, case_id)}"
+            if not path.resolve().is_relative_to(root_dir):
+                raise StoreError(f"{case_id}: export path {path} would leave {out}")
+            geo = Geometry.from_dict(geometry)
+            written.append(Path(write_mask(restore_mask(mask, geo), geo, path)))
+    log.info("exported %d %s label maps of round %d to %s", len(written), which, r, out)
+    return written
+
+
+def _extension(fmt: str, geometry: Mapping[str, Any], case_id: str) -> str:
+    name = str(geometry.get("format", "")).lower() if fmt == "source" else fmt
+    if name not in _EXPORT_EXTENSIONS:
+        raise StoreError(f"{case_id}: cannot write label maps in source format {name!r}; use fmt='png' or 'nifti'")
+    return _EXPORT_EXTENSIONS[name]

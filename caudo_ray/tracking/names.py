@@ -1,0 +1,95 @@
+"""Every name a run writes to MLflow and a dashboard reads back: metrics, params, tags and artifact paths.
+
+Stable across versions (dashboards and users' queries read them by name); documented in docs/architecture.md
+("Tracking") and docs/tune.md.
+"""
+
+# Per-round metrics of a self-training run (step = round).
+PSEUDO_DICE_INITIAL = "round/pseudo_dice_initial"
+PSEUDO_DICE_CALIBRATED = "round/pseudo_dice_calibrated"
+CALIBRATION_GAIN = "round/calibration_gain"
+SELECTED = "round/selected"
+SELECTED_FRACTION = "round/selected_fraction"
+RELIABILITY_MEAN = "round/reliability_mean"
+RELIABILITY_P10 = "round/reliability_p10"
+RELIABILITY_P50 = "round/reliability_p50"
+RELIABILITY_SPEARMAN = "round/reliability_spearman"
+AGREEMENT_MEAN = "round/agreement_mean"
+ACCEPTED_FRACTION = "round/calibration_accepted"  # share of cases whose calibrated label passed the reliability test
+CHANGED_FRACTION = "round/changed_fraction"
+VAL_DICE = "val/dice"
+VAL_HD95 = "val/hd95"
+FINAL_VAL_PREFIX = "final/val_"  # the final segmenter's validation metrics, final/val_dice ...
+CASES_PER_S = "perf/cases_per_s"
+INFER_S_PER_CASE = "perf/infer_s_per_case"
+DDIM_S_PER_CASE = "perf/ddim_s_per_case"
+STORE_S_PER_CASE = "perf/store_write_s_per_case"
+TRAIN_S = "perf/train_s"
+SKIPPED = "data/skipped"
+
+# Round summary keys (rounds.steps.select_and_commit) -> metric names.
+SUMMARY_METRICS = {
+    "pseudo_dice_initial": PSEUDO_DICE_INITIAL,
+    "pseudo_dice_calibrated": PSEUDO_DICE_CALIBRATED,
+    "calibration_gain": CALIBRATION_GAIN,
+    "selected": SELECTED,
+    "selected_fraction": SELECTED_FRACTION,
+    "reliability_mean": RELIABILITY_MEAN,
+    "reliability_p10": RELIABILITY_P10,
+    "reliability_p50": RELIABILITY_P50,
+    "reliability_spearman": RELIABILITY_SPEARMAN,
+    "agreement_mean": AGREEMENT_MEAN,
+    "accepted_fraction": ACCEPTED_FRACTION,
+}
+PERF_METRICS = {
+    "cases_per_s": CASES_PER_S,
+    "infer_s_per_case": INFER_S_PER_CASE,
+    "ddim_s_per_case": DDIM_S_PER_CASE,
+    "store_write_s_per_case": STORE_S_PER_CASE,
+    "train_s": TRAIN_S,
+}
+
+# Tags.
+TAG_KIND = "caudo_ray.kind"  # "tune" on a Tune search's parent run, "dashboard" on a report run
+KIND_TUNE = "tune"  # the parent run
+KIND_TRIAL = "tune_trial"  # each nested child run
+KIND_DASHBOARD = "dashboard"
+TAG_WORK_DIR = "caudo_ray.work_dir"
+TAG_METHOD_HASH = "caudo_ray.method_hash"
+TAG_OBJECTIVE = "caudo_ray.objective"
+TAG_STOPPED_EARLY = "caudo_ray.tune.stopped_early"
+TAG_PARENT = "mlflow.parentRunId"
+TAG_SOURCES = "caudo_ray.dashboard_sources"  # on a report run: the run ids it was built from
+TAG_DASHBOARD_RUN = "caudo_ray.dashboard_run_id"  # on a source run: its latest report run
+TAG_NOTE = "mlflow.note.content"  # the run's description in the MLflow UI (markdown)
+
+# Artifacts.
+ROUND_SUMMARY = "rounds/round_{r}/summary.json"
+CASE_TABLE = "rounds/round_{r}/cases.json"
+OVERLAY = "overlays/round_{r}/{case_id}.png"
+GALLERY_DIR = "gallery/round_{r}"
+GALLERY_GROUPS = ("most_changed", "least_reliable")
+CURVES_DIR = "curves"
+MODEL_DIR = "model"
+SKIPPED_FILES = "data/skipped.json"
+DASHBOARD_DIR = "dashboard"  # report run: dashboard/index.html, dashboard/figures/<key>.png
+
+# Ray Tune searches (docs/tune.md).
+PARAM_GUIDANCE = "calibrator.guidance_strength"
+PARAM_STRENGTH = "calibrator.calibration_strength"
+PARAM_STEPS = "calibrator.inference_steps"
+SEARCH_PARAMS = (PARAM_GUIDANCE, PARAM_STRENGTH, PARAM_STEPS)
+BEST_PREFIX = "best."
+OBJECTIVE_VAL_DICE = "val_dice"
+OBJECTIVE_PROXY = "proxy"
+METRIC_OBJECTIVE = "tune/objective"  # child, per evaluation step
+METRIC_PROXY = "tune/proxy"  # child: running mean reliability of the calibrated labels
+METRIC_VAL_DICE = "tune/val_dice"  # child, objective val_dice: running mean Dice on the validation cases
+METRIC_POOL_DICE = "tune/pool_dice"  # child, objective proxy: hidden-truth Dice of the pool sample, where it exists
+METRIC_INITIAL_DICE = "tune/initial_dice"  # child: the same cases' Dice before calibration
+METRIC_BEST = "tune/best_objective"  # parent
+METRIC_TRIALS = "tune/trials"  # parent
+METRIC_STOPPED_EARLY = "tune/stopped_early"  # parent: trials ASHA stopped
+METRIC_SHARED_TRAIN_S = "perf/shared_train_s"  # parent: training the shared weights took this long (once)
+METRIC_TRAIN_SAVED_S = "perf/tune_train_saved_s"  # parent: training time the trials did not spend
+METRIC_WALL_S = "perf/tune_wall_s"  # parent: the search, end to end

@@ -1,0 +1,33 @@
+"""What a round's networks train on: the labelled exemplars and the pseudo-labelled pool cases kept so far."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class RoundInputs:
+    """The training set of one round, at the working size.
+
+    Attributes:
+        exemplar_images: (K, H, W) float32 in [0, 1], the labelled exemplars (and answered queries).
+        exemplar_labels: (K, H, W) uint8 their label maps.
+        pseudo_images: (P, H, W) float32 pool images with selected pseudo labels, or None (round 0).
+        pseudo_labels: (P, H, W) uint8 their calibrated labels.
+        pseudo_weights: (P,) float32 their reliabilities, the loss weight of each; None means all 1.
+    """
+
+    exemplar_images: np.ndarray
+    exemplar_labels: np.ndarray
+    pseudo_images: np.ndarray | None = None
+    pseudo_labels: np.ndarray | None = None
+    pseudo_weights: np.ndarray | None = None
+
+    @property
+    def has_pseudo(self) -> bool:
+        return self.pseudo_images is not None and len(self.pseudo_images) > 0
+
+    def exemplars_only(self) -> RoundInputs:
+        return RoundInputs(self.exemplar_images, self.exemplar_labels)
