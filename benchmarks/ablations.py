@@ -97,11 +97,11 @@ def main(argv=None) -> dict:
         variants[name] = (calib, time.perf_counter() - t0)
 
     c = cfg.calibrator
-    schedule = CalibrationSchedule(c.train_timesteps)
+    schedule = CalibrationSchedule(c.train_timesteps, c.inference_steps)
     rows = []
     for name, (calib, train_s) in variants.items():
         out = torch.cat([
-            calibrate(calib, schedule, x[i : i + 50], probs[i : i + 50], feats[i : i + 50], w=c.guidance_strength, s=c.calibration_strength, num_steps=c.inference_steps)
+            calibrate(calib, schedule, x[i : i + 50], probs[i : i + 50], feats[i : i + 50], w=c.guidance_strength, s=c.calibration_strength)
             for i in range(0, len(x), 50)
         ])
         ungated = out.numpy()

@@ -225,6 +225,8 @@ class CalibratorConfig:
         _positive_float(f"{key}.learning_rate", self.learning_rate)
         _positive(f"{key}.train_timesteps", self.train_timesteps)
         _positive(f"{key}.inference_steps", self.inference_steps)
+        if self.inference_steps > self.train_timesteps:
+            raise ConfigError(f"{key}.inference_steps", f"must be <= train_timesteps ({self.train_timesteps}), got {self.inference_steps}")
         if not 0.0 < self.calibration_strength <= 1.0:
             raise ConfigError(f"{key}.calibration_strength", f"must be in (0, 1], got {self.calibration_strength}")
         if self.guidance_strength < 0:

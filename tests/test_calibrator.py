@@ -36,7 +36,7 @@ CAL_CFG = CalibratorConfig(
     learning_rate=2e-3,
     inference_steps=10,
 )
-SCHEDULE = CalibrationSchedule(CAL_CFG.train_timesteps)
+SCHEDULE = CalibrationSchedule(CAL_CFG.train_timesteps, CAL_CFG.inference_steps)
 
 
 def _ellipse(size: int, cy: float, cx: float, ry: float, rx: float, angle: float) -> np.ndarray:
@@ -157,14 +157,25 @@ def test_autoencoder_shapes():
 
 
 def test_ddim_timesteps():
-    assert SCHEDULE.timesteps(10, 0.5) == [0, 100, 200, 300, 400, 500]
-    full = SCHEDULE.timesteps(10, 1.0)
-    assert full[0] == 0 and full[-1] == 999 and len(full) == 11
-    assert SCHEDULE.timesteps(10, 0.01) == [0, 10]
-    assert SCHEDULE.timesteps(4, 0.3) == [0, 150, 300]
-    assert SCHEDULE.timesteps(10, 1e-4) == [0]
+    # Ten steps over T = 1000: 99, 199, ..., 999; strength s walks the lowest ceil(10 s) of them each way.
+    assert SCHEDULE.inversion_timesteps(1.0) == list(range(99, 1000, 100))
+    assert SCHEDULE.denoising_timesteps(0.5) == [499, 399, 299, 199, 99]
+    assert SCHEDULE.inversion_timesteps(0.01) == [99]
+    assert CalibrationSchedule(1000, 6).inversion_timesteps(1.0) == [165, 331, 497, 663, 829, 995]
+    assert CalibrationSchedule(1000, 4).denoising_timesteps(0.3) == [499, 249]
     with pytest.raises(ValueError):
-        SCHEDULE.timesteps(10, 0.0)
+        SCHEDULE.inversion_timesteps(0.0)
+    with pytest.raises(ValueError):
+        CalibrationSchedule(10, 11)
+
+
+def test_unguided_round_trip_keeps_the_initial_label(trained):
+    """w = 0 inverts and denoises along the same (unconditional) model: DDIM brings the label back, all the way up."""
+    segmenter, calibrator, _, test_img, test_lab = trained
+    corrupted = _scale_shift(test_lab[:8])
+    x, _, feats, onehot = _inputs(segmenter, test_img[:8], corrupted)
+    out = calibrate(calibrator, SCHEDULE, x, onehot, feats, w=0.0, s=1.0).argmax(1).numpy()
+    assert np.mean([dice(o, c) for o, c in zip(out, corrupted)]) > 0.9
 
 
 def test_corrupt_labels_keeps_probabilities():
@@ -195,12 +206,12 @@ def test_autoencoder_reconstructs_masks(trained):
 def test_calibrate_is_deterministic_and_depends_on_w(trained):
     segmenter, calibrator, _, test_img, test_lab = trained
     x, probs, feats, _ = _inputs(segmenter, test_img[:4], test_lab[:4])
-    a = calibrate(calibrator, SCHEDULE, x, probs, feats, w=1.5, s=0.5, num_steps=10)
-    b = calibrate(calibrator, SCHEDULE, x, probs, feats, w=1.5, s=0.5, num_steps=10)
+    a = calibrate(calibrator, SCHEDULE, x, probs, feats, w=1.5, s=0.5)
+    b = calibrate(calibrator, SCHEDULE, x, probs, feats, w=1.5, s=0.5)
     assert torch.equal(a, b)
     assert a.shape == probs.shape
     assert torch.allclose(a.sum(1), torch.ones_like(a[:, 0]), atol=1e-5)
-    c = calibrate(calibrator, SCHEDULE, x, probs, feats, w=0.0, s=0.5, num_steps=10)
+    c = calibrate(calibrator, SCHEDULE, x, probs, feats, w=0.0, s=0.5)
     assert not torch.equal(a, c)
 
 
@@ -208,14 +219,14 @@ def test_tiny_strength_keeps_the_initial_label(trained):
     segmenter, calibrator, _, test_img, test_lab = trained
     corrupted = _scale_shift(test_lab[:8])
     x, _, feats, onehot = _inputs(segmenter, test_img[:8], corrupted)
-    out = calibrate(calibrator, SCHEDULE, x, onehot, feats, w=0.0, s=0.01, num_steps=10).argmax(1).numpy()
+    out = calibrate(calibrator, SCHEDULE, x, onehot, feats, w=0.0, s=0.01).argmax(1).numpy()
     assert np.mean([dice(o, c) for o, c in zip(out, corrupted)]) > 0.9
 
 
 def _calibration_gain(segmenter, calibrator, test_img, test_lab) -> tuple[float, float]:
     corrupted = _scale_shift(test_lab)
     x, _, feats, onehot = _inputs(segmenter, test_img, corrupted)
-    out = calibrate(calibrator, SCHEDULE, x, onehot, feats, w=CAL_CFG.guidance_strength, s=CAL_CFG.calibration_strength, num_steps=10)
+    out = calibrate(calibrator, SCHEDULE, x, onehot, feats, w=CAL_CFG.guidance_strength, s=CAL_CFG.calibration_strength)
     before = np.mean([dice(c, t) for c, t in zip(corrupted, test_lab)])
     after = np.mean([dice(o, t) for o, t in zip(out.argmax(1).numpy(), test_lab)])
     print(f"corrupted pseudo-label Dice before {before:.3f} after calibration {after:.3f}")
@@ -248,8 +259,8 @@ def test_state_dict_round_trip(trained):
     clone.load_state_dict(calibrator.state_dict())
     x, probs, feats, _ = _inputs(segmenter, test_img[:2], test_lab[:2])
     assert torch.equal(
-        calibrate(calibrator, SCHEDULE, x, probs, feats, w=2.0, s=0.3, num_steps=10),
-        calibrate(clone, SCHEDULE, x, probs, feats, w=2.0, s=0.3, num_steps=10),
+        calibrate(calibrator, SCHEDULE, x, probs, feats, w=2.0, s=0.3),
+        calibrate(clone, SCHEDULE, x, probs, feats, w=2.0, s=0.3),
     )
     assert float(clone.autoencoder.latent_scale) == float(calibrator.autoencoder.latent_scale) != 1.0
 
@@ -279,10 +290,10 @@ def test_bad_inputs_raise_data_error():
     x = torch.rand(2, 1, SIZE, SIZE)
     probs = torch.rand(2, 2, SIZE, SIZE)
     with pytest.raises(DataError, match="probs"):
-        calibrate(cal, SCHEDULE, x, torch.rand(2, 3, SIZE, SIZE), torch.rand(2, 8, 16, 16), w=1.0, s=0.5, num_steps=4)
+        calibrate(cal, SCHEDULE, x, torch.rand(2, 3, SIZE, SIZE), torch.rand(2, 8, 16, 16), w=1.0, s=0.5)
     with pytest.raises(DataError, match="features"):
-        calibrate(cal, SCHEDULE, x, probs, torch.rand(2, 5, 16, 16), w=1.0, s=0.5, num_steps=4)
+        calibrate(cal, SCHEDULE, x, probs, torch.rand(2, 5, 16, 16), w=1.0, s=0.5)
     with pytest.raises(DataError, match="multiple of"):
-        calibrate(cal, SCHEDULE, torch.rand(2, 1, 36, 36), torch.rand(2, 2, 36, 36), torch.rand(2, 8, 18, 18), w=1.0, s=0.5, num_steps=4)
+        calibrate(cal, SCHEDULE, torch.rand(2, 1, 36, 36), torch.rand(2, 2, 36, 36), torch.rand(2, 8, 18, 18), w=1.0, s=0.5)
     g = cal.guidance(x, cal.autoencoder.encode(probs), torch.rand(2, 8, 16, 16))
     assert g.shape == (2, 8 + CAL_CFG.latent_channels + 1, 8, 8)

@@ -1,77 +1,88 @@
-"""The noise schedule shared by calibrator training and calibration.
+"""The noise schedule shared by calibrator training and calibration, owned by diffusers' DDIM schedulers.
 
-One object owns every step that depends on the schedule: noising and the v target for training, the timesteps a
-calibration of strength s walks, and the deterministic DDIM moves in both directions.
+One object answers every question that depends on the schedule: noising and the v target for training
+(``DDIMScheduler.add_noise`` / ``get_velocity``), the timesteps a calibration of strength s walks, and the
+deterministic DDIM moves in both directions (``DDIMScheduler.step`` with eta 0, ``DDIMInverseScheduler.step``).
 """
 
 from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
-from diffusers import DDIMScheduler
+from diffusers import DDIMInverseScheduler, DDIMScheduler
 
 BETA_SCHEDULE = "squaredcos_cap_v2"  # keeps useful signal at large t, where few-step DDIM spends most steps
 
 
 class CalibrationSchedule:
-    """DDIM schedule of ``num_train_timesteps`` steps over ``squaredcos_cap_v2`` noise levels, v-prediction.
+    """DDIM with v-prediction over ``num_train_timesteps`` noise levels, walked in ``num_inference_steps`` steps.
+
+    The inference grid is diffusers' "leading" spacing with ``steps_offset = stride - 1``: the timesteps are
+    ``stride - 1, 2 stride - 1, ..., n stride - 1`` (``stride = T // n``), so the step below the lowest one lands
+    on the clean latent exactly (``set_alpha_to_one``) in both directions, and the highest is ``T - 1`` whenever
+    ``n`` divides ``T`` (995 for the default T = 1000, n = 6). A calibration of strength ``s`` walks the lowest
+    ``ceil(s n)`` steps of this grid, the share of the schedule below ``t* = s T`` (as diffusers' img2img
+    pipelines take the last ``s n`` steps).
 
     Args:
-        num_train_timesteps: T.
+        num_train_timesteps: T, the noise levels the denoiser is trained on.
+        num_inference_steps: n, DDIM steps over the whole schedule.
     """
 
-    def __init__(self, num_train_timesteps: int):
-        if num_train_timesteps < 1:
-            raise ValueError(f"num_train_timesteps must be >= 1, got {num_train_timesteps}")
+    def __init__(self, num_train_timesteps: int, num_inference_steps: int):
+        if not 1 <= num_inference_steps <= num_train_timesteps:
+            raise ValueError(
+                f"num_inference_steps must be in [1, num_train_timesteps={num_train_timesteps}], got {num_inference_steps}"
+            )
         self.num_train_timesteps = num_train_timesteps
-        scheduler = DDIMScheduler(
+        self.num_inference_steps = num_inference_steps
+        self.stride = num_train_timesteps // num_inference_steps
+        config = dict(
             num_train_timesteps=num_train_timesteps,
             beta_schedule=BETA_SCHEDULE,
             clip_sample=False,
             set_alpha_to_one=True,
             prediction_type="v_prediction",
+            timestep_spacing="leading",
+            steps_offset=self.stride - 1,
         )
-        self.alphas_cumprod = scheduler.alphas_cumprod.clone().float()
+        self.scheduler = DDIMScheduler(**config)
+        self.scheduler.set_timesteps(num_inference_steps)
+        self.inverse = DDIMInverseScheduler(**config)
+        self.inverse.set_timesteps(num_inference_steps)
+
+    # ------------------------------------------------------------------ training
 
     def noisy(self, z0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(z_t, v)``: the latents noised to timesteps ``t`` (B,) and the v target of the denoiser."""
-        a = self.alphas_cumprod.to(z0.device)[t][:, None, None, None]
-        return a.sqrt() * z0 + (1 - a).sqrt() * noise, a.sqrt() * noise - (1 - a).sqrt() * z0
+        """``(z_t, v)``: latents noised to timesteps ``t`` (B,) and the denoiser's v target there."""
+        return self.scheduler.add_noise(z0, noise, t), self.scheduler.get_velocity(z0, noise, t)
 
-    def timesteps(self, num_steps: int, strength: float) -> list[int]:
-        """Increasing DDIM timesteps from 0 (the clean latent) to ``t* = round(s T)``.
+    # ------------------------------------------------------------------ calibration
 
-        A calibration of strength ``s`` walks ``ceil(s * num_steps)`` DDIM steps, the share of a full
-        ``num_steps`` schedule that lies below ``t*``. ``t*`` is capped at ``T - 1``, the last trained timestep.
-
-        Returns:
-            ``[0, ..., t*]`` without repeats; just ``[0]`` when ``t*`` rounds to 0 (no calibration).
-        """
+    def steps(self, strength: float) -> int:
+        """How many DDIM steps a calibration of strength ``s`` walks each way: ``ceil(s n)``."""
         if not 0.0 < strength <= 1.0:
             raise ValueError(f"calibration strength must be in (0, 1], got {strength}")
-        if num_steps < 1:
-            raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-        t_star = min(round(strength * self.num_train_timesteps), self.num_train_timesteps - 1)
-        if t_star == 0:
-            return [0]
-        k = math.ceil(strength * num_steps)
-        return sorted({int(round(v)) for v in np.linspace(0.0, t_star, k + 1)})
+        return math.ceil(strength * self.num_inference_steps)
 
-    def epsilon(self, z_t: torch.Tensor, v: torch.Tensor, t: int) -> torch.Tensor:
-        """The noise implied by the model's v for latents ``z_t`` at timestep ``t``."""
-        a = self.alphas_cumprod[t].to(z_t.device)
-        return a.sqrt() * v + (1 - a).sqrt() * z_t
+    def inversion_timesteps(self, strength: float) -> list[int]:
+        """Ascending target timesteps of the inversion from the clean latent to ``t*``."""
+        return [int(t) for t in self.inverse.timesteps[: self.steps(strength)]]
 
-    def move(self, z: torch.Tensor, eps: torch.Tensor, t_from: int, t_to: int) -> torch.Tensor:
-        """One deterministic DDIM move (eta 0) of latents ``z`` at ``t_from`` to ``t_to``, given the noise ``eps``.
+    def denoising_timesteps(self, strength: float) -> list[int]:
+        """Descending timesteps of the denoising from ``t*`` back to the clean latent."""
+        return [int(t) for t in self.scheduler.timesteps[self.num_inference_steps - self.steps(strength) :]]
 
-        Timestep 0 stands for the clean latent itself (alpha = 1), so an inversion starts from ``E(p)`` exactly.
-        """
-        a_from, a_to = self._alpha(t_from, z.device), self._alpha(t_to, z.device)
-        x0 = (z - (1.0 - a_from).sqrt() * eps) / a_from.sqrt()
-        return a_to.sqrt() * x0 + (1.0 - a_to).sqrt() * eps
+    def model_timestep_of_inversion(self, t: int) -> int:
+        """Where the model is queried for the inversion step that ends at ``t``: at the step's start (0 for the
+        clean latent), so each inversion step is the exact reverse of the matching denoising step's update rule."""
+        return max(t - self.stride, 0)
 
-    def _alpha(self, t: int, device: torch.device) -> torch.Tensor:
-        return torch.ones((), device=device) if t == 0 else self.alphas_cumprod[t].to(device)
+    def invert(self, v: torch.Tensor, t: int, z: torch.Tensor) -> torch.Tensor:
+        """One deterministic inversion step of latents ``z`` up to timestep ``t``, given the model's v."""
+        return self.inverse.step(v, t, z).prev_sample
+
+    def denoise(self, v: torch.Tensor, t: int, z: torch.Tensor) -> torch.Tensor:
+        """One deterministic (eta 0) DDIM step of latents ``z`` at timestep ``t`` down to the next lower one."""
+        return self.scheduler.step(v, t, z, eta=0.0).prev_sample

@@ -174,7 +174,7 @@ def train_calibrator(
         ae_losses = _train_autoencoder(calibrator, bank, cfg, rng, gen, device, hooks.progress, ckpt, resume)
         resume = None
     iterations = cfg.denoiser_finetune_iterations if warm_start else cfg.denoiser_iterations
-    den_losses = _train_denoiser(calibrator, CalibrationSchedule(cfg.train_timesteps), bank, cfg, iterations, rng, gen, device, hooks.progress, ckpt, resume)
+    den_losses = _train_denoiser(calibrator, CalibrationSchedule(cfg.train_timesteps, cfg.inference_steps), bank, cfg, iterations, rng, gen, device, hooks.progress, ckpt, resume)
     calibrator.eval()
     return {"autoencoder_loss": ae_losses, "denoiser_loss": den_losses, "latent_scale": float(calibrator.autoencoder.latent_scale)}
 

@@ -44,7 +44,7 @@ class LabelingEngine:
         self.models = models
         self.device = device or resolve_device(cfg.device)
         self.net, self.calibrator = build_models(cfg, models, self.device)
-        self.schedule = CalibrationSchedule(cfg.calibrator.train_timesteps)
+        self.schedule = CalibrationSchedule(cfg.calibrator.train_timesteps, cfg.calibrator.inference_steps)
 
     @torch.no_grad()
     def label_batch(self, images: np.ndarray, truth: np.ndarray | None = None) -> BatchResult:
@@ -63,7 +63,7 @@ class LabelingEngine:
         t1 = time.perf_counter()
         if self.calibrator is not None:
             calibrated = calibrate(
-                self.calibrator, self.schedule, x, probs, feats, w=c.guidance_strength, s=c.calibration_strength, num_steps=c.inference_steps
+                self.calibrator, self.schedule, x, probs, feats, w=c.guidance_strength, s=c.calibration_strength
             )
         else:
             calibrated = probs

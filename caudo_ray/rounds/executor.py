@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
+import torch
 from torch import nn
 
 from caudo_ray.config import RunConfig
@@ -86,7 +87,12 @@ def batches_of(indices: np.ndarray, size: int) -> Iterator[np.ndarray]:
 
 
 class LocalExecutor:
-    """Everything in this process, one batch at a time."""
+    """Everything in this process, one batch at a time.
+
+    Each phase runs with the torch threads its Ray actor would have (``runtime.trainer_cpus`` for training,
+    ``runtime.threads_per_worker`` for labelling): float reductions depend on the thread count, so this keeps a
+    run's results the same with or without Ray, and the same when it is resumed.
+    """
 
     def __init__(self, ctx: TrainContext, progress: bool = True):
         self.ctx = ctx
@@ -94,9 +100,11 @@ class LocalExecutor:
         self.store = PseudoLabelStore.open(ctx.store_url)
 
     def train(self, r: int, previous: RoundModels | None, *, with_calibrator: bool = True) -> RoundModels:
+        torch.set_num_threads(max(1, int(self.ctx.cfg.runtime.trainer_cpus)))
         return self.ctx.train(r, previous, with_calibrator=with_calibrator, progress=self.progress)
 
     def label(self, r: int, models: RoundModels, batches: Iterable[np.ndarray]) -> Iterator[BatchStats]:
+        torch.set_num_threads(self.ctx.cfg.runtime.threads_per_worker)
         engine = LabelingEngine(self.ctx.cfg, models, resolve_device(self.ctx.cfg.device))
         for indices in batches:
             yield label_cases(engine, self.store, r, indices)
