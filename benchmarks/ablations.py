@@ -1,23 +1,20 @@
-"""Calibrator and reliability ablations on a finished run: what docs/method.md quotes, reproducible.
+"""Calibration and reliability ablations on a finished run: what docs/method.md quotes, reproducible.
 
 Given the work dir of a calibrated run whose pool carries hidden truth (e.g. a ``caudo`` run of
-``benchmarks/accuracy.py``), for one round ``r >= 1`` it labels the first ``--cases`` pool cases with hidden truth
-with round r's segmenter and compares, on the same initial labels:
+``benchmarks/accuracy.py``), it labels ``--cases`` pool cases with hidden truth (evenly spread over the pool) with
+round r's models, exactly as that round's calibration workers did, and compares on the same initial labels:
 
-- ``round-0 calibrator``: the calibrator trained in round 0, as the run uses it by default;
-- ``fine-tuned on exemplar views``: that calibrator's denoiser fine-tuned for ``--finetune`` iterations on exemplar
-  views with round r's segmenter (``calibrator.denoiser_finetune_iterations``);
-- ``fine-tuned with pseudo pairs``: the same plus round r-1's selected calibrated labels as training pairs
-  (``calibrator.pseudo_pairs: true``, the blueprint's design).
-
-Each variant is scored as it comes out of the calibrator and behind the accept gate the run applies
-(:func:`caudo_ray.labelling.reliability.accept_calibration`: per case, the more reliable of the initial and the calibrated
-label), with the Spearman correlation of the labels' reliability with their true Dice. It also prints, for every committed round of the run, the Spearman correlation of each reliability factor (and of
-the combinations considered) with the true Dice of the calibrated labels, from the run's store.
+- **calibration gates**: how much of the calibrator's change each case keeps
+  (:func:`caudo_ray.calibration.sampling.gate_calibration`): none (every change applied), the per-pixel
+  uncertainty gate alone, and the per-pixel gate together with case gates over a grid of reliability bounds;
+- **calibrator variants** (``--variants``): the round-0 calibrator as the run uses it, fine-tuned on exemplar
+  views with round r's segmenter, and fine-tuned with round r-1's selected pseudo labels as further pairs;
+- **reliability factors**: for every committed round, the Spearman correlation of each factor of the reliability
+  score (and of the combinations considered) with the true Dice of the stored labels.
 
 Usage::
 
-    python benchmarks/ablations.py --run-dir runs/accuracy-full/780_HC/caudo --round 1 --out runs/ablations.json
+    python benchmarks/ablations.py --run-dir runs/accuracy-hc18-full/draw0/caudo --round 0 --out runs/ablations.json
 """
 
 from __future__ import annotations
@@ -28,15 +25,16 @@ import dataclasses
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from caudo_ray.calibration.sampling import calibrate
+from caudo_ray.calibration.sampling import calibrate, gate_calibration
 from caudo_ray.calibration.schedule import CalibrationSchedule
 from caudo_ray.calibration.training import train_calibrator
 from caudo_ray.config import load_config
-from caudo_ray.labelling.reliability import accept_calibration, reliability_scores
+from caudo_ray.labelling.reliability import ShapePrior, reliability_scores
 from caudo_ray.metrics import dice_per_case, spearman
 from caudo_ray.networks.bundle import RoundModels, build_models
 from caudo_ray.networks.segmenter import predict_tensor
@@ -44,13 +42,18 @@ from caudo_ray.rounds.steps import training_inputs
 from caudo_ray.store import PseudoLabelStore
 from caudo_ray.workspace import Workspace
 
+# Case gates compared: a case of initial reliability <= lo keeps every change, >= hi only the per-pixel share.
+CASE_BOUNDS = [(0.0, 0.0), (0.3, 0.6), (0.4, 0.7), (0.5, 0.8), (0.6, 0.9), (0.7, 1.0)]
+_BATCH = 32
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--run-dir", type=Path, required=True, help="work dir of a finished calibrated run with hidden truth")
-    p.add_argument("--round", type=int, default=1, help="round whose segmenter labels the cases (>= 1)")
-    p.add_argument("--cases", type=int, default=300, help="pool cases with hidden truth to label (the first ones)")
-    p.add_argument("--finetune", type=int, default=400, help="denoiser fine-tuning iterations of the two fine-tuned variants")
+    p.add_argument("--round", type=int, default=0, help="round whose models label the cases")
+    p.add_argument("--cases", type=int, default=300, help="pool cases with hidden truth to label, evenly spread")
+    p.add_argument("--variants", action="store_true", help="also train and compare the calibrator variants (round >= 1)")
+    p.add_argument("--finetune", type=int, default=400, help="denoiser fine-tuning iterations of the fine-tuned variants")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=None, help="JSON results")
     return p.parse_args(argv)
@@ -64,88 +67,104 @@ def main(argv=None) -> dict:
     if not cfg.calibrator.enabled:
         raise SystemExit(f"--run-dir {args.run_dir}: a run without calibrator has nothing to ablate")
     r = args.round
-    if r < 1 or not ws.model_path(r).is_file():
-        raise SystemExit(f"--round {r}: needs a round >= 1 whose models are in {ws.models_dir}")
+    if not ws.model_path(r).is_file():
+        raise SystemExit(f"--round {r}: no models of that round in {ws.models_dir}")
+    if args.variants and r < 1:
+        raise SystemExit("--variants compares calibrators fine-tuned on round r's segmenter: needs --round >= 1")
     store = PseudoLabelStore.open(ws.store_url, mode="r")
-    scores = store.rounds.scores(r)
-    cases = np.flatnonzero(store.usable_mask() & np.isfinite(scores["initial_dice"]))[: args.cases]
+    with_truth = np.flatnonzero(store.usable_mask() & (store.read_truth() != 255).any(axis=(1, 2)))
+    if not len(with_truth):
+        raise SystemExit(f"{ws.store_url}: no pool case carries hidden truth")
+    cases = with_truth[np.linspace(0, len(with_truth) - 1, min(args.cases, len(with_truth))).astype(int)]
+    models = RoundModels.load(ws.model_path(r))
     device = torch.device("cpu")
-    net, _ = build_models(cfg, RoundModels.load(ws.model_path(r)), device)
-    _, round0 = build_models(cfg, RoundModels.load(ws.model_path(0)), device)
+    net, calib = build_models(cfg, models, device)
     x = torch.from_numpy(store.read_images(cases))[:, None]
     truth = store.read_truth(cases)
     with torch.no_grad():
-        probs, feats = predict_tensor(net, x)
-        flipped = predict_tensor(net, x.flip(-1))[0].flip(-1).float().numpy()
-    initial = dice_per_case(probs.argmax(1).numpy().astype(np.uint8), truth, store.num_classes)
-    initial_scores = reliability_scores(probs.numpy(), probs.numpy(), flipped)
-
-    inputs = training_inputs(store, r)
-    variants = {"round-0 calibrator": (round0, 0.0)}
-    for name, pseudo in (("fine-tuned on exemplar views", False), ("fine-tuned with pseudo pairs", True)):
-        calib = copy.deepcopy(round0)
-        t0 = time.perf_counter()
-        train_calibrator(
-            calib,
-            lambda batch: predict_tensor(net, batch),
-            inputs if pseudo else inputs.exemplars_only(),
-            cfg=dataclasses.replace(cfg.calibrator, denoiser_finetune_iterations=args.finetune),
-            seg_cfg=cfg.segmenter,
-            seed=cfg.seed * 1000 + r,
-            warm_start=True,
-        )
-        variants[name] = (calib, time.perf_counter() - t0)
+        outs = [predict_tensor(net, x[i : i + _BATCH]) for i in range(0, len(x), _BATCH)]
+        probs, feats = torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
+        flipped = torch.cat([predict_tensor(net, x[i : i + _BATCH].flip(-1))[0].flip(-1) for i in range(0, len(x), _BATCH)])
+    p0, pf = probs.numpy(), flipped.numpy()
+    initial = dice_per_case(p0.argmax(1).astype(np.uint8), truth, store.num_classes)
+    prior = ShapePrior.from_dict(models.shape_prior) if models.shape_prior is not None else None
+    initial_scores = reliability_scores(p0, p0, pf, prior)
 
     c = cfg.calibrator
     schedule = CalibrationSchedule(c.train_timesteps, c.inference_steps)
+    variants = {"round-0 calibrator": (calib, 0.0)}
+    if args.variants:
+        inputs = training_inputs(store, r)
+        for name, pseudo in (("fine-tuned on exemplar views", False), ("fine-tuned with pseudo pairs", True)):
+            tuned = copy.deepcopy(calib)
+            t0 = time.perf_counter()
+            train_calibrator(
+                tuned,
+                lambda batch: predict_tensor(net, batch),
+                inputs if pseudo else inputs.exemplars_only(),
+                cfg=dataclasses.replace(c, denoiser_finetune_iterations=args.finetune),
+                seg_cfg=cfg.segmenter,
+                seed=cfg.seed * 1000 + r,
+                warm_start=True,
+            )
+            variants[name] = (tuned, time.perf_counter() - t0)
+
     rows = []
-    for name, (calib, train_s) in variants.items():
-        out = torch.cat([
-            calibrate(calib, schedule, x[i : i + 50], probs[i : i + 50], feats[i : i + 50], w=c.guidance_strength, s=c.calibration_strength)
-            for i in range(0, len(x), 50)
+    for name, (model, train_s) in variants.items():
+        calibrated = torch.cat([
+            calibrate(model, schedule, x[i : i + _BATCH], probs[i : i + _BATCH], feats[i : i + _BATCH], w=c.guidance_strength, s=c.calibration_strength)
+            for i in range(0, len(x), _BATCH)
         ])
-        ungated = out.numpy()
-        gated, gated_scores = accept_calibration(probs.numpy(), ungated, flipped)
-        for label, maps, rel in (
-            (name, ungated, reliability_scores(probs.numpy(), ungated, flipped)["reliability"]),
-            (f"{name}, accept gate", gated, gated_scores["reliability"]),
-        ):
-            dice = dice_per_case(maps.argmax(1).astype(np.uint8), truth, store.num_classes)
-            rows.append({
-                "variant": label,
-                "dice": float(dice.mean()),
-                "gain": float(dice.mean() - initial.mean()),
-                "better": float(np.mean(dice > initial + 0.01)),
-                "worse": float(np.mean(dice < initial - 0.01)),
-                "accepted": float(gated_scores["accepted"].mean()) if label.endswith("gate") else 1.0,
-                "reliability_spearman": spearman(rel, dice),
-                "train_s": train_s,
-            })
+        rows += _gate_rows(name, train_s, probs, calibrated, initial_scores["reliability"], pf, prior, truth, initial, store.num_classes)
     report = {
         "run_dir": str(args.run_dir),
         "round": r,
         "cases": len(cases),
         "initial_dice": float(initial.mean()),
         "initial_reliability_spearman": spearman(initial_scores["reliability"], initial),
-        "calibrator_variants": rows,
+        "gates": rows,
         "reliability": reliability_factors(store),
     }
     print(
         f"round {r}, {len(cases)} pool cases with hidden truth: initial Dice {initial.mean():.4f}, "
         f"Spearman(reliability, Dice) of the initial labels {report['initial_reliability_spearman']:.3f}"
     )
-    print(f"{'variant':46s} {'Dice':>7s} {'gain':>8s} {'better':>7s} {'worse':>6s} {'kept':>5s} {'rel.rho':>7s} {'train s':>8s}")
+    print(f"{'calibrator':30s} {'gate':26s} {'Dice':>7s} {'gain':>8s} {'better':>7s} {'worse':>6s} {'worst':>7s} {'rel.rho':>7s} {'train s':>8s}")
     for row in rows:
         print(
-            f"{row['variant']:46s} {row['dice']:7.4f} {row['gain']:+8.4f} {row['better']:7.2f} {row['worse']:6.2f} "
-            f"{row['accepted']:5.2f} {row['reliability_spearman']:7.3f} {row['train_s']:8.0f}"
+            f"{row['calibrator']:30s} {row['gate']:26s} {row['dice']:7.4f} {row['gain']:+8.4f} {row['better']:7.2f} "
+            f"{row['worse']:6.2f} {row['worst_case_change']:+7.3f} {row['reliability_spearman']:7.3f} {row['train_s']:8.0f}"
         )
     for row in report["reliability"]:
-        print(f"round {row['round']} Spearman with true calibrated Dice: " + ", ".join(f"{k} {v:.3f}" for k, v in row["spearman"].items()))
+        print(f"round {row['round']} Spearman with true Dice: " + ", ".join(f"{k} {v:.3f}" for k, v in row["spearman"].items()))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=1))
     return report
+
+
+def _gate_rows(name, train_s, probs, calibrated, reliability, pf, prior, truth, initial, num_classes) -> list[dict[str, Any]]:
+    """Dice of the labels each gate keeps, against the initial labels' Dice."""
+    candidates: list[tuple[str, np.ndarray]] = [("none (all changes)", calibrated.numpy())]
+    for lo, hi in CASE_BOUNDS:
+        label = "pixel only" if lo == hi == 0.0 else f"pixel + case [{lo:.1f}, {hi:.1f}]"
+        candidates.append((label, gate_calibration(probs, calibrated, torch.from_numpy(reliability), (lo, hi)).numpy()))
+    rows = []
+    for gate, maps in candidates:
+        dice = dice_per_case(maps.argmax(1).astype(np.uint8), truth, num_classes)
+        rel = reliability_scores(probs.numpy(), maps, pf, prior)["reliability"]
+        rows.append({
+            "calibrator": name,
+            "gate": gate,
+            "dice": float(dice.mean()),
+            "gain": float(dice.mean() - initial.mean()),
+            "better": float(np.mean(dice > initial + 0.01)),
+            "worse": float(np.mean(dice < initial - 0.01)),
+            "worst_case_change": float(np.min(dice - initial)),
+            "reliability_spearman": spearman(rel, dice),
+            "train_s": train_s,
+        })
+    return rows
 
 
 def reliability_factors(store: PseudoLabelStore) -> list[dict]:
@@ -155,14 +174,10 @@ def reliability_factors(store: PseudoLabelStore) -> list[dict]:
         s = store.rounds.scores(r)
         has = store.usable_mask() & np.isfinite(s["calibrated_dice"])
         dice = s["calibrated_dice"][has]
-        f = {k: s[k][has] for k in ("agreement", "consistency", "confidence", "compactness")}
-        candidates = {
-            **f,
-            "-entropy": -s["entropy"][has],
-            "confidence*compactness": f["confidence"] * f["compactness"],
-            "agreement*confidence*compactness": f["agreement"] * f["confidence"] * f["compactness"],
-            "reliability (confidence*compactness*consistency)": s["reliability"][has],
-        }
+        names = [k for k in ("agreement", "consistency", "confidence", "shape") if k in s and np.isfinite(s[k][has]).all()]
+        candidates = {k: s[k][has] for k in names}
+        candidates["-entropy"] = -s["entropy"][has]
+        candidates["reliability"] = s["reliability"][has]
         out.append({"round": r, "spearman": {k: spearman(v, dice) for k, v in candidates.items()}})
     return out
 

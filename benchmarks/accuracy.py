@@ -1,21 +1,38 @@
-"""Accuracy benchmark: exemplar-only, plain self-training, caudo-ray and fully supervised on one split.
+"""Accuracy benchmark: exemplar-only, plain self-training, consistency, caudo-ray and full supervision, one split.
 
-Every method uses the same group-wise split (pool / validation / test), the same exemplar, working size and
-training budget (segmenter iterations: ``iterations + rounds * finetune_iterations``), and the project's own code
-paths: the two self-training methods run :class:`caudo_ray.coordinator.Coordinator` with the local executor
-(plain self-training is the same loop with ``calibrator.enabled = False``); exemplar-only and supervised call
-:func:`caudo_ray.method.train_round_models`; all are scored by :func:`caudo_ray.method.evaluate` (MONAI Dice and
-HD95) on the test split. Pseudo-label quality comes from the runs' pseudo-label stores, where the pool's hidden
-masks are kept apart from the method.
+Every method uses the same split (the data set's own predefined one where meta.csv has a ``split`` column, as ACDC
+does; else a seeded group-wise split), the same labelled set, working size and segmenter budget (iterations:
+``iterations + rounds * finetune_iterations``), and the project's own code paths:
+
+- ``exemplar_only``: the segmenter trained on the labelled set alone (``rounds.train.train_round_models``);
+- ``self_training``: the round loop (``run.coordinator.Coordinator``) with the calibrator off: offline rounds of
+  pseudo labels, plain self-training;
+- ``consistency``: online weak-to-strong consistency on the pool, UniMatch-style (``training.consistency``), the
+  strongest semi-supervised recipe at this budget;
+- ``caudo``: the round loop with its defaults;
+- ``supervised``: every labelled training case, same budget; ``supervised_3x``: the same at three times the
+  budget, to show how far the budget limits every method.
+
+Test metrics: per slice (Dice and HD95 at the working size, mean over foreground classes) and, where meta.csv
+names each slice's volume and position (ACDC), per volume as ACDC results are published (the volume's slices
+stacked in order at their original size; 3D Dice and HD95 per class, then the mean over classes and volumes).
+Pseudo-label quality comes from the runs' stores, where the pool's hidden masks are kept apart from the method.
+
+A labelled set is ``cases:K`` (K cases, e.g. one slice: the one-shot setting) or ``groups:K`` (every labelled
+case of K groups: "1 case" of the ACDC tables is one patient's slices). On ACDC the first draw is the published
+set (patient099; patient038, patient050, patient099 for three), further draws are seeded.
 
 Usage::
 
-    python benchmarks/accuracy.py --fast --out runs/accuracy-fast.json
-    python benchmarks/accuracy.py --exemplars 693_HC 010_HC 200_HC --out runs/accuracy-full.json
-    python benchmarks/accuracy.py --fast --smoke --limit 24 --work-dir /tmp/acc   # CI smoke test
-    python benchmarks/accuracy.py --methods caudo --set calibrator.accept_gate=true   # one method, one setting
+    python benchmarks/accuracy.py --fast                                      # HC18, one exemplar slice
+    python benchmarks/accuracy.py                                             # HC18, full profile, 3 exemplars
+    python benchmarks/accuracy.py --data ../shared/data/acdc --fast           # ACDC, 1 labelled patient
+    python benchmarks/accuracy.py --data ../shared/data/acdc                  # ACDC full: 1 patient, 3 draws
+    python benchmarks/accuracy.py --data ../shared/data/acdc --labelled groups:3 --draws 1
+    python benchmarks/accuracy.py --data ../shared/data/acdc --labelled cases:1
+    python benchmarks/accuracy.py --fast --smoke --limit 12 --work-dir /tmp/acc   # CI smoke test
 
-Prints a table and writes JSON (see ``docs/benchmarks.md``, section Accuracy).
+Prints a table and writes JSON (docs/benchmarks.md, section Accuracy).
 """
 
 from __future__ import annotations
@@ -28,34 +45,39 @@ import platform
 import shutil
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import yaml
 
 from caudo_ray import data as D
 from caudo_ray.config import RunConfig, load_config
-from caudo_ray.metrics import spearman
+from caudo_ray.metrics import segmentation_metrics, spearman, volume_metrics
 from caudo_ray.networks.bundle import RoundModels, build_models
-from caudo_ray.rounds.train import evaluate, train_round_models
+from caudo_ray.networks.segmenter import predict
+from caudo_ray.rounds.train import train_round_models
 from caudo_ray.run.coordinator import Coordinator
-from caudo_ray.run.prepare import load_labelled, prepare_run
+from caudo_ray.run.prepare import PreparedRun, load_case, prepare_run
 from caudo_ray.store import NO_TRUTH
 from caudo_ray.training.inputs import RoundInputs
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "hc18"
-METHODS = ("exemplar_only", "self_training", "caudo", "supervised")
+METHODS = ("exemplar_only", "self_training", "consistency", "caudo", "supervised", "supervised_3x")
 MARKER = ".accuracy-benchmark"  # a work dir holding this file was made by this script and may be wiped
+GROUP_COLUMNS = ("patient", "exam_id", "group")  # the first one meta.csv has is the group column
+# ACDC's published labelled sets (UniMatch's splits; ../shared/data/acdc/SOURCE.md): the first draw uses them.
+PUBLISHED_GROUPS = {"acdc": {1: ["patient099"], 3: ["patient038", "patient050", "patient099"]}}
+# Supervised must beat exemplar-only by this much for a profile to tell the methods apart.
+SEPARATION = 0.05
 
 # Overrides of the run config per profile (dotted keys, as in ``load_config``). Everything else is the defaults.
 PROFILES: dict[str, dict[str, Any]] = {
     "fast": {
-        "data.working_size": [64, 64],
         "rounds": 2,
-        "segmenter.iterations": 120,
-        "segmenter.finetune_iterations": 60,
         "calibrator.autoencoder_iterations": 300,
         "calibrator.denoiser_iterations": 1200,
         "selection.fractions": [0.5, 0.75],
@@ -70,9 +92,11 @@ PROFILES: dict[str, dict[str, Any]] = {
         "selection.fractions": [0.5, 0.75, 1.0],
     },
 }
-PROFILE_EXEMPLARS = {"fast": 1, "full": 3}
-# The fast profile keeps about this many labelled cases (whole exam groups) so it fits in 5 minutes on 2 shared
-# cores; the full profile uses the whole dataset. --limit overrides both.
+FAST_ITERATIONS_PER_CLASS = 120  # fast profile: round-0 iterations per foreground class (later rounds: half)
+FAST_MIN_AREA = 150  # fast profile: the smallest class's median area in working-size pixels, at least
+PROFILE_DRAWS = {"fast": 1, "full": 3}
+# The fast profile keeps about this many labelled training cases (whole groups) so it fits in minutes on 2 cores;
+# validation and test sets are kept whole. The full profile uses the whole dataset. --limit overrides both.
 PROFILE_LIMIT = {"fast": 240, "full": None}
 # --smoke: tiny networks and budgets on top of a profile, so a CI run on a handful of cases takes seconds.
 SMOKE: dict[str, Any] = {
@@ -89,25 +113,39 @@ SMOKE: dict[str, Any] = {
     "calibrator.denoiser_iterations": 3,
     "calibrator.batch_size": 4,
     "calibrator.inference_steps": 4,
+    "consistency.unlabelled_batch_size": 2,
 }
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="dataset folder in the project's layout (default: %(default)s)")
-    p.add_argument("--group-column", default=None, help="meta.csv column for group-wise splits (default: exam_id if meta.csv has it, else each file is its own group)")
-    p.add_argument("--fast", action="store_true", help="fast profile: 64x64, 2 rounds, short training, one exemplar (< 5 min on 2 cores)")
+    p.add_argument("--group-column", default=None, help=f"meta.csv column of groups (default: the first of {', '.join(GROUP_COLUMNS)} it has)")
+    p.add_argument("--fast", action="store_true", help="fast profile: short training, one draw, a subset of the training cases")
     p.add_argument("--smoke", action="store_true", help="tiny networks and a few iterations on top of the profile (CI)")
-    p.add_argument("--exemplars", nargs="+", default=None, help="exemplar case ids (default: drawn with --seed from the training groups)")
-    p.add_argument("--num-exemplars", type=int, default=None, help="exemplars to draw when --exemplars is not given (default: 1 fast, 3 full)")
-    p.add_argument("--limit", type=int, default=None, help="use only about N labelled cases (whole groups, drawn with --seed) plus N/5 unlabelled ones; 0: all (default: 240 fast, all full)")
+    p.add_argument("--labelled", default=None, metavar="KIND:K", help="labelled set per draw: cases:K or groups:K (default: groups:1 for data with volumes, else cases:1)")
+    p.add_argument("--exemplars", nargs="+", default=None, help="the labelled case ids (one draw; overrides --labelled)")
+    p.add_argument("--draws", type=int, default=None, help="labelled sets drawn (default: 1 fast, 3 full)")
+    p.add_argument("--limit", type=int, default=None, help="use only about N labelled training cases (whole groups, drawn with --seed) and N/5 unlabelled; 0: all (default: 240 fast, all full)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="extra run-config override (YAML value), e.g. calibrator.guidance_strength=3")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1, help="torch threads (default: %(default)s; on a shared 2-core machine more threads spin against other processes and run slower)")
-    p.add_argument("--work-dir", type=Path, default=None, help="where runs go (default: runs/accuracy-<profile> in the repo); wiped if made by this script")
+    p.add_argument("--threads", type=int, default=1, help="torch threads of every method (default: %(default)s)")
+    p.add_argument("--work-dir", type=Path, default=None, help="where runs go (default: runs/accuracy-<dataset>-<profile>); wiped if made by this script")
     p.add_argument("--out", type=Path, default=None, help="JSON results (default: <work-dir>/accuracy.json)")
-    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="methods to run (default: all four)")
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="methods to run (default: all)")
     return p.parse_args(argv)
+
+
+@dataclass
+class TestSet:
+    """The test cases at the working size, and what per-volume scoring needs."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    cases: list[D.Case]
+    refs: list[D.CaseRef]
+    volumes: dict[str, list[int]] = field(default_factory=dict)  # volume id -> indices into the test set, in order
+    volume_truth: dict[str, np.ndarray] = field(default_factory=dict)  # volume id -> (D, H, W) at original size
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -117,90 +155,89 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     data_root = args.data.resolve()
     if not (data_root / "images").is_dir():
         raise SystemExit(f"--data {data_root}: no images/ folder (expected a dataset folder in the project's layout)")
-    group_column = args.group_column if args.group_column is not None else _default_group_column(data_root)
-    work = (args.work_dir or REPO_ROOT / "runs" / f"accuracy-{profile}").resolve()
+    dataset = data_root.name
+    header = _meta_header(data_root)
+    group_column = args.group_column or next((c for c in GROUP_COLUMNS if c in header), None)
+    has_volumes = {"volume", "slice"} <= set(header)
+    work = (args.work_dir or REPO_ROOT / "runs" / f"accuracy-{dataset}-{profile}").resolve()
     _fresh_dir(work)
     limit = PROFILE_LIMIT[profile] if args.limit is None else args.limit
+    full_index = D.index_dataset(data_root, group_column=group_column, split_column="split")
     if limit:
-        data_root = _subset_dataset(data_root, work / "data", limit, group_column, args.seed, args.exemplars or [])
+        # The published labelled groups (the first draw) stay in the subset, whole.
+        kind, _, k = (args.labelled or "").partition(":")
+        published = PUBLISHED_GROUPS.get(dataset.lower(), {}).get(int(k) if k.isdigit() else 1, []) if kind != "cases" and has_volumes else []
+        keep = (args.exemplars or []) + [c for g in published for c in full_index.groups.get(g, [])]
+        data_root = _subset_dataset(full_index, work / "data", limit, args.seed, keep)
+    index = D.index_dataset(data_root, group_column=group_column, split_column="split")
 
-    overrides = {**PROFILES[profile], **(SMOKE if args.smoke else {}), **_parse_overrides(args.overrides)}
+    overrides = {**PROFILES[profile], **(_fast_scale(index) if profile == "fast" else {}), **(SMOKE if args.smoke else {}), **_parse_overrides(args.overrides)}
+    overrides["runtime.trainer_cpus"] = overrides["runtime.threads_per_worker"] = args.threads
     base = _config(work / "base", data_root, group_column, args.seed, overrides)
-    index = D.index_dataset(data_root, group_column=group_column)
-    split = D.make_split(index, seed=args.seed, val_fraction=base.split.val_fraction, test_fraction=base.split.test_fraction)
-    train_cases = sorted(set(split.pool) - {r.case_id for r in index.unlabelled} | set(split.exemplars))
-    exemplars = args.exemplars or _draw_exemplars(train_cases, args.num_exemplars or PROFILE_EXEMPLARS[profile], args.seed)
-    unknown = [e for e in exemplars if e not in train_cases]
-    if unknown:
-        raise SystemExit(f"--exemplars {unknown}: not labelled training cases of this split (val/test cases or unknown ids)")
+    num_classes = D.discover_num_classes(index, sample=64)
+    draws = _labelled_sets(args, index, dataset, has_volumes, base)
 
     budget = base.segmenter.iterations + base.rounds * base.segmenter.finetune_iterations
     methods = [m for m in METHODS if m in args.methods]
-    results: dict[str, Any] = {m: {"test_dice_per_exemplar": [], "test_hd95_per_exemplar": [], "wall_s_per_exemplar": [], "per_class": []} for m in methods}
+    results: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
     pseudo: list[dict[str, Any]] = []
-    test_images = test_labels = None
-    for e in exemplars:
-        print(f"== exemplar {e}", flush=True)
-        e_split = D.Split(
-            exemplars=[e],
-            pool=sorted((set(train_cases) - {e}) | {r.case_id for r in index.unlabelled}),
-            val=split.val,
-            test=split.test,
-            seed=split.seed,
-            group_column=split.group_column,
-        )
-        prepared = None
+    test: TestSet | None = None
+    data_run: PreparedRun | None = None
+    for draw, (kind, labelled) in enumerate(draws):
+        name = f"draw{draw}"
+        print(f"== {name}: {kind} {', '.join(labelled[:4])}{' ...' if len(labelled) > 4 else ''}", flush=True)
+        split = _split(index, base, kind, labelled)
+        data_run = None
         for method, calibrated in (("caudo", True), ("self_training", False)):
             if method not in methods:
                 continue
-            cfg = _config(work / e / method, data_root, group_column, args.seed, {**overrides, "calibrator.enabled": calibrated, "split.exemplars": [e]})
-            _make_work_dir(cfg, e_split)
+            cfg = _config(work / name / method, data_root, group_column, args.seed, {**overrides, "calibrator.enabled": calibrated})
+            _make_work_dir(cfg, split)
             t0 = time.perf_counter()
             run = Coordinator(cfg, progress=False).run()
             wall = time.perf_counter() - t0
-            prepared = prepare_run(cfg, progress=False)
-            if test_images is None:
-                test_images, test_labels = load_labelled(prepared, split.test)
-            metrics = _evaluate_models(cfg, RoundModels.load(prepared.workspace.final_model_path), test_images, test_labels)
-            _record(results[method], metrics, wall)
-            pseudo += _pseudo_label_rows(prepared.store, e, method, run.rounds)
-            print(f"   {method:14s} test Dice {metrics['dice']:.4f}  HD95 {metrics['hd95']:.2f}  {wall:.0f} s", flush=True)
+            prepared = data_run = _reopen(cfg)
+            test = test or _test_set(prepared, index)
+            scores = _score(cfg, RoundModels.load(prepared.workspace.final_model_path), test, num_classes)
+            results[method].append({"draw": name, "labelled": labelled, "wall_s": wall, **scores})
+            pseudo += _pseudo_label_rows(prepared.store, name, method, run.rounds)
+            _print_scores(method, scores, wall)
+        # Exemplar-only, consistency and supervised need the labelled set and the pool, not a run: a run's work
+        # dir, or a data-only one, gives both (the pool's images and hidden truth in a store, the labelled set).
+        cfg = _config(work / name / "data", data_root, group_column, args.seed, overrides)
+        if data_run is None:
+            _make_work_dir(cfg, split)
+            data_run = _reopen(cfg)
+        test = test or _test_set(data_run, index)
+        _, ex_images, ex_labels = data_run.store.exemplars()
+        if "exemplar_only" in methods:
+            wall, models = _timed(lambda: _train_plain(cfg, RoundInputs(ex_images, ex_labels), budget, data_run.num_classes))
+            scores = _score(cfg, models, test, num_classes)
+            results["exemplar_only"].append({"draw": name, "labelled": labelled, "wall_s": wall, **scores})
+            _print_scores("exemplar_only", scores, wall)
+        if "consistency" in methods:
+            pool = data_run.store.read_images(np.flatnonzero(data_run.store.usable_mask()))
+            wall, models = _timed(lambda: _train_plain(cfg, RoundInputs(ex_images, ex_labels, pool_images=pool), budget, data_run.num_classes))
+            scores = _score(cfg, models, test, num_classes)
+            results["consistency"].append({"draw": name, "labelled": labelled, "wall_s": wall, **scores})
+            _print_scores("consistency", scores, wall)
 
-        if prepared is None:  # neither self-training method ran: a work dir only for the exemplar and test images
-            cfg = _config(work / e / "data", data_root, group_column, args.seed, {**overrides, "split.exemplars": [e]})
-            _make_work_dir(cfg, e_split)
-            prepared = prepare_run(cfg, progress=False)
-        num_classes = prepared.num_classes
-        if test_images is None:
-            test_images, test_labels = load_labelled(prepared, split.test)
-        _, ex_images, ex_labels = prepared.store.exemplars()
-        if "exemplar_only" not in methods:
+    # The upper bounds do not depend on the labelled set: every labelled training case at the same working size,
+    # the same budget and three times that budget; trained once.
+    for method, factor in (("supervised", 1), ("supervised_3x", 3)):
+        if method not in methods:
             continue
-        cfg = _config(work / e / "exemplar_only", data_root, group_column, args.seed, {**overrides, "calibrator.enabled": False, "segmenter.iterations": budget})
-        t0 = time.perf_counter()
-        models = train_round_models(cfg, 0, RoundInputs(ex_images, ex_labels), num_classes=num_classes)
-        wall = time.perf_counter() - t0
-        metrics = _evaluate_models(cfg, models, test_images, test_labels)
-        _record(results["exemplar_only"], metrics, wall)
-        print(f"   {'exemplar_only':14s} test Dice {metrics['dice']:.4f}  HD95 {metrics['hd95']:.2f}  {wall:.0f} s", flush=True)
-
-    if "supervised" in methods:
-        # The upper bound does not depend on the exemplar: every labelled training case, the exemplar included,
-        # at the same working size and budget; trained once.
-        store = prepared.store
+        store = data_run.store
         labelled = np.flatnonzero(store.usable_mask() & (store.read_truth() != NO_TRUTH).any(axis=(1, 2)))
-        images = np.concatenate([ex_images, store.read_images(labelled)])
-        labels = np.concatenate([ex_labels, store.read_truth(labelled)])
-        cfg = _config(work / "supervised", data_root, group_column, args.seed, {**overrides, "calibrator.enabled": False, "segmenter.iterations": budget})
-        t0 = time.perf_counter()
-        models = train_round_models(cfg, 0, RoundInputs(images, labels), num_classes=num_classes)
-        wall = time.perf_counter() - t0
-        metrics = _evaluate_models(cfg, models, test_images, test_labels)
-        _record(results["supervised"], metrics, wall)
-        results["supervised"]["train_cases"] = len(images)
-        print(f"   {'supervised':14s} test Dice {metrics['dice']:.4f}  HD95 {metrics['hd95']:.2f}  {wall:.0f} s ({len(images)} cases)", flush=True)
+        _, ex_images, ex_labels = store.exemplars()
+        inputs = RoundInputs(np.concatenate([ex_images, store.read_images(labelled)]), np.concatenate([ex_labels, store.read_truth(labelled)]))
+        cfg = _config(work / method, data_root, group_column, args.seed, overrides)
+        wall, models = _timed(lambda: _train_plain(cfg, inputs, factor * budget, data_run.num_classes))
+        scores = _score(cfg, models, test, num_classes)
+        results[method].append({"draw": "all", "labelled": [f"{len(inputs.exemplar_images)} cases"], "wall_s": wall, **scores})
+        _print_scores(method, scores, wall)
 
-    report = _report(args, limit, profile, base, data_root, group_column, exemplars, split, len(train_cases), budget, results, pseudo)
+    report = _report(args, profile, limit, dataset, base, data_root, group_column, draws, index, budget, results, pseudo, num_classes)
     out = args.out or work / "accuracy.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1, allow_nan=True))
@@ -209,13 +246,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return report
 
 
-def _default_group_column(root: Path) -> str | None:
+# ------------------------------------------------------------------------------------------------- the data
+
+
+def _meta_header(root: Path) -> list[str]:
     meta = root / "meta.csv"
     if not meta.is_file():
-        return None
+        return []
     with meta.open(newline="") as fh:
-        header = next(csv.reader(fh), [])
-    return "exam_id" if "exam_id" in header else None
+        return next(csv.reader(fh), [])
 
 
 def _fresh_dir(work: Path) -> None:
@@ -227,19 +266,22 @@ def _fresh_dir(work: Path) -> None:
     (work / MARKER).write_text("made by benchmarks/accuracy.py; wiped on the next run\n")
 
 
-def _subset_dataset(root: Path, dest: Path, limit: int, group_column: str | None, seed: int, keep: list[str]) -> Path:
-    """A dataset folder of symlinks to about ``limit`` labelled cases, taken as whole groups, plus a few unlabelled.
+def _subset_dataset(index: D.DatasetIndex, dest: Path, limit: int, seed: int, keep: list[str]) -> Path:
+    """A dataset folder of symlinks to about ``limit`` labelled training cases, taken as whole groups, plus a few
+    unlabelled ones; with a predefined split every validation and test case is kept, so the scores stay
+    comparable with the full data set's.
 
-    Whole groups keep the subset split-respecting: the benchmark's group-wise split then never puts frames of
-    one exam on both sides. Groups holding a ``keep`` case are always taken.
+    Whole groups keep the subset split-respecting: a group-wise split of it never puts frames of one exam on
+    both sides. Groups holding a ``keep`` case are always taken.
     """
     if limit < 5:
         raise SystemExit(f"--limit {limit}: needs at least 5 labelled cases (exemplar, pool, validation, test)")
-    index = D.index_dataset(root, group_column=group_column)
-    groups = index.groups
-    labelled_ids = {r.case_id for r in index.labelled}
+    predefined = index.predefined or {}
     by_id = index.by_id()
-    order = sorted(groups)
+    held_out = {c for c, s in predefined.items() if s in ("val", "test")}
+    groups = {g: [c for c in ids if c not in held_out] for g, ids in index.groups.items()}
+    labelled_ids = {r.case_id for r in index.labelled} - held_out
+    order = sorted(g for g, ids in groups.items() if any(c in labelled_ids for c in ids))
     order = [order[i] for i in np.random.default_rng(seed).permutation(len(order))]
     forced = [by_id[c].group for c in keep if c in by_id]
     chosen: list[str] = []
@@ -250,14 +292,14 @@ def _subset_dataset(root: Path, dest: Path, limit: int, group_column: str | None
             continue
         chosen.append(g)
         count += len(members)
-    refs = [by_id[c] for g in chosen for c in groups[g] if c in labelled_ids]
+    refs = [by_id[c] for g in chosen for c in groups[g] if c in labelled_ids] + [by_id[c] for c in sorted(held_out)]
     refs += index.unlabelled[: max(1, limit // 5)] if index.unlabelled else []
     for ref in refs:
         sub = "images" if ref.labelled else ref.image_path.parent.name
         _link(ref.image_path, dest / sub / ref.image_path.name)
         if ref.mask_path is not None:
             _link(ref.mask_path, dest / "masks" / ref.mask_path.name)
-    meta = root / "meta.csv"
+    meta = index.root / "meta.csv"
     if meta.is_file():
         names = {r.image_path.name for r in refs}
         with meta.open(newline="") as src, (dest / "meta.csv").open("w", newline="") as out:
@@ -273,9 +315,74 @@ def _link(src: Path, dst: Path) -> None:
     dst.symlink_to(src.resolve())
 
 
-def _parse_overrides(items: list[str]) -> dict[str, Any]:
-    import yaml
+def _fast_scale(index: D.DatasetIndex) -> dict[str, Any]:
+    """The fast profile sized to the data: the smallest working size (64, 96 or 128) at which every class keeps a
+    usable median area, and round-0 iterations in proportion to the classes to learn.
 
+    A fixed 64x64 profile leaves small structures a few pixels wide and a multi-class model a fraction of the
+    iterations it needs, so supervision no longer beats one labelled case and the profile tells nothing.
+    """
+    sample = index.labelled[:: max(1, len(index.labelled) // 48)][:48]
+    areas: dict[int, list[float]] = {}
+    for ref in sample:
+        [(mask, _)] = D.read_mask(ref.mask_path, nifti_axis=ref.nifti_axis, slice_index=ref.slice_index)
+        for c in np.unique(mask[mask > 0]):
+            areas.setdefault(int(c), []).append(float(np.mean(mask == c)))
+    smallest = min((float(np.median(a)) for a in areas.values()), default=0.25)
+    size = next((s for s in (64, 96, 128) if smallest * s * s >= FAST_MIN_AREA), 128)
+    iterations = FAST_ITERATIONS_PER_CLASS * max(1, len(areas))
+    return {"data.working_size": [size, size], "segmenter.iterations": iterations, "segmenter.finetune_iterations": iterations // 2}
+
+
+def _labelled_sets(args, index: D.DatasetIndex, dataset: str, has_volumes: bool, base: RunConfig) -> list[tuple[str, list[str]]]:
+    """The labelled set of each draw: ``("cases", ids)`` or ``("groups", ids)``."""
+    if args.exemplars:
+        return [("cases", list(args.exemplars))]
+    kind, _, k = (args.labelled or ("groups:1" if has_volumes else "cases:1")).partition(":")
+    if kind not in ("cases", "groups") or not k.isdigit() or int(k) < 1:
+        raise SystemExit(f"--labelled {args.labelled!r}: expected cases:K or groups:K with K >= 1")
+    k = int(k)
+    draws = args.draws or PROFILE_DRAWS["fast" if args.fast else "full"]
+    # The training side of the split, without a labelled set yet (the seeded split does not depend on it).
+    train = _split(index, base, "cases", None)
+    train_cases = sorted(set(train.pool) - {r.case_id for r in index.unlabelled} | set(train.exemplars))
+    rng = np.random.default_rng([args.seed, 2])
+    if kind == "cases":
+        if k * draws > len(train_cases):
+            raise SystemExit(f"{k * draws} labelled cases asked but the training groups hold {len(train_cases)}")
+        picks = rng.choice(len(train_cases), size=k * draws, replace=False)
+        if k == 1:
+            picks = np.sort(picks)  # one exemplar per draw, in case-id order
+        return [("cases", sorted(train_cases[i] for i in picks[d * k : (d + 1) * k])) for d in range(draws)]
+    by_id = index.by_id()
+    groups = sorted({by_id[c].group for c in train_cases})
+    out: list[tuple[str, list[str]]] = []
+    published = PUBLISHED_GROUPS.get(dataset.lower(), {}).get(k)
+    if published and set(published) <= set(groups):
+        out.append(("groups", list(published)))
+    left = [g for g in groups if not any(g in chosen for _, chosen in out)]
+    order = [left[i] for i in rng.permutation(len(left))]
+    while len(out) < draws:
+        if len(order) < k:
+            raise SystemExit(f"{draws} draws of {k} labelled groups asked but the training split holds {len(groups)} groups")
+        out.append(("groups", sorted(order[:k])))
+        order = order[k:]
+    return out
+
+
+def _split(index: D.DatasetIndex, base: RunConfig, kind: str, labelled: list[str] | None) -> D.Split:
+    s = base.split
+    return D.make_split(
+        index,
+        seed=s.seed,
+        val_fraction=s.val_fraction,
+        test_fraction=s.test_fraction,
+        exemplars=labelled if kind == "cases" else None,
+        labelled_groups=labelled if kind == "groups" else None,
+    )
+
+
+def _parse_overrides(items: list[str]) -> dict[str, Any]:
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
@@ -298,33 +405,74 @@ def _config(work_dir: Path, data_root: Path, group_column: str | None, seed: int
     return load_config(raw, overrides)
 
 
-def _draw_exemplars(train_cases: list[str], n: int, seed: int) -> list[str]:
-    if n > len(train_cases):
-        raise SystemExit(f"{n} exemplars asked but the training groups hold {len(train_cases)} labelled cases")
-    picks = np.random.default_rng([seed, 2]).choice(len(train_cases), size=n, replace=False)
-    return [train_cases[i] for i in sorted(picks.tolist())]
-
-
-def _evaluate_models(cfg: RunConfig, models: RoundModels, images: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
-    net, _ = build_models(cfg, models, torch.device("cpu"))
-    return evaluate(net, images, labels, models.num_classes)
-
-
-def _make_work_dir(cfg: RunConfig, e_split: D.Split) -> None:
+def _make_work_dir(cfg: RunConfig, split: D.Split) -> None:
     Path(cfg.work_dir).mkdir(parents=True)
-    e_split.to_json(Path(cfg.work_dir) / "split.json")  # the shared split, not one redrawn around the exemplar
+    split.to_json(Path(cfg.work_dir) / "split.json")  # the benchmark's split, not one redrawn by the run
 
 
-def _record(entry: dict[str, Any], metrics: dict[str, Any], wall: float) -> None:
-    entry["test_dice_per_exemplar"].append(metrics["dice"])
-    entry["test_hd95_per_exemplar"].append(metrics["hd95"])
-    entry["wall_s_per_exemplar"].append(wall)
-    entry["per_class"].append({k: v for k, v in metrics.items() if k.startswith(("dice_class", "hd95_class"))})
-    dice = np.asarray(metrics["dice_per_case"])
-    entry.setdefault("test_cases_dice_below_0_5", []).append(int((dice < 0.5).sum()))
+def _reopen(cfg: RunConfig) -> PreparedRun:
+    """The work dir's store and split, read-only use: the lock taken by ``prepare_run`` is given back at once."""
+    prepared = prepare_run(cfg, progress=False)
+    prepared.lock.release()
+    return prepared
 
 
-def _pseudo_label_rows(store, exemplar: str, method: str, summaries: list[dict]) -> list[dict[str, Any]]:
+def _test_set(prepared: PreparedRun, index: D.DatasetIndex) -> TestSet:
+    refs = {r.case_id: r for r in index.labelled}
+    test_refs = [refs[c] for c in prepared.split.test]
+    cases = [load_case(ref, prepared.cfg, prepared.num_classes) for ref in test_refs]
+    test = TestSet(np.stack([c.image for c in cases]), np.stack([c.mask for c in cases]), cases, test_refs)
+    position = {ref.case_id: i for i, ref in enumerate(test_refs)}
+    for volume, members in D.volumes_of(test_refs).items():
+        test.volumes[volume] = [position[m.case_id] for m in members]
+        test.volume_truth[volume] = np.stack(
+            [D.read_mask(m.mask_path, nifti_axis=m.nifti_axis, slice_index=m.slice_index)[0][0] for m in members]
+        )
+    return test
+
+
+# ---------------------------------------------------------------------------------------------- the methods
+
+
+def _timed(fn):
+    t0 = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t0, out
+
+
+def _train_plain(cfg: RunConfig, inputs: RoundInputs, iterations: int, num_classes: int) -> RoundModels:
+    """One segmenter trained for ``iterations`` (exemplar-only, supervised; consistency when ``inputs`` holds the
+    pool's images), with the round-0 seed and initial weights of a run."""
+    plain = load_config(
+        cfg.to_dict(),
+        {"calibrator.enabled": False, "segmenter.iterations": iterations, "consistency.enabled": inputs.pool_images is not None},
+    )
+    return train_round_models(plain, 0, inputs, num_classes=num_classes)
+
+
+
+
+def _score(cfg: RunConfig, models: RoundModels, test: TestSet, num_classes: int) -> dict[str, Any]:
+    """Per-slice metrics at the working size; per-volume metrics at the original size where volumes exist."""
+    net, _ = build_models(cfg, models, torch.device("cpu"))
+    pred = predict(net, test.images, return_features=False).probs.argmax(1).astype(np.uint8)
+    out: dict[str, Any] = {"slice": segmentation_metrics(pred, test.labels, num_classes)}
+    if test.volumes:
+        restored = {
+            vol: np.stack([D.restore_mask(pred[i], test.cases[i].geometry) for i in idx]) for vol, idx in test.volumes.items()
+        }
+        out["volume"] = volume_metrics(restored, test.volume_truth, num_classes)
+    return out
+
+
+def _print_scores(method: str, scores: dict[str, Any], wall: float) -> None:
+    line = f"   {method:14s} slice Dice {scores['slice']['dice']:.4f} HD95 {scores['slice']['hd95']:.2f}"
+    if "volume" in scores:
+        line += f" | volume Dice {scores['volume']['dice']:.4f} HD95 {scores['volume']['hd95']:.2f}"
+    print(f"{line}  {wall:.0f} s", flush=True)
+
+
+def _pseudo_label_rows(store, draw: str, method: str, summaries: list[dict]) -> list[dict[str, Any]]:
     """Per round: pseudo-label Dice before/after calibration against the pool's hidden truth, and score ranks."""
     rows = []
     for r, summary in enumerate(summaries):
@@ -333,15 +481,16 @@ def _pseudo_label_rows(store, exemplar: str, method: str, summaries: list[dict])
         init, cal = scores["initial_dice"][has], scores["calibrated_dice"][has]
         sel = store.rounds.selected(r)[has]
         rows.append({
-            "exemplar": exemplar,
+            "draw": draw,
             "method": method,
             "round": r,
             "cases": int(has.sum()),
             "initial_dice": float(init.mean()),
             "calibrated_dice": float(cal.mean()),
+            "calibration_gain": float(cal.mean() - init.mean()),
             "initial_below_0_5": float((init < 0.5).mean()),
             "calibrated_below_0_5": float((cal < 0.5).mean()),
-            "accepted_fraction": float(scores["accepted"][has].mean()) if method == "caudo" else math.nan,
+            "accepted_fraction": float(np.nanmean(scores["accepted"][has])) if method == "caudo" else math.nan,
             "selected": int(sel.sum()),
             "selected_calibrated_dice": float(cal[sel].mean()) if sel.any() else math.nan,
             "reliability_spearman": spearman(scores["reliability"][has], cal),
@@ -351,17 +500,37 @@ def _pseudo_label_rows(store, exemplar: str, method: str, summaries: list[dict])
     return rows
 
 
-def _report(args, limit, profile, base: RunConfig, data_root, group_column, exemplars, split, n_train, budget, results, pseudo) -> dict[str, Any]:
-    methods = {}
-    for name, entry in results.items():
-        dice, hd = np.asarray(entry["test_dice_per_exemplar"]), np.asarray(entry["test_hd95_per_exemplar"])
+# ----------------------------------------------------------------------------------------------- the report
+
+
+def _summary(entries: list[dict[str, Any]], level: str) -> dict[str, Any]:
+    dice = np.array([e[level]["dice"] for e in entries])
+    hd = np.array([e[level]["hd95"] for e in entries])
+    classes = sorted(k for k in entries[0][level] if k.startswith(("dice_class", "hd95_class")))
+    return {
+        "dice_mean": float(dice.mean()),
+        "dice_std": float(dice.std()),
+        "dice_per_draw": dice.tolist(),
+        "hd95_mean": float(np.nanmean(hd)) if np.isfinite(hd).any() else math.nan,
+        "per_class_mean": {k: float(np.nanmean([e[level][k] for e in entries])) for k in classes},
+    }
+
+
+def _report(args, profile, limit, dataset, base: RunConfig, data_root, group_column, draws, index, budget, results, pseudo, num_classes) -> dict[str, Any]:
+    methods: dict[str, Any] = {}
+    for name, entries in results.items():
+        if not entries:
+            continue
         methods[name] = {
-            "test_dice_mean": float(dice.mean()),
-            "test_dice_std": float(dice.std()),
-            "test_hd95_mean": float(np.nanmean(hd)) if np.isfinite(hd).any() else math.nan,
-            "wall_s": float(np.mean(entry["wall_s_per_exemplar"])),
-            **entry,
+            "slice": _summary(entries, "slice"),
+            **({"volume": _summary(entries, "volume")} if "volume" in entries[0] else {}),
+            "wall_s": float(np.mean([e["wall_s"] for e in entries])),
+            "draws": entries,
         }
+    level = "volume" if any("volume" in m for m in methods.values()) else "slice"
+    gap = None
+    if "supervised" in methods and "exemplar_only" in methods:
+        gap = methods["supervised"][level]["dice_mean"] - methods["exemplar_only"][level]["dice_mean"]
     caudo_rows = [row for row in pseudo if row["method"] == "caudo"]
     rel = [row["reliability_spearman"] for row in caudo_rows if np.isfinite(row["reliability_spearman"])]
     return {
@@ -372,33 +541,49 @@ def _report(args, limit, profile, base: RunConfig, data_root, group_column, exem
         "smoke": bool(args.smoke),
         "limit": limit or None,
         "working_size": list(base.data.working_size),
-        "exemplars": list(exemplars),
-        "split": {"seed": split.seed, "train_labelled": n_train, "pool": len(split.pool), "val": len(split.val), "test": len(split.test)},
+        "num_classes": num_classes,
+        "labelled_sets": [{"kind": kind, "ids": ids} for kind, ids in draws],
+        "split": {"predefined": index.predefined is not None, "train_labelled": sum(1 for r in index.labelled if (index.predefined or {}).get(r.case_id, "train") == "train")},
         "training_budget_iterations": budget,
-        "config": {k: v for k, v in base.to_dict().items() if k in ("rounds", "segmenter", "calibrator", "selection")},
+        "config": {k: v for k, v in base.to_dict().items() if k in ("rounds", "segmenter", "calibrator", "consistency", "selection")},
+        "metric_level": level,
         "methods": methods,
+        "supervised_minus_exemplar_only": gap,
+        "separates_methods": None if gap is None else bool(gap >= SEPARATION),
         "pseudo_labels": pseudo,
         "reliability_spearman": float(np.mean(rel)) if rel else math.nan,
-        "machine": {"cpus": torch.get_num_threads(), "platform": platform.platform(), "python": sys.version.split()[0], "torch": torch.__version__},
+        "machine": {"threads": args.threads, "platform": platform.platform(), "python": sys.version.split()[0], "torch": torch.__version__},
     }
 
 
 def format_table(report: dict[str, Any]) -> str:
+    level = report["metric_level"]
+    sets = "; ".join(f"{s['kind']} {', '.join(s['ids'][:3])}{'...' if len(s['ids']) > 3 else ''}" for s in report["labelled_sets"])
     lines = [
-        f"accuracy ({report['profile']}{' smoke' if report['smoke'] else ''}) on {report['dataset']}, {report['working_size'][0]}x{report['working_size'][1]}, "
-        f"exemplars {', '.join(report['exemplars'])}, budget {report['training_budget_iterations']} iterations",
-        f"{'method':15s} {'test Dice':>16s} {'HD95 (px)':>10s} {'wall s':>8s}",
+        f"accuracy ({report['profile']}{' smoke' if report['smoke'] else ''}) on {report['dataset']}, "
+        f"{report['working_size'][0]}x{report['working_size'][1]}, budget {report['training_budget_iterations']} iterations, labelled: {sets}",
+        f"{'method':15s} {'slice Dice':>16s} {'slice HD95':>10s} {'volume Dice':>16s} {'volume HD95':>11s} {'wall s':>8s}",
     ]
     for name, m in report["methods"].items():
-        spread = f"{m['test_dice_mean']:.4f} ± {m['test_dice_std']:.4f}"
-        lines.append(f"{name:15s} {spread:>16s} {m['test_hd95_mean']:>10.2f} {m['wall_s']:>8.0f}")
-    lines.append(f"{'method':15s} {'exemplar':>10s} {'round':>5s} {'initial':>8s} {'calibr.':>8s} {'accepted':>8s} {'rel.rho':>8s} {'ent.rho':>8s}")
+        s, v = m["slice"], m.get("volume")
+        vol = f"{v['dice_mean']:.4f} ± {v['dice_std']:.4f}" if v else "-"
+        vol_hd = f"{v['hd95_mean']:.2f}" if v else "-"
+        lines.append(f"{name:15s} {s['dice_mean']:.4f} ± {s['dice_std']:.4f} {s['hd95_mean']:>10.2f} {vol:>16s} {vol_hd:>11s} {m['wall_s']:>8.0f}")
+    classes = sorted({k for m in report["methods"].values() for k in m[level]["per_class_mean"] if k.startswith("dice_class")})
+    if len(classes) > 1:
+        lines.append(f"{level} Dice per class: " + "  ".join(f"{name} " + "/".join(f"{m[level]['per_class_mean'][c]:.3f}" for c in classes) for name, m in report["methods"].items()))
+    lines.append(f"{'method':15s} {'draw':>6s} {'round':>5s} {'initial':>8s} {'calibr.':>8s} {'gain':>7s} {'accepted':>8s} {'rel.rho':>8s} {'ent.rho':>8s}")
     for row in report["pseudo_labels"]:
         lines.append(
-            f"{row['method']:15s} {row['exemplar']:>10s} {row['round']:>5d} {row['initial_dice']:>8.4f} {row['calibrated_dice']:>8.4f} "
-            f"{row['accepted_fraction']:>8.2f} {row['reliability_spearman']:>8.3f} {row['entropy_spearman']:>8.3f}"
+            f"{row['method']:15s} {row['draw']:>6s} {row['round']:>5d} {row['initial_dice']:>8.4f} {row['calibrated_dice']:>8.4f} "
+            f"{row['calibration_gain']:>+7.4f} {row['accepted_fraction']:>8.2f} {row['reliability_spearman']:>8.3f} {row['entropy_spearman']:>8.3f}"
         )
     lines.append(f"reliability Spearman (caudo, mean over rounds): {report['reliability_spearman']:.3f}")
+    if report["separates_methods"] is False:
+        lines.append(
+            f"WARNING: this profile is too small to separate the methods: supervised beats exemplar-only by only "
+            f"{report['supervised_minus_exemplar_only']:+.3f} {level} Dice (< {SEPARATION}); use the full profile or a larger --limit"
+        )
     return "\n".join(lines)
 
 

@@ -39,7 +39,8 @@ from benchmarks.throughput import (
     untrained_models,
 )
 from caudo_ray.config import RunConfig, load_config
-from caudo_ray.rounds.executor import TrainContext, batches_of
+from caudo_ray.rounds.executor import TrainContext
+from caudo_ray.store import chunk_batches
 
 # The conftest tiny_config's model sizes: the soak is about the runtime surviving kills, not model cost.
 TINY = {
@@ -152,13 +153,13 @@ def run_soak(
             pass
         killer = Killer(executor._workers, kill_every)
         r = 0
-        store.rounds.begin(r, {"benchmark": "soak"})
+        chunk = store.rounds.begin(r, {"benchmark": "soak"}, chunk_size=batch_size)
         todo = store.rounds.missing(r)
         seen = np.zeros(num_cases, dtype=np.int64)
         killer.start()
         t1 = time.perf_counter()
         with RssSampler(interval_s=0.05) as rss:
-            for stats in executor.label(r, models, batches_of(todo, batch_size)):
+            for stats in executor.label(r, models, chunk_batches(todo, chunk)):
                 seen[stats.indices] += 1
                 killer.batch_done()
         stream_s = time.perf_counter() - t1

@@ -1,7 +1,9 @@
 """``caudo-ray`` command line: run, tune, demo, predict, export, queries, data inspect, dashboard.
 
 Exit status: 0 done; 3 done, but some input files were skipped (listed in the log and in MLflow); 2 the config
-or the command line was refused before any work started; 1 the run failed.
+or the command line was refused before any work started; 1 the run failed; 130 stopped by Ctrl-C (SIGINT), 143
+stopped by SIGTERM: the MLflow run is marked KILLED, the local Ray shut down, the lock released, and the same
+command resumes.
 """
 
 from __future__ import annotations
@@ -9,6 +11,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
+import signal
 import sys
 from importlib import resources
 from pathlib import Path
@@ -18,11 +22,14 @@ import yaml
 
 from caudo_ray.config import ConfigError, RunConfig, load_config
 from caudo_ray.data import format_report, inspect_dataset
+from caudo_ray.distributed.cluster import shutdown_ray
 from caudo_ray.distributed.executor import RayExecutor
 from caudo_ray.distributed.tune import format_trials, run_tune
 from caudo_ray.errors import DataError, StoreError
 from caudo_ray.inference import predict_folder
 from caudo_ray.rounds.steps import annotation_queries
+from caudo_ray.run.baseline import METHODS as BASELINE_METHODS
+from caudo_ray.run.baseline import train_baseline
 from caudo_ray.run.calibrate_dataset import calibrate_dataset
 from caudo_ray.run.coordinator import Coordinator
 from caudo_ray.store import PseudoLabelStore, export_round
@@ -33,10 +40,19 @@ from caudo_ray.workspace import Workspace
 EXIT_OK, EXIT_FAILED, EXIT_REFUSED, EXIT_SKIPPED = 0, 1, 2, 3
 
 
+class Stopped(KeyboardInterrupt):
+    """A stop signal (SIGINT or SIGTERM), raised in the main thread so a run unwinds the way Ctrl-C unwinds it."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         return args.func(args)
     except ConfigError as err:
@@ -45,6 +61,26 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, StoreError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_FAILED
+    except KeyboardInterrupt as err:
+        signum = err.signum if isinstance(err, Stopped) else signal.SIGINT
+        shutdown_ray()
+        command = shlex.join(["caudo-ray", *(sys.argv[1:] if argv is None else argv)])
+        print(
+            f"caudo-ray: stopped by {signal.Signals(signum).name}; what was stored is kept. Resume with: {command}",
+            file=sys.stderr,
+        )
+        return 128 + signum
+    finally:
+        shutdown_ray()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _stop(signum: int, frame) -> None:
+    """The first stop signal unwinds the run; more while it cleans up (MLflow, Ray, the lock) are ignored."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    raise Stopped(signum)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -58,6 +94,11 @@ def _parser() -> argparse.ArgumentParser:
     tune = sub.add_parser("tune", help="Ray Tune search over guidance strength, calibration strength and DDIM steps")
     _run_options(tune, allow_no_ray=False)  # trials are Ray Tune trials: a search always runs on Ray
     tune.set_defaults(func=cmd_tune)
+
+    base = sub.add_parser("baseline", help="train one baseline segmenter at a run's budget: consistency, exemplar_only, supervised")
+    base.add_argument("--method", required=True, choices=BASELINE_METHODS, help="which baseline")
+    _run_options(base, allow_no_ray=False)  # one segmenter in this process: Ray plays no part
+    base.set_defaults(func=cmd_baseline)
 
     demo = sub.add_parser("demo", help="self-training on the embedded phantoms (what `make demo` runs)")
     _run_options(demo, config_required=False)
@@ -170,6 +211,20 @@ def cmd_tune(args: argparse.Namespace) -> int:
         f"saved {result.train_saved_s:.1f} s of per-trial training"
     )
     print(f"MLflow parent run {result.parent_run_id} in {result.tracking_uri}")
+    return EXIT_OK
+
+
+def cmd_baseline(args: argparse.Namespace) -> int:
+    result = train_baseline(config_from_args(args), args.method, progress=not args.quiet)
+    how = "reused" if result["reused"] else f"trained {result['iterations']} iterations"
+    print(f"baseline {result['method']}: {how}; final model {result['model_path']}")
+    if result["val_metrics"]:
+        print("segmenter on validation:", {k: round(v, 4) for k, v in result["val_metrics"].items()})
+    if result["skipped"]:
+        print(f"completed with {len(result['skipped'])} skipped input(s):", file=sys.stderr)
+        for source, reason in sorted(result["skipped"].items()):
+            print(f"  {source}: {reason}", file=sys.stderr)
+        return EXIT_SKIPPED
     return EXIT_OK
 
 

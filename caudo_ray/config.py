@@ -155,11 +155,14 @@ class SegmenterConfig:
     finetune_iterations: int = 200  # each later round, warm-started
     batch_size: int = 8
     learning_rate: float = 2e-3
-    # Exemplar views are zoomed so the target covers this range of the frame's area (fraction of pixels that are
-    # foreground), whatever its size in the exemplar: a small exemplar head still teaches large heads. None: zoom
-    # over scale_range instead.
-    target_area_range: tuple[float, float] | None = (0.05, 0.8)
-    scale_range: tuple[float, float] = (0.5, 1.6)  # exemplar zoom range when target_area_range is None
+    # Exemplar views are zoomed (log-uniformly, apparent size of the target) over scale_range, but never so far
+    # that the target's share of the frame leaves target_area_limits: a small exemplar then also teaches large
+    # targets, a large one small targets, and none is blown up past the frame or shrunk to a few pixels. A range
+    # fixed in the frame's terms instead (targets always zoomed to cover 5-80% of it) suited HC18 (+10 points
+    # exemplar-only, fast profile) and broke ACDC, where it zoomed hearts 4x past any real size (-8 points);
+    # docs/method.md.
+    scale_range: tuple[float, float] = (0.4, 2.5)
+    target_area_limits: tuple[float, float] | None = (0.01, 0.8)
     exemplar_weight: float = 1.0  # loss weight of exemplar views relative to a fully reliable pseudo label
     exemplar_fraction: float = 0.25  # share of each batch given to exemplar views once pseudo labels join
 
@@ -173,10 +176,10 @@ class SegmenterConfig:
         lo, hi = self.scale_range
         if not 0 < lo <= hi:
             raise ConfigError(f"{key}.scale_range", f"needs 0 < low <= high, got {list(self.scale_range)}")
-        if self.target_area_range is not None:
-            lo, hi = self.target_area_range
+        if self.target_area_limits is not None:
+            lo, hi = self.target_area_limits
             if not 0 < lo <= hi <= 1:
-                raise ConfigError(f"{key}.target_area_range", f"needs 0 < low <= high <= 1, got {list(self.target_area_range)}")
+                raise ConfigError(f"{key}.target_area_limits", f"needs 0 < low <= high <= 1, got {list(self.target_area_limits)}")
         _non_negative(f"{key}.exemplar_weight", self.exemplar_weight)
         _fraction(f"{key}.exemplar_fraction", self.exemplar_fraction, allow_zero=False)
 
@@ -208,11 +211,10 @@ class CalibratorConfig:
     # Classifier-free guidance dropout during training; 0.2 rather than the usual 0.1, because calibration
     # inverts along the unconditional model and that model must be good too.
     guidance_dropout: float = 0.2
-    # Keep a case's calibrated label only where it scores at least as reliable as its initial one
-    # (selection.accept_calibration). Off by default: on HC18 it kept the pseudo labels of an exemplar whose
-    # calibrator moved them the wrong way from getting worse, but cost 0.8-2.9 points of test Dice end to end
-    # (docs/benchmarks.md, "Accuracy").
-    accept_gate: bool = False
+    # How much of the calibrator's change a label keeps (calibration.sampling.gate_calibration): a case whose
+    # initial reliability is <= gate[0] every change, >= gate[1] only where the segmenter is unsure, linear in
+    # between; null applies every change. It bounds what a calibrator with a wrong prior does to good labels.
+    gate: tuple[float, float] | None = (0.5, 0.8)
 
     def validate(self, key: str) -> None:
         _positive(f"{key}.latent_channels", self.latent_channels)
@@ -232,6 +234,8 @@ class CalibratorConfig:
         if self.guidance_strength < 0:
             raise ConfigError(f"{key}.guidance_strength", f"must be >= 0, got {self.guidance_strength}")
         _fraction(f"{key}.guidance_dropout", self.guidance_dropout, allow_zero=True)
+        if self.gate is not None and not 0.0 <= self.gate[0] <= self.gate[1] <= 1.0:
+            raise ConfigError(f"{key}.gate", f"needs 0 <= low <= high <= 1, got {list(self.gate)}")
 
 
 @dataclass
@@ -270,6 +274,14 @@ class RuntimeConfig:
     # Pseudo-label store: a path or an fsspec URL (s3://bucket/run/store.zarr) every node can open;
     # None: <work_dir>/store.zarr. Where the store lives never changes results.
     store_url: str | None = None
+    # The store's single-writer lock: its holder renews a heartbeat every third of this; a holder on another host
+    # whose heartbeat is older is taken for dead and its lock taken over (hosts' clocks must agree within it).
+    lock_lease_s: float = 60.0
+    # Node labels ("key=value") calibration workers prefer: placed on nodes carrying all of them while any is
+    # alive, elsewhere once none is (a lost node's workers restart on the survivors). Empty: anywhere.
+    worker_labels: list[str] = field(default_factory=list)
+    # Mixed precision of labelling on a GPU: auto (bf16 on CUDA, off on CPU) | off | bf16 | fp16.
+    autocast: str = "auto"
 
     def validate(self, key: str) -> None:
         _positive(f"{key}.num_workers", self.num_workers)
@@ -282,6 +294,13 @@ class RuntimeConfig:
         _positive(f"{key}.batch_size", self.batch_size)
         _positive(f"{key}.max_in_flight", self.max_in_flight)
         _non_negative(f"{key}.checkpoint_every", self.checkpoint_every)
+        _positive_float(f"{key}.lock_lease_s", self.lock_lease_s)
+        for i, label in enumerate(self.worker_labels):
+            name, _, value = label.partition("=")
+            if not name or not value:
+                raise ConfigError(f"{key}.worker_labels[{i}]", f"must read key=value, got {label!r}")
+        if self.autocast not in ("auto", "off", "bf16", "fp16"):
+            raise ConfigError(f"{key}.autocast", f"must be auto, off, bf16 or fp16, got {self.autocast!r}")
 
 
 @dataclass
@@ -362,6 +381,48 @@ class TuneConfig:
 
 
 @dataclass
+class ConsistencyConfig:
+    """Online weak-to-strong consistency on the unlabelled pool (UniMatch, Yang et al., CVPR 2023).
+
+    The ``consistency`` baseline trains with it alone (``caudo-ray baseline --method consistency``); defaults are
+    UniMatch's ACDC setting (``more-scenarios/medical``) where one applies.
+    """
+
+    enabled: bool = False  # caudo's loop also trains with online consistency on the pool
+    unlabelled_batch_size: int = 8  # pool images per iteration (and as many more to CutMix from)
+    threshold: float = 0.95  # weak-view confidence below which a pixel teaches nothing
+    strong_weight: float = 0.5  # weight of the mean loss of the two strong (CutMix) views
+    feature_weight: float = 0.5  # weight of the feature-perturbation branch
+    feature_dropout: float = 0.5  # Dropout2d probability on the encoder features of that branch
+    cutmix_prob: float = 0.5  # per strong view
+    # Weak views: geometry only, small ranges (flip always half the views; shift up to 10% of each side).
+    weak_rotate_deg: float = 15.0
+    weak_zoom: tuple[float, float] = (0.85, 1.2)  # drawn log-uniformly
+    # Share of the iterations over which the pool terms' weight ramps up (exp(-5 (1 - t)^2)); 0, as UniMatch,
+    # weights them fully from the start. At a short budget an untrained teacher's confident all-background labels
+    # can lock the network into predicting background on the pool (phantoms, 4 labelled, 800 iterations, batches
+    # of 4 pool images, earlier exemplar augmentation: Dice 0.004 against 0.64 exemplar-only on one of four
+    # seeds); a ramp over the first 0.2 of training avoided it.
+    rampup: float = 0.0
+
+    def validate(self, key: str) -> None:
+        _positive(f"{key}.unlabelled_batch_size", self.unlabelled_batch_size)
+        _fraction(f"{key}.rampup", self.rampup, allow_zero=True)
+        _fraction(f"{key}.threshold", self.threshold, allow_zero=True)
+        _non_negative(f"{key}.strong_weight", self.strong_weight)
+        _non_negative(f"{key}.feature_weight", self.feature_weight)
+        _fraction(f"{key}.feature_dropout", self.feature_dropout, allow_zero=True)
+        if self.feature_dropout == 1.0:
+            raise ConfigError(f"{key}.feature_dropout", "must be < 1: a dropout of 1 removes every feature")
+        _fraction(f"{key}.cutmix_prob", self.cutmix_prob, allow_zero=True)
+        if not 0 <= self.weak_rotate_deg <= 180:
+            raise ConfigError(f"{key}.weak_rotate_deg", f"must be in [0, 180], got {self.weak_rotate_deg}")
+        lo, hi = self.weak_zoom
+        if not 0 < lo <= hi:
+            raise ConfigError(f"{key}.weak_zoom", f"needs 0 < low <= high, got {list(self.weak_zoom)}")
+
+
+@dataclass
 class RunConfig:
     """A whole self-training run."""
 
@@ -377,6 +438,7 @@ class RunConfig:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
+    consistency: ConsistencyConfig = field(default_factory=ConsistencyConfig)
 
     def validate(self, key: str = "") -> None:
         _positive("rounds", self.rounds)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from caudo_ray.config import RunConfig, load_config
+from caudo_ray.run.coordinator import Coordinator
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 HC18 = REPO_ROOT.parent / "shared" / "data" / "hc18"
@@ -69,6 +70,17 @@ def assert_selection_close(a: np.ndarray, b: np.ndarray, reliability: np.ndarray
 @pytest.fixture
 def tiny_cfg(tmp_path) -> RunConfig:
     return tiny_config(tmp_path / "run")
+
+
+# One round on the phantoms: fault tests compare their outcome with this config's clean run.
+ONE_ROUND = {"rounds": 1, "tracking.num_overlays": 1}
+
+
+@pytest.fixture(scope="session")
+def clean_one_round(tmp_path_factory):
+    """An uninterrupted one-round run in this process: ``(cfg, RunResult)``, the reference every fault is compared with."""
+    cfg = tiny_config(tmp_path_factory.mktemp("clean") / "run", **ONE_ROUND)
+    return cfg, Coordinator(cfg, progress=False).run()
 
 
 @pytest.fixture(scope="session")

@@ -12,11 +12,12 @@ from monai.losses import DiceCELoss
 from monai.networks.nets import UNet
 
 from caudo_ray.calibration.corruptions import corrupt_labels
-from caudo_ray.calibration.sampling import calibrate
+from caudo_ray.calibration.sampling import calibrate, case_weight, gate_calibration
 from caudo_ray.calibration.schedule import CalibrationSchedule
 from caudo_ray.calibration.training import train_calibrator
 from caudo_ray.config import CalibratorConfig, SegmenterConfig
 from caudo_ray.errors import DataError
+from caudo_ray.labelling.reliability import reliability_scores
 from caudo_ray.networks.autoencoder import LabelAutoencoder
 from caudo_ray.networks.calibrator import Calibrator
 from caudo_ray.training.inputs import RoundInputs
@@ -170,11 +171,11 @@ def test_ddim_timesteps():
 
 
 def test_unguided_round_trip_keeps_the_initial_label(trained):
-    """w = 0 inverts and denoises along the same (unconditional) model: DDIM brings the label back, all the way up."""
+    """w = 0 inverts and denoises along the same (unconditional) model: DDIM brings the label back from half way."""
     segmenter, calibrator, _, test_img, test_lab = trained
     corrupted = _scale_shift(test_lab[:8])
     x, _, feats, onehot = _inputs(segmenter, test_img[:8], corrupted)
-    out = calibrate(calibrator, SCHEDULE, x, onehot, feats, w=0.0, s=1.0).argmax(1).numpy()
+    out = calibrate(calibrator, SCHEDULE, x, onehot, feats, w=0.0, s=0.5).argmax(1).numpy()
     assert np.mean([dice(o, c) for o, c in zip(out, corrupted)]) > 0.9
 
 
@@ -297,3 +298,40 @@ def test_bad_inputs_raise_data_error():
         calibrate(cal, SCHEDULE, torch.rand(2, 1, 36, 36), torch.rand(2, 2, 36, 36), torch.rand(2, 8, 18, 18), w=1.0, s=0.5)
     g = cal.guidance(x, cal.autoencoder.encode(probs), torch.rand(2, 8, 16, 16))
     assert g.shape == (2, 8 + CAL_CFG.latent_channels + 1, 8, 8)
+
+
+def test_gate_keeps_confident_pixels_of_reliable_labels_and_frees_doubtful_ones():
+    """The gate moves a pixel by max(case weight, the segmenter's normalised entropy there)."""
+    initial = torch.tensor([[0.99, 0.01], [0.5, 0.5]]).T.reshape(1, 2, 1, 2).repeat(2, 1, 1, 1)  # sure | unsure pixel
+    calibrated = torch.tensor([[0.0, 1.0], [0.0, 1.0]]).T.reshape(1, 2, 1, 2).repeat(2, 1, 1, 1)  # both -> class 1
+    reliability = torch.tensor([0.9, 0.2])  # case 0 reliable, case 1 doubtful
+    out = gate_calibration(initial, calibrated, reliability, (0.5, 0.8))
+    torch.testing.assert_close(out.sum(1), torch.ones(2, 1, 2))
+    assert out[0].argmax(0).tolist() == [[0, 1]]  # reliable: the sure pixel stays, the unsure one follows
+    assert out[1].argmax(0).tolist() == [[1, 1]]  # doubtful: every change is applied
+    torch.testing.assert_close(out[1], calibrated[1])
+    torch.testing.assert_close(case_weight(torch.tensor([0.4, 0.65, 0.9]), (0.5, 0.8)), torch.tensor([1.0, 0.5, 0.0]))
+    assert case_weight(torch.tensor([0.1, 0.9]), (0.0, 0.0)).tolist() == [0.0, 0.0]  # (0, 0): pixel gate alone
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 12, open: on these phantoms the gated calibration lowers the segmenter's own labels "
+    "(measured: Dice 0.972 -> 0.943, worst case -0.064); strict, so the fix shows up as an XPASS failure",
+)
+def test_gated_calibration_of_the_segmenters_own_labels_never_lowers_dice(trained):
+    """Real use: the initial label is the segmenter's own prediction, wrong in places, and the guidance features
+    come from the same forward pass, so the denoiser cannot read the answer off features of a clean label. The
+    gated calibration (what the labelling engine stores) must not lower the labels' Dice."""
+    segmenter, calibrator, _, test_img, test_lab = trained
+    x = torch.from_numpy(test_img)[:, None]
+    probs, feats = segmenter(x)
+    flipped = segmenter(x.flip(-1))[0].flip(-1)
+    calibrated = calibrate(calibrator, SCHEDULE, x, probs, feats, w=CAL_CFG.guidance_strength, s=CAL_CFG.calibration_strength)
+    before_rel = reliability_scores(probs.numpy(), probs.numpy(), flipped.numpy())["reliability"]
+    gated = gate_calibration(probs, calibrated, torch.from_numpy(before_rel), CAL_CFG.gate)
+    before = np.array([dice(p, t) for p, t in zip(probs.argmax(1).numpy(), test_lab)])
+    after = np.array([dice(p, t) for p, t in zip(gated.argmax(1).numpy(), test_lab)])
+    print(f"segmenter's own labels: Dice {before.mean():.3f} -> gated calibration {after.mean():.3f}, worst case {np.min(after - before):+.3f}")
+    assert before.mean() < 0.95 and before.min() < 0.9  # the labels are wrong in places, or the test tells nothing
+    assert after.mean() >= before.mean() - 0.005
+    assert np.min(after - before) >= -0.05

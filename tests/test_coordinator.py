@@ -154,9 +154,10 @@ class FailingExecutor(LocalExecutor):
 
 
 def _chunk_mtimes(store_url: str, r: int, indices) -> dict[int, int]:
-    # Scores have one chunk per case (never all fill value, so always a file): rewritten only if recomputed.
+    # A batch's scores are one chunk (never all fill value, so always a file): rewritten only if it is recomputed.
+    size = PseudoLabelStore.open(store_url, mode="r").rounds.chunk_size(r)
     base = Path(store_url) / "rounds" / str(r) / "scores" / "c"
-    return {int(i): (base / str(int(i)) / "0").stat().st_mtime_ns for i in indices}
+    return {int(c): (base / str(int(c)) / "0").stat().st_mtime_ns for c in np.unique(np.asarray(indices) // size)}
 
 
 def test_resume_recomputes_only_missing_cases(local_run, tmp_path):
@@ -174,7 +175,7 @@ def test_resume_recomputes_only_missing_cases(local_run, tmp_path):
     mtimes = _chunk_mtimes(store.url, 1, done_before)
     info = Workspace(tmp_path / "run").read_run_info()
     run_id, client = info["run_id"], MlflowClient(tracking_uri=info["tracking_uri"])
-    assert client.get_run(run_id).info.status == "FAILED"
+    assert client.get_run(run_id).info.status == "KILLED"  # interrupted, not failed
 
     resumed = Coordinator(cfg, progress=False).run()
     assert resumed.recomputed == int(usable.sum()) - len(done_before)

@@ -20,7 +20,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import SCORE_ATOL, SCORE_RTOL, REPO_ROOT, assert_labels_close, assert_selection_close, tiny_config
+from conftest import (
+    ONE_ROUND,
+    REPO_ROOT,
+    SCORE_ATOL,
+    SCORE_RTOL,
+    assert_labels_close,
+    assert_selection_close,
+    tiny_config,
+)
 from mlflow import MlflowClient
 from test_cli import write_config
 from test_coordinator import FailingExecutor, _chunk_mtimes, assert_complete_run
@@ -36,8 +44,6 @@ from caudo_ray.workspace import Workspace
 
 pytestmark = pytest.mark.faults
 
-# One round on the phantoms; every fault test compares its outcome with this config's clean run.
-ONE_ROUND = {"rounds": 1, "tracking.num_overlays": 1}
 # Metrics that are results (perf/* are timings and differ between any two runs).
 RESULT_METRICS = [
     names.PSEUDO_DICE_INITIAL,
@@ -50,10 +56,9 @@ RESULT_METRICS = [
 
 
 @pytest.fixture(scope="module")
-def clean(tmp_path_factory):
-    """An uninterrupted one-round run in this process: the reference every fault is compared with."""
-    cfg = tiny_config(tmp_path_factory.mktemp("clean") / "run", **ONE_ROUND)
-    return cfg, Coordinator(cfg, progress=False).run()
+def clean(clean_one_round):
+    """The uninterrupted one-round run every fault is compared with (conftest, shared by the fault modules)."""
+    return clean_one_round
 
 
 def assert_same_results(store: PseudoLabelStore, reference: PseudoLabelStore, rounds: int) -> None:
@@ -84,9 +89,16 @@ def result_metrics(tracking_uri: str, run_id: str) -> dict[str, list[tuple[int, 
 
 
 def done_files(store_url: str, r: int) -> int:
-    """Cases of round ``r`` written done so far, counted from the chunk files (cheap enough to poll)."""
+    """Batches of round ``r`` written done so far, counted from the ``done`` chunk files (cheap enough to poll)."""
     folder = Path(store_url) / "rounds" / str(r) / "done" / "c"
     return len(os.listdir(folder)) if folder.is_dir() else 0
+
+
+def _chunk_of(store: PseudoLabelStore, i: int) -> list[int]:
+    """The usable cases of round 0's chunk that holds case ``i``."""
+    size = store.rounds.chunk_size(0)
+    start = i // size * size
+    return [j for j in range(start, min(start + size, store.num_cases)) if store.usable_mask()[j]]
 
 
 def flip_bytes(path: Path) -> None:
@@ -321,21 +333,18 @@ def test_corrupt_chunk_is_reported_with_its_case_and_recomputed_on_resume(clean,
         ).run()
     store = PseudoLabelStore.open(Workspace.of(cfg).store_url)
     done_before = np.flatnonzero(store.rounds.done(0) & store.usable_mask())
-    victim = int(done_before[1])
-    case_id = store.case_ids[victim]
-    flip_bytes(Path(store.url) / "rounds" / "0" / "calibrated" / "c" / str(victim) / "0" / "0")
+    victims = _chunk_of(store, int(done_before[-1]))  # the last batch written: a corrupt chunk costs its batch
+    ids = [store.case_ids[i] for i in victims]
+    flip_bytes(Path(store.url) / "rounds" / "0" / "labels" / "c" / str(victims[0] // store.rounds.chunk_size(0)) / "0" / "0" / "0")
 
-    with pytest.raises(StoreError, match=f"case {re.escape(case_id)} "):
+    with pytest.raises(StoreError, match=f"case {re.escape(ids[0])} .*holding cases {victims[0]}..{victims[-1]}"):
         store.rounds.read(0, done_before)
-    assert store.rounds.verify(0) == [victim]
+    assert store.rounds.verify(0) == victims
 
     with caplog.at_level(logging.INFO, logger="caudo_ray"):
         resumed = Coordinator(cfg, progress=False).run()
-    assert re.search(
-        rf"round 0: 1 stored cases are corrupt and will be recomputed: \['{re.escape(case_id)}'\]",
-        caplog.text,
-    )
-    assert resumed.recomputed == int(store.usable_mask().sum()) - len(done_before) + 1
+    assert f"round 0: {len(victims)} stored cases are corrupt and will be recomputed with the rest of their chunks ({len(victims)} cases): {ids}" in caplog.text
+    assert resumed.recomputed == int(store.usable_mask().sum()) - len(done_before) + len(victims)
     assert_same_results(
         PseudoLabelStore.open(resumed.store_url),
         PseudoLabelStore.open(clean[1].store_url),
@@ -349,13 +358,14 @@ def test_corrupt_chunk_of_a_committed_round_is_recomputed_on_rerun(clean, tmp_pa
     store = PseudoLabelStore.open(finished.store_url)
     assert store.rounds.is_committed(0)
     victim = int(np.flatnonzero(store.rounds.selected(0))[0])  # a selected case: the final segmenter trained on it
-    case_id = store.case_ids[victim]
-    flip_bytes(Path(store.url) / "rounds" / "0" / "initial" / "c" / str(victim) / "0" / "0")
+    victims = _chunk_of(store, victim)
+    ids = [store.case_ids[i] for i in victims]
+    flip_bytes(Path(store.url) / "rounds" / "0" / "labels" / "c" / str(victim // store.rounds.chunk_size(0)) / "0" / "0" / "0")
 
     with caplog.at_level(logging.INFO, logger="caudo_ray"):
         rerun = Coordinator(cfg, progress=False).run()
-    assert re.search(rf"round 0: 1 stored cases are corrupt and will be recomputed: \['{re.escape(case_id)}'\]", caplog.text)
-    assert rerun.recomputed == 1
+    assert f"round 0: {len(victims)} stored cases are corrupt and will be recomputed with the rest of their chunks ({len(victims)} cases): {ids}" in caplog.text
+    assert rerun.recomputed == len(victims)
     repaired = PseudoLabelStore.open(rerun.store_url)
     assert repaired.rounds.is_committed(0) and repaired.rounds.verify(0) == []
     assert_same_results(repaired, PseudoLabelStore.open(clean[1].store_url), cfg.rounds)

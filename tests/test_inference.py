@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 from conftest import assert_labels_close, tiny_config
 from PIL import Image
 
 from caudo_ray import data as D
 from caudo_ray.cli import EXIT_OK, EXIT_SKIPPED, main
+from caudo_ray.config import load_config
+from caudo_ray.networks.bundle import RoundModels, build_models
+from caudo_ray.networks.segmenter import predict
 from caudo_ray.run.coordinator import Coordinator
+from caudo_ray.workspace import Workspace
 
 AFFINE = np.array([[0.5, 0, 0, -10.0], [0, 0.7, 0, 4.0], [0, 0, 2.0, 1.5], [0, 0, 0, 1]])
 
@@ -34,6 +41,18 @@ def inputs(tmp_path_factory):
     return folder
 
 
+def _reference_mask(work_dir, frame: np.ndarray) -> np.ndarray:
+    """The final segmenter's argmax on ``frame`` (after the PNG's 8-bit rounding), resized back with nearest."""
+    ws = Workspace(Path(work_dir))
+    cfg = load_config(ws.config_path)
+    net, _ = build_models(cfg, RoundModels.load(ws.final_model_path), torch.device("cpu"))
+    image = D.normalize_intensity((frame * 255).astype(np.uint8).astype(np.float32))
+    probs = predict(net, D.resize_image(image, cfg.data.working_size)[None], device="cpu", return_features=False).probs
+    label = probs.argmax(1)[0].astype(np.uint8)
+    assert label.any(), "the reference segmenter labels nothing: the comparison would accept an empty mask"
+    return np.asarray(Image.fromarray(label).resize(frame.shape[::-1], Image.NEAREST))
+
+
 def test_predict_writes_masks_in_each_inputs_format_and_geometry(work_dir, inputs, tmp_path):
     out = tmp_path / "masks"
     assert main(["predict", "--work-dir", str(work_dir), str(inputs), str(out)]) == EXIT_OK
@@ -41,6 +60,9 @@ def test_predict_writes_masks_in_each_inputs_format_and_geometry(work_dir, input
 
     png = np.asarray(Image.open(out / "frame.png"))
     assert png.shape == (56, 44) and png.dtype == np.uint8 and png.max() <= 1
+    # The mask is the final segmenter's label at the working size, brought back to the frame's geometry: not an
+    # empty, shifted or transposed mask.
+    assert_labels_close(png, _reference_mask(work_dir, D.phantom_case(0, size=(56, 44))[0]), "frame.png")
 
     for name, shape in [("slice.nii.gz", (56, 44, 1)), ("volume.nii.gz", (56, 44, 3))]:
         source, mask = nib.load(inputs / name), nib.load(out / name)

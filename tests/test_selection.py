@@ -5,7 +5,7 @@ import pytest
 from scipy import ndimage
 
 from caudo_ray.errors import DataError
-from caudo_ray.labelling.reliability import accept_calibration, reliability_scores
+from caudo_ray.labelling.reliability import ShapePrior, reliability_scores
 from caudo_ray.labelling.selection import annotation_queries, area_strata, select_top
 from caudo_ray.metrics import dice_per_case, spearman
 
@@ -39,12 +39,19 @@ def corrupt(rng, params, severity):
     return mask
 
 
+def ellipse_prior() -> ShapePrior:
+    """The shape prior of an elliptical exemplar seen at a few sizes and places, as its augmented views are."""
+    views = [ellipse(16 + d, 16 - d, 8 * z, 6 * z) for d in (-2, 0, 2) for z in (0.7, 1.0, 1.3)]
+    return ShapePrior.from_labels(np.stack(views).astype(np.uint8), 2)
+
+
 def test_identical_maps_agree_and_corruption_lowers_reliability():
     truth = ellipse(16, 16, 8, 6)
     p = soft(truth, 0.5)[None]
-    same = reliability_scores(p, p)
+    prior = ellipse_prior()
+    same = reliability_scores(p, p, prior=prior)
     assert same["agreement"][0] == pytest.approx(1.0)
-    assert same["compactness"][0] > 0.95  # a pixelated ellipse against its moment ellipse
+    assert same["shape"][0] > 0.95  # the exemplar's own kind of shape
     assert same["area"][0] == pytest.approx(truth.mean())
     assert 0.0 <= same["reliability"][0] <= 1.0
 
@@ -56,53 +63,42 @@ def test_identical_maps_agree_and_corruption_lowers_reliability():
     fragmented = soft(truth | ellipse(4, 4, 2.5, 2.5), 0.5)[None]
     for corrupted in (shifted, blurry, fragmented):
         # The segmenter gives its initial label again on the flipped image; the corrupted one is doubtful.
-        assert reliability_scores(p, corrupted, p)["reliability"][0] < reliability_scores(p, p, p)["reliability"][0]
+        assert reliability_scores(p, corrupted, p, prior)["reliability"][0] < reliability_scores(p, p, p, prior)["reliability"][0]
     assert reliability_scores(p, shifted)["agreement"][0] < 1.0
     # A segmenter that answers differently on the flipped image makes even an unmoved label doubtful.
     unstable = reliability_scores(p, p, shifted)
     assert unstable["consistency"][0] < 0.9 and unstable["reliability"][0] < same["reliability"][0]
     assert reliability_scores(p, blurry)["confidence"][0] < same["confidence"][0]
-    assert reliability_scores(p, fragmented)["compactness"][0] < same["compactness"][0]
+    assert reliability_scores(p, fragmented, prior=prior)["shape"][0] < same["shape"][0]
     # The segmenter's own uncertainty counts too: a blurry initial label with a sharp calibrated one is doubtful.
     assert reliability_scores(blurry, p)["confidence"][0] < same["confidence"][0]
 
 
-def test_calibration_is_kept_only_where_it_makes_the_label_more_reliable():
+def test_shape_prior_is_learnt_from_the_exemplars_not_assumed():
     truth = ellipse(16, 16, 8, 6)
-    clean = soft(truth, 0.5)
-    fragmented = soft(truth | ellipse(4, 4, 2.5, 2.5) | ellipse(27, 27, 2, 2), 0.5)
-    # Case 0: the calibrator removed the fragments; case 1: it added them.
-    initial = np.stack([fragmented, clean])
-    calibrated = np.stack([clean, fragmented])
-    probs, scores = accept_calibration(initial, calibrated, initial)
-    assert scores["accepted"].tolist() == [1.0, 0.0]
-    np.testing.assert_array_equal(probs[0], calibrated[0])
-    np.testing.assert_array_equal(probs[1], initial[1])
-    # The scores are those of the label kept: an untouched label agrees with itself.
-    assert scores["agreement"][1] == 1.0 and scores["agreement"][0] < 1.0
-    assert scores["reliability"][1] == pytest.approx(reliability_scores(initial[1:], initial[1:], initial[1:])["reliability"][0])
-
-
-def test_compactness_is_an_ellipse_prior():
-    truth = ellipse(16, 16, 8, 6)
-    half = truth & (np.mgrid[:32, :32][1] < 16)  # a head cut in half still fits its own ellipse ...
-    crescent = truth & ~ellipse(16, 20, 8, 6)  # ... a crescent or a ring does not
     ring = truth & ~ellipse(16, 16, 5, 3)
-    scores = {name: reliability_scores(soft(m, 0.5)[None], soft(m, 0.5)[None])["compactness"][0]
-              for name, m in (("ellipse", truth), ("half", half), ("crescent", crescent), ("ring", ring))}
-    assert scores["ellipse"] > 0.95 and scores["half"] > 0.85
-    assert scores["crescent"] < scores["ellipse"] - 0.15 and scores["ring"] < scores["ellipse"] - 0.15
-    one_pixel = np.zeros(SHAPE, bool)
-    one_pixel[5, 5] = True
-    assert reliability_scores(soft(one_pixel, 0.5)[None], soft(one_pixel, 0.5)[None])["compactness"][0] == 1.0
+    half = truth & (np.mgrid[:32, :32][1] < 16)
+    fragmented = ring | ellipse(4, 4, 2.5, 2.5)
+    filled = ellipse(16, 16, 8, 6)
+    ring_prior = ShapePrior.from_labels(np.stack([ring, ellipse(15, 17, 8, 6) & ~ellipse(15, 17, 5, 3)]).astype(np.uint8), 2)
+    score = lambda prior, m: prior.score(m.astype(np.uint8))
+    # An elliptical exemplar makes ellipses typical and rings not; a ring exemplar the other way round.
+    assert score(ellipse_prior(), truth) > 0.95 and score(ellipse_prior(), ring) < 0.5
+    assert score(ring_prior, ring) > 0.95 and score(ring_prior, filled) < 0.5
+    assert score(ring_prior, fragmented) < score(ring_prior, ring) - 0.2
+    assert score(ellipse_prior(), half) < score(ellipse_prior(), truth)
+    # A structure every exemplar view holds is implausible when missing; round trip through a plain dict.
+    assert score(ellipse_prior(), np.zeros(SHAPE, bool)) < 0.05
+    again = ShapePrior.from_dict(ellipse_prior().to_dict())
+    assert again.score(truth.astype(np.uint8)) == score(ellipse_prior(), truth)
 
 
 def test_empty_maps():
     empty = np.zeros((1, 2) + SHAPE, np.float32)
     empty[:, 0] = 1.0
-    scores = reliability_scores(empty, empty)
+    scores = reliability_scores(empty, empty, prior=ellipse_prior())
     assert scores["agreement"][0] == 1.0  # both empty agree ...
-    assert scores["reliability"][0] == 0.0  # ... but an empty map of a single-object target is not usable
+    assert scores["reliability"][0] < 0.3  # ... but an empty map of a target every exemplar holds is doubtful
     assert scores["area"][0] == 0.0
 
 
@@ -128,7 +124,7 @@ def test_reliability_ranks_true_dice_on_corrupted_ellipses():
         initial.append(soft(corrupt(rng, params, severity), 0.5 + 2.5 * severity * rng.uniform(0.5, 1.5)))
         flipped.append(soft(corrupt(rng, params, severity), 0.5 + 2.5 * severity * rng.uniform(0.5, 1.5)))
     calibrated = np.stack(calibrated)
-    scores = reliability_scores(np.stack(initial), calibrated, np.stack(flipped))
+    scores = reliability_scores(np.stack(initial), calibrated, np.stack(flipped), ellipse_prior())
     true_dice = dice_per_case(calibrated.argmax(1).astype(np.uint8), np.stack(truth).astype(np.uint8), 2)
     rho = spearman(scores["reliability"], true_dice)
     assert rho > 0.7, f"Spearman(reliability, true Dice) = {rho:.3f}"

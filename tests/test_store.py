@@ -1,11 +1,8 @@
-"""PseudoLabelStore on real Zarr v3 stores (on disk in tmp_path, and fsspec memory://)."""
+"""PseudoLabelStore on real Zarr v3 stores (on disk in tmp_path, and fsspec memory://): layout, rounds, integrity."""
 
 from __future__ import annotations
 
-import json
-import socket
-import subprocess
-import sys
+import logging
 import uuid
 from pathlib import Path
 
@@ -15,11 +12,12 @@ import zarr
 from PIL import Image
 
 from caudo_ray.errors import DataError, StoreError
-from caudo_ray.store import NO_TRUTH, SCHEMA_VERSION, PseudoLabelStore, StoreLock, StoreNotFoundError, export_round
+from caudo_ray.store import NO_TRUTH, SCHEMA_VERSION, PseudoLabelStore, StoreNotFoundError, chunk_batches, export_round
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SIZE = (16, 16)
 CLASSES = 3
+CHUNK = 4  # cases per chunk of the test stores: a store of 8 cases has two chunks
 
 
 def _ids(n: int) -> list[str]:
@@ -28,6 +26,7 @@ def _ids(n: int) -> list[str]:
 
 def _create(url, n: int = 8, load_images: bool = True, **kwargs) -> PseudoLabelStore:
     geometries = [{"shape": [20 + i, 24], "format": "png", "source": f"images/case_{i:03d}.png"} for i in range(n)]
+    kwargs.setdefault("chunk_size", CHUNK)
     store = PseudoLabelStore.create(
         url, case_ids=_ids(n), geometries=geometries, working_size=SIZE, num_classes=CLASSES, config_hash="hash-a", **kwargs
     )
@@ -143,6 +142,11 @@ def test_schema_and_config_hash_mismatch_refused_and_store_intact(tmp_path):
     with pytest.raises(StoreError, match=f"schema_version {SCHEMA_VERSION + 1}.*schema_version {SCHEMA_VERSION}"):
         PseudoLabelStore.open(url)
 
+    # A store of the per-case layout that came before is refused with what to do about it.
+    zarr.open_group(str(url), mode="r+").attrs.update({"schema_version": 1})
+    with pytest.raises(StoreError, match=r"schema_version 1 \(one chunk per case\).*new store location"):
+        PseudoLabelStore.open(url)
+
     zarr.open_group(str(url), mode="r+").attrs.update({"schema_version": SCHEMA_VERSION})
     intact = PseudoLabelStore.open(url, config_hash="hash-a", mode="r")
     assert intact.attrs["config_hash"] == "hash-a"
@@ -176,6 +180,12 @@ def test_write_results_read_back_and_commit(tmp_path):
     np.testing.assert_allclose(store.rounds.scores(0)["entropy"], np.arange(8))
     with pytest.raises(StoreError, match="committed"):
         _write(store, 0, [1])
+    # A committed round takes writes again only for the chunks it lost; its selection stands.
+    np.testing.assert_array_equal(store.rounds.invalidate(0, [1]), [0, 1, 2, 3])
+    np.testing.assert_array_equal(store.rounds.missing(0), [0, 1, 2, 3])
+    _write(store, 0, [0, 1, 2, 3])
+    _assert_intact(store, 0, list(range(8)))
+    assert store.rounds.is_committed(0) and store.rounds.selected(0).sum() == 4
 
     store.rounds.begin(1, {"w": 2.0})
     initial, calibrated, scores = _results([0])
@@ -206,20 +216,20 @@ def test_missing_after_reopen_of_half_written_round(tmp_path):
     np.testing.assert_array_equal(np.flatnonzero(reopened.rounds.done(2)), [0, 4, 5, 9])
 
 
-def _ray_writer(url: str, indices: list[int]) -> int:
+def _ray_writer(url: str, batches: list[np.ndarray]) -> int:
     store = PseudoLabelStore.open(url, config_hash="hash-a")
-    for start in range(0, len(indices), 4):
-        _write(store, 0, indices[start : start + 4])
-    return len(indices)
+    for batch in batches:
+        _write(store, 0, batch)
+    return sum(len(b) for b in batches)
 
 
-def test_two_ray_tasks_write_interleaved_cases_of_one_round(tmp_path, ray_session):
+def test_two_ray_tasks_write_alternate_chunks_of_one_round(tmp_path, ray_session):
     url = str(tmp_path / "store.zarr")
     store = _create(url, n=24)
     store.rounds.begin(0, {"w": 1.0})
     task = ray_session.remote(_ray_writer)
-    evens, odds = list(range(0, 24, 2)), list(range(1, 24, 2))
-    assert ray_session.get([task.remote(url, evens), task.remote(url, odds)]) == [12, 12]
+    batches = list(chunk_batches(np.arange(24), CHUNK))
+    assert ray_session.get([task.remote(url, batches[0::2]), task.remote(url, batches[1::2])]) == [12, 12]
 
     reopened = PseudoLabelStore.open(url)
     assert reopened.rounds.missing(0).size == 0
@@ -227,26 +237,80 @@ def test_two_ray_tasks_write_interleaved_cases_of_one_round(tmp_path, ray_sessio
     assert reopened.rounds.verify(0) == []
 
 
-def test_corrupted_chunk_detected_by_verify_and_invalidated(tmp_path):
+def _flip_a_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("array", ["labels", "scores", "done"])
+def test_corrupted_chunk_detected_by_verify_and_invalidated_whole(tmp_path, array):
     url = tmp_path / "store.zarr"
-    store = _create(url)
+    store = _create(url, n=12)
     store.rounds.begin(0, {"w": 1.0})
-    _write(store, 0, list(range(8)))
+    for batch in chunk_batches(np.arange(10), CHUNK):  # chunk 2 (cases 8..11) half done
+        _write(store, 0, batch)
     assert store.rounds.verify(0) == []
 
-    chunk = url / "rounds" / "0" / "calibrated" / "c" / "3" / "0" / "0"
-    data = bytearray(chunk.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    chunk.write_bytes(bytes(data))
-
+    # Chunk 1 holds cases 4..7: one flipped byte costs the whole batch, and only it.
+    key = {"labels": "1/0/0/0", "scores": "1/0", "done": "1"}[array]
+    _flip_a_byte(url / "rounds" / "0" / array / "c" / key)
     reopened = PseudoLabelStore.open(url)
-    assert reopened.rounds.verify(0) == [3]
-    assert reopened.rounds.verify(0, [0, 1]) == []
-    reopened.rounds.invalidate(0, [3])
-    np.testing.assert_array_equal(reopened.rounds.missing(0), [3])
-    _write(reopened, 0, [3])
-    assert reopened.rounds.verify(0) == []
-    _assert_intact(reopened, 0, list(range(8)))
+    assert reopened.rounds.verify(0) == [4, 5, 6, 7]
+    assert reopened.rounds.verify(0, [0, 1, 9]) == []
+    if array != "done":
+        with pytest.raises(StoreError, match=f"case case_004 .*{array} holding cases 4..7 is corrupt"):
+            reopened.rounds.read(0, [5, 4])
+    np.testing.assert_array_equal(reopened.rounds.invalidate(0, [5]), [4, 5, 6, 7])
+    np.testing.assert_array_equal(reopened.rounds.missing(0), [4, 5, 6, 7, 10, 11])
+    for batch in chunk_batches(reopened.rounds.missing(0), CHUNK):
+        _write(reopened, 0, batch)
+    assert reopened.rounds.verify(0) == [] and reopened.rounds.missing(0).size == 0
+    _assert_intact(reopened, 0, list(range(12)))
+
+
+def test_a_batch_writes_one_chunk_per_array_and_resumed_chunks_keep_their_done_cases(tmp_path):
+    url = tmp_path / "store.zarr"
+    store = _create(url, n=10)
+    assert store.rounds.begin(0, {"w": 1.0}) == CHUNK
+
+    def chunk_files(name: str) -> list[str]:
+        folder = url / "rounds" / "0" / name / "c"
+        return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+
+    _write(store, 0, [4, 5, 6, 7])
+    assert chunk_files("labels") == ["1/0/0/0"] and chunk_files("scores") == ["1/0"] and chunk_files("done") == ["1"]
+
+    # A resumed chunk's batch holds only its cases not done; the chunk keeps the others.
+    _write(store, 0, [0, 2])
+    np.testing.assert_array_equal(store.rounds.missing(0), [1, 3, 8, 9])
+    assert [b.tolist() for b in chunk_batches(store.rounds.missing(0), CHUNK)] == [[1, 3], [8, 9]]
+    for batch in chunk_batches(store.rounds.missing(0), CHUNK):
+        _write(store, 0, batch)
+    assert len(chunk_files("labels")) == len(chunk_files("scores")) == len(chunk_files("done")) == 3
+    _assert_intact(store, 0, list(range(10)))
+
+
+def test_chunk_batches_never_cross_a_chunk():
+    assert [b.tolist() for b in chunk_batches(np.array([9, 0, 1, 2, 5, 6]), 4)] == [[0, 1, 2], [5, 6], [9]]
+    assert [b.tolist() for b in chunk_batches(np.arange(3, 9), 3)] == [[3, 4, 5], [6, 7, 8]]
+    assert list(chunk_batches(np.zeros(0, np.int64), 4)) == []
+
+
+def test_round_keeps_the_chunk_size_it_was_begun_with(tmp_path, caplog):
+    store = _create(tmp_path / "store.zarr", n=10)
+    assert store.chunk_size == CHUNK
+    assert store.rounds.begin(0, {"w": 1.0}, chunk_size=2) == 2
+    with caplog.at_level(logging.INFO, logger="caudo_ray"):
+        assert store.rounds.begin(0, {"w": 1.0}, chunk_size=8) == 2  # resumed with another batch size
+    assert "keeps the batch size it was begun with (2, not 8)" in caplog.text
+    assert store.rounds.begin(1, {"w": 1.0}, chunk_size=8) == 8 and store.rounds.chunk_size(1) == 8
+    assert store.rounds.begin(2, {"w": 1.0}) == CHUNK
+    assert PseudoLabelStore.open(store.url).rounds.attrs(0)["chunk_size"] == 2
+    # A batch size larger than the pool is one chunk.
+    assert store.rounds.begin(3, {"w": 1.0}, chunk_size=64) == 64
+    _write(store, 3, list(range(10)))
+    _assert_intact(store, 3, list(range(10)))
 
 
 def test_fsspec_memory_url(tmp_path):
@@ -259,7 +323,6 @@ def test_fsspec_memory_url(tmp_path):
     _assert_intact(reopened, 0, [1, 6])
     with pytest.raises(StoreError, match="already exists"):
         _create(url)
-    assert StoreLock(url).acquire("run-a") is False  # no atomic lock file on a remote store
 
 
 @pytest.mark.parametrize("bad", ["../escape", ".hidden", "a/b", "", "spa ce", "dup"])
@@ -291,28 +354,6 @@ def test_export_round_writes_original_shape(tmp_path):
     assert [p.name for p in selected] == ["case_002.png"]
     with pytest.raises(StoreError, match="fmt"):
         export_round(store, 0, tmp_path / "out", fmt="jpeg")
-
-
-def test_lock_refuses_second_owner_and_releases(tmp_path):
-    url = tmp_path / "store.zarr"
-    _create(url)
-    first, second = StoreLock(url), StoreLock(url)
-    assert first.acquire("run-a")
-    assert first.acquire("run-a")  # re-entrant for the same owner and process
-    with pytest.raises(StoreError, match="in use by 'run-a'"):
-        second.acquire("run-b")
-    first.release()
-    assert not (url / ".lock").exists()
-    assert second.acquire("run-b")
-    second.release()
-
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
-    stale = {"owner": "crashed", "pid": int(dead.stdout), "hostname": socket.gethostname(), "time": "2020-01-01T00:00:00+00:00"}
-    (url / ".lock").write_text(json.dumps(stale))
-    assert second.acquire("run-c")
-    assert json.loads((url / ".lock").read_text())["owner"] == "run-c"
-    second.release()
-    assert sorted(p.name for p in url.iterdir()) == ["cases", "rounds", "zarr.json"]
 
 
 def test_export_round_default_data_layer_writes_source_formats(tmp_path):

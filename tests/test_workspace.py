@@ -13,15 +13,22 @@ from caudo_ray.errors import DataError, StoreError
 from caudo_ray.run.prepare import load_labelled, prepare_run
 
 
+def _prepare(cfg, **kwargs):
+    """prepare_run, then its lock given back as a run gives it back when it ends (one run per store at a time)."""
+    prepared = prepare_run(cfg, progress=False, **kwargs)
+    prepared.lock.release()
+    return prepared
+
+
 def test_prepare_is_idempotent(tmp_path):
     cfg = tiny_config(tmp_path / "run")
-    first = prepare_run(cfg, progress=False)
+    first = _prepare(cfg)
     ws = first.workspace
     assert ws.config_path.is_file() and ws.split_path.is_file() and (ws.phantom_dir / "meta.csv").is_file()
     assert len(first.split.pool) == first.store.num_cases and first.store.images_missing().size == 0
     split_text, images = ws.split_path.read_text(), first.store.read_images()
 
-    again = prepare_run(cfg, progress=False)
+    again = _prepare(cfg)
     assert ws.split_path.read_text() == split_text
     np.testing.assert_array_equal(again.store.read_images(), images)
     assert again.store.exemplars()[0] == first.split.exemplars
@@ -30,11 +37,11 @@ def test_prepare_is_idempotent(tmp_path):
 
 
 def test_another_config_is_refused_in_the_same_work_dir(tmp_path):
-    prepare_run(tiny_config(tmp_path / "run"), progress=False)
+    _prepare(tiny_config(tmp_path / "run"))
     with pytest.raises(StoreError, match="different config"):
-        prepare_run(tiny_config(tmp_path / "run", **{"calibrator.guidance_strength": 3.0}), progress=False)
+        _prepare(tiny_config(tmp_path / "run", **{"calibrator.guidance_strength": 3.0}))
     # Runtime knobs do not change results, so they may differ between invocations.
-    prepare_run(tiny_config(tmp_path / "run", **{"runtime.num_workers": 1}), progress=False)
+    _prepare(tiny_config(tmp_path / "run", **{"runtime.num_workers": 1}))
 
 
 def test_bad_pool_files_are_skipped_and_reported_again_on_resume(tmp_path):
@@ -43,29 +50,29 @@ def test_bad_pool_files_are_skipped_and_reported_again_on_resume(tmp_path):
     bad.write_bytes(b"\x89PNG truncated")
     cfg = tiny_config(tmp_path / "run", **{"data.path": str(data)})
     seen: list[str] = []
-    first = prepare_run(cfg, progress=False, on_skip=lambda source, reason: seen.append(source))
+    first = _prepare(cfg, on_skip=lambda source, reason: seen.append(source))
     assert list(first.skipped) == seen == [str(bad)]
     assert not first.store.usable_mask()[first.store.case_ids.index(D.file_stem(bad))]
-    again = prepare_run(cfg, progress=False)
+    again = _prepare(cfg)
     assert again.skipped == first.skipped
 
 
 def test_annotations_join_the_exemplars(tmp_path):
     cfg = tiny_config(tmp_path / "run")
-    prepared = prepare_run(cfg, progress=False)
+    prepared = _prepare(cfg)
     pool_case = next(c for c in prepared.split.pool if c.startswith("u"))
     image = Image.open(prepared.index.by_id()[pool_case].image_path)
     mask = np.zeros((image.height, image.width), np.uint8)
     mask[10:30, 12:34] = 1
     Image.fromarray(mask).save(prepared.workspace.annotations_dir / f"{pool_case}.png")
-    again = prepare_run(cfg, progress=False)
+    again = _prepare(cfg)
     ids, _, labels = again.store.exemplars()
     assert ids == [*prepared.split.exemplars, pool_case]
     assert labels[-1].max() == 1
 
     (prepared.workspace.annotations_dir / "nobody.png").write_bytes((prepared.workspace.annotations_dir / f"{pool_case}.png").read_bytes())
     with pytest.raises(DataError, match="nobody"):
-        prepare_run(cfg, progress=False)
+        _prepare(cfg)
 
 
 @pytest.mark.parametrize("scheme", ["path", "fsspec"])

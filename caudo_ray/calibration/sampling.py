@@ -5,6 +5,8 @@ Every step is deterministic, so the same inputs give bit-identical outputs on CP
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from caudo_ray.calibration.schedule import CalibrationSchedule
@@ -75,6 +77,44 @@ def calibrate(
         delta = torch.softmax(ae.decode(z), dim=1) - torch.softmax(ae.decode(z_p), dim=1)
         moved = (probs + delta).clamp_min(0.0)
         return moved / moved.sum(1, keepdim=True)
+
+
+def gate_calibration(
+    initial: torch.Tensor, calibrated: torch.Tensor, reliability: torch.Tensor, bounds: tuple[float, float]
+) -> torch.Tensor:
+    """Keep of the calibrator's change what the segmenter's own doubt allows, case by case and pixel by pixel.
+
+    Each pixel moves from the initial toward the calibrated probabilities by ``g = max(case, pixel)``:
+
+    - ``pixel``: the initial map's normalised entropy there, so a pixel the segmenter is sure of keeps its class
+      unless the calibrator disagrees strongly, and an unsure one follows the calibrator;
+    - ``case``: 1 for a case whose initial label's reliability is at most ``lo``, 0 from ``hi`` up, linear in
+      between (a step at ``lo`` when ``lo == hi``): a label already judged reliable is only touched where it is
+      unsure, a doubtful one may be redrawn.
+
+    A calibrator learns its prior from the views of one exemplar; the gate bounds what a wrong prior can do to
+    labels the segmenter got right, which most are.
+
+    Args:
+        initial: (B, C, H, W) the segmenter's probabilities.
+        calibrated: (B, C, H, W) the calibrator's.
+        reliability: (B,) the initial labels' reliability in [0, 1].
+        bounds: ``(lo, hi)``; ``(0, 0)`` gates by pixel alone.
+
+    Returns:
+        (B, C, H, W) probabilities.
+    """
+    case = case_weight(reliability, bounds).to(device=initial.device, dtype=initial.dtype)[:, None, None, None]
+    p = initial.clamp_min(1e-8)
+    pixel = -(p * p.log()).sum(1, keepdim=True) / math.log(initial.shape[1])
+    return initial + torch.maximum(case, pixel.clamp(0.0, 1.0)) * (calibrated - initial)
+
+
+def case_weight(reliability: torch.Tensor, bounds: tuple[float, float]) -> torch.Tensor:
+    """(B,) how freely each case may move: 1 at reliability <= lo, 0 from hi up, linear in between."""
+    lo, hi = bounds
+    rel = reliability.float()
+    return ((hi - rel) / (hi - lo)).clamp(0.0, 1.0) if hi > lo else (rel < lo).float()
 
 
 def _check_inputs(calibrator: Calibrator, image: torch.Tensor, probs: torch.Tensor, features: torch.Tensor) -> None:

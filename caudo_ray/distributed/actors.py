@@ -2,7 +2,8 @@
 
 - :class:`SegmenterTrainer` trains a round's models (``TrainContext.train``), reading its inputs from the store.
 - :class:`CalibrationWorker` labels batches (``rounds.steps.label_cases``): segmenter inference and DDIM
-  calibration in one process, results written straight into the store's per-case chunks.
+  calibration in one process, on the worker's GPU share when it has one, results written straight into the
+  store's chunk of the batch.
 - :class:`StoreOwner` hosts round begin/commit and group attributes; :class:`OwnedStore` is the coordinator's
   view of it with the store's own API.
 
@@ -21,10 +22,10 @@ import ray
 import torch
 
 from caudo_ray.config import RunConfig
+from caudo_ray.distributed.placement import worker_device
 from caudo_ray.labelling.engine import LabelingEngine
 from caudo_ray.networks.bundle import RoundModels
-from caudo_ray.networks.device import resolve_device
-from caudo_ray.rounds.executor import TrainContext
+from caudo_ray.rounds.executor import TrainContext, labelling_precision
 from caudo_ray.rounds.steps import BatchStats, label_cases
 from caudo_ray.run.logs import attach_file_log
 from caudo_ray.store import PseudoLabelStore, RoundRecords
@@ -35,7 +36,8 @@ from caudo_ray.workspace import Workspace
 class StoreOwner:
     """Hosts the store's owner side (group attributes, round begin and commit) on the cluster.
 
-    It takes no CPU slot, so it never competes with trainer or workers for scheduling.
+    It takes no CPU slot, so it never competes with trainer or workers for scheduling. It holds no state but the
+    open store, so the executor places it on the driver's node and lets Ray restart it.
     """
 
     def __init__(self, url: str):
@@ -108,15 +110,26 @@ class CalibrationWorker:
         self.cfg = cfg
         self.engine_factory = engine_factory
         self.store = PseudoLabelStore.open(store_url)
+        self.device = worker_device(cfg.device, ray.get_gpu_ids(), torch.cuda.is_available())
         self.engine: LabelingEngine | None = None
         self.version: str | None = None
 
     def label(self, r: int, models_ref: list, indices: np.ndarray) -> BatchStats:
         version = f"{r}:{models_ref[0].hex()}"
         if self.version != version:
-            self.engine = self.engine_factory(self.cfg, ray.get(models_ref[0]), resolve_device(self.cfg.device))
+            self.engine = self.engine_factory(self.cfg, ray.get(models_ref[0]), self.device)
             self.version = version
-        return label_cases(self.engine, self.store, r, indices)
+        with labelling_precision(self.cfg.runtime.autocast, self.device):
+            return label_cases(self.engine, self.store, r, indices)
 
     def pid(self) -> int:
         return os.getpid()
+
+    def where(self) -> dict[str, Any]:
+        """Where this worker runs: pid, Ray node id, GPU ids Ray gave it, torch device."""
+        return {
+            "pid": os.getpid(),
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+            "device": str(self.device),
+        }

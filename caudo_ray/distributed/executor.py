@@ -10,9 +10,11 @@ from typing import Any
 
 import numpy as np
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from caudo_ray.distributed.actors import CalibrationWorker, OwnedStore, SegmenterTrainer, StoreOwner
 from caudo_ray.distributed.cluster import init_ray
+from caudo_ray.distributed.placement import check_worker_device, worker_options, workers_per_gpu
 from caudo_ray.distributed.train_parallel import train_data_parallel
 from caudo_ray.labelling.engine import LabelingEngine
 from caudo_ray.networks.bundle import RoundModels
@@ -40,6 +42,7 @@ class RayExecutor:
     """
 
     def __init__(self, ctx: TrainContext, *, max_batch_retries: int = 3, max_trainer_restarts: int = 3, engine_factory=LabelingEngine):
+        check_worker_device(ctx.cfg.device, ctx.cfg.runtime)
         init_ray(ctx.cfg)
         self.ctx = ctx
         self.max_batch_retries = max_batch_retries
@@ -57,8 +60,14 @@ class RayExecutor:
         self._owner = None
 
     def owner(self, store: PseudoLabelStore) -> OwnedStore:
-        """Round begin/commit and group attributes go through a :class:`StoreOwner` actor."""
-        self._owner = StoreOwner.remote(store.url)
+        """Round begin/commit and group attributes go through a :class:`StoreOwner` actor on the driver's node.
+
+        Its node is the one whose loss ends the run anyway (the driver's); Ray restarts it if its process dies.
+        """
+        here = ray.get_runtime_context().get_node_id()
+        self._owner = StoreOwner.options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=True), max_restarts=-1, max_task_retries=3
+        ).remote(store.url)
         return OwnedStore(self._owner)
 
     def train(self, r: int, previous: RoundModels | None, *, with_calibrator: bool = True) -> RoundModels:
@@ -86,12 +95,16 @@ class RayExecutor:
     def label(self, r: int, models: RoundModels, batches: Iterable[np.ndarray]) -> Iterator[BatchStats]:
         rt = self.ctx.cfg.runtime
         if not self._workers:
+            options = worker_options(rt)
             self._workers = [
-                CalibrationWorker.options(
-                    num_cpus=rt.cpus_per_worker, num_gpus=rt.gpus_per_worker, max_restarts=-1, max_task_retries=0
-                ).remote(self.ctx.cfg, self.ctx.store_url, rt.threads_per_worker, self.engine_factory)
+                CalibrationWorker.options(**options).remote(self.ctx.cfg, self.ctx.store_url, rt.threads_per_worker, self.engine_factory)
                 for _ in range(rt.num_workers)
             ]
+            shared = f", {workers_per_gpu(rt)} per GPU" if rt.gpus_per_worker else ""
+            log.info(
+                "starting %d calibration workers (%g CPU, %g GPU each%s; preferred nodes: %s)",
+                rt.num_workers, rt.cpus_per_worker, rt.gpus_per_worker, shared, rt.worker_labels or "any",
+            )  # fmt: skip
         try:
             yield from self._stream(r, [ray.put(models)], batches, self._workers)
         finally:

@@ -11,8 +11,8 @@ Objective (``tune.objective``):
 - ``val_dice``: mean Dice of the calibrated pseudo labels on the labelled validation split (used by ``auto``
   whenever the split has validation cases).
 - ``proxy``: with no validation split (one-shot users), the mean reliability score
-  (:func:`caudo_ray.labelling.reliability.reliability_scores`) of the labels the run would keep (behind
-  :func:`caudo_ray.labelling.reliability.accept_calibration`) over a fixed, seeded sample of the pool. Where the pool has hidden truth (benchmarks), the sample's pseudo-label Dice is reported beside it as
+  (:func:`caudo_ray.labelling.reliability.reliability_scores`) of the labels the run would keep (behind the
+  calibration gate, ``calibrator.gate``) over a fixed, seeded sample of the pool. Where the pool has hidden truth (benchmarks), the sample's pseudo-label Dice is reported beside it as
   ``tune/pool_dice``, never used to choose.
 
 MLflow: one parent run (tag ``caudo_ray.kind=tune``) and one nested child run per trial, written from the driver
@@ -416,8 +416,9 @@ def run_tune(cfg: RunConfig, *, progress: bool = True) -> TuneResult:
         )
     space = parse_space(cfg.tune)
     t_start = time.perf_counter()
-    # The search holds the work dir's lock from start to end, so no run writes the models it shares meanwhile.
-    prepared = prepare_run(cfg, progress=progress)
+    # The search holds the work dir's lock from start to end (taken before prepare_run writes anything), so no run
+    # writes the models it shares meanwhile.
+    prepared = prepare_run(cfg, progress=progress, purpose="tune")
     try:
         return _search(cfg, prepared, space, t_start, progress)
     finally:

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from caudo_ray.calibration.sampling import calibrate
+from caudo_ray.calibration.sampling import calibrate, case_weight, gate_calibration
 from caudo_ray.calibration.schedule import CalibrationSchedule
 from caudo_ray.config import RunConfig
-from caudo_ray.labelling.reliability import accept_calibration, reliability_scores
+from caudo_ray.labelling.reliability import ShapePrior, reliability_scores
 from caudo_ray.metrics import dice_per_case
 from caudo_ray.networks.bundle import RoundModels, build_models
 from caudo_ray.networks.device import resolve_device
@@ -45,6 +45,7 @@ class LabelingEngine:
         self.device = device or resolve_device(cfg.device)
         self.net, self.calibrator = build_models(cfg, models, self.device)
         self.schedule = CalibrationSchedule(cfg.calibrator.train_timesteps, cfg.calibrator.inference_steps)
+        self.prior = ShapePrior.from_dict(models.shape_prior) if models.shape_prior is not None else None
 
     @torch.no_grad()
     def label_batch(self, images: np.ndarray, truth: np.ndarray | None = None) -> BatchResult:
@@ -61,22 +62,24 @@ class LabelingEngine:
         probs, feats = predict_tensor(self.net, x)
         flipped, _ = predict_tensor(self.net, x.flip(-1))
         t1 = time.perf_counter()
+        p0 = probs.float().cpu().numpy()
+        pf = flipped.flip(-1).float().cpu().numpy()
         if self.calibrator is not None:
             calibrated = calibrate(
                 self.calibrator, self.schedule, x, probs, feats, w=c.guidance_strength, s=c.calibration_strength
             )
+            kept = torch.ones(len(x))
+            if c.gate is not None:
+                before = torch.from_numpy(reliability_scores(p0, p0, pf, self.prior)["reliability"])
+                calibrated = gate_calibration(probs, calibrated, before, c.gate)
+                kept = case_weight(before, c.gate)
+            p1 = calibrated.float().cpu().numpy()
         else:
-            calibrated = probs
+            p1 = p0
         t2 = time.perf_counter()
-        p0 = probs.float().cpu().numpy()
-        pf = flipped.flip(-1).float().cpu().numpy()
-        p1 = calibrated.float().cpu().numpy() if self.calibrator is not None else p0
-        if self.calibrator is not None and c.accept_gate:
-            p1, scores = accept_calibration(p0, p1, pf)
-        else:
-            scores = reliability_scores(p0, p1, pf)
-            if self.calibrator is not None:
-                scores["accepted"] = np.ones(len(p1), dtype=np.float32)
+        scores = reliability_scores(p0, p1, pf, self.prior)
+        if self.calibrator is not None:
+            scores["accepted"] = kept.numpy().astype(np.float32)
         initial = p0.argmax(1).astype(np.uint8)
         final = p1.argmax(1).astype(np.uint8)
         if truth is not None:

@@ -1,4 +1,4 @@
-"""Reliability of pseudo labels without ground truth, and the per-case choice between calibrated and initial.
+"""Reliability of pseudo labels without ground truth, and the shape prior it learns from the exemplars.
 
 Pure numpy/scipy: computed by every calibration worker for the cases it labels.
 """
@@ -6,6 +6,7 @@ Pure numpy/scipy: computed by every calibration worker for the cases it labels.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
@@ -14,10 +15,95 @@ from caudo_ray.errors import DataError
 from caudo_ray.metrics import dice
 
 BAND_RADIUS = 2  # pixels on each side of a predicted boundary that make up the uncertain band
+SHAPE_FEATURES = ("ellipse_fit", "largest_component", "hole_fraction", "log_area")
+# Smallest spread of each feature: one exemplar's views can agree exactly (a single component in every view), and
+# a pool label must not be called implausible for a difference no real label set would notice.
+_SHAPE_FLOOR = np.array([0.1, 0.1, 0.1, 0.25])
+_SHAPE_Z_CAP = 3.0  # a feature this many spreads off counts as far off as any further
+_PRESENCE_CLIP = (0.02, 0.98)
+
+
+@dataclass(frozen=True)
+class ShapePrior:
+    """What the exemplars' labels look like, class by class, over the views the segmenter trains on.
+
+    Per foreground class: how often it is present, and the median and spread of four features of its pixels:
+    the Dice with their moment ellipse (1 for an ellipse, low for a ring or a crescent), the share in the largest
+    connected component (fragments lower it), the share of its filled outline that is hole (a ring has one), and
+    the log of its area as a fraction of the frame. Learnt from augmented exemplar views, so the zoom and shape
+    changes the segmenter trains with count as typical; no target shape is assumed.
+
+    Attributes:
+        presence: (K,) share of views holding each foreground class.
+        median: (K, F) median feature per class over the views that hold it.
+        scale: (K, F) its spread (IQR / 1.35, at least a floor per feature).
+    """
+
+    presence: np.ndarray
+    median: np.ndarray
+    scale: np.ndarray
+
+    @classmethod
+    def from_labels(cls, labels: np.ndarray, num_classes: int) -> ShapePrior:
+        """Learn the prior from (V, H, W) label maps (augmented exemplar views)."""
+        labels = np.asarray(labels)
+        if labels.ndim != 3 or not len(labels):
+            raise DataError("labels", f"expected (V, H, W) label maps, got shape {labels.shape}")
+        k = num_classes - 1
+        presence = np.zeros(k)
+        median = np.zeros((k, len(SHAPE_FEATURES)))
+        scale = np.tile(_SHAPE_FLOOR, (k, 1))
+        for c in range(1, num_classes):
+            feats = np.array([_shape_features(lab == c) for lab in labels if (lab == c).any()])
+            presence[c - 1] = len(feats) / len(labels)
+            if len(feats):
+                q25, q50, q75 = np.percentile(feats, [25, 50, 75], axis=0)
+                median[c - 1] = q50
+                scale[c - 1] = np.maximum((q75 - q25) / 1.35, _SHAPE_FLOOR)
+        return cls(presence, median, scale)
+
+    def score(self, label: np.ndarray) -> float:
+        """How typical a (H, W) label map is of the exemplars, in [0, 1]: the mean over classes of the
+        likelihood of the class's presence (relative to the likelier state) times, when present, the
+        plausibility of its features, ``exp(-mean z^2 / 2)`` with ``z`` in spreads, capped."""
+        scores = []
+        for c, present in enumerate(self.presence, start=1):
+            p = float(np.clip(present, *_PRESENCE_CLIP))
+            mask = label == c
+            if not mask.any():
+                scores.append((1.0 - p) / max(p, 1.0 - p))
+                continue
+            z = np.minimum(np.abs(_shape_features(mask) - self.median[c - 1]) / self.scale[c - 1], _SHAPE_Z_CAP)
+            scores.append(p / max(p, 1.0 - p) * float(np.exp(-0.5 * np.mean(z**2))))
+        return float(np.mean(scores))
+
+    def to_dict(self) -> dict[str, list]:
+        return {"presence": self.presence.tolist(), "median": self.median.tolist(), "scale": self.scale.tolist()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, list]) -> ShapePrior:
+        return cls(np.asarray(d["presence"], float), np.asarray(d["median"], float), np.asarray(d["scale"], float))
+
+
+def _shape_features(mask: np.ndarray) -> np.ndarray:
+    """The :data:`SHAPE_FEATURES` of one class's (non-empty) pixels."""
+    components, count = ndimage.label(mask)
+    largest = np.bincount(components.ravel())[1:].max() if count else 0
+    area = int(mask.sum())
+    filled = int(ndimage.binary_fill_holes(mask).sum())
+    return np.array([
+        _ellipse_fit(mask),
+        largest / area,
+        (filled - area) / filled,
+        math.log(area / mask.size),
+    ])
 
 
 def reliability_scores(
-    initial_probs: np.ndarray, calibrated_probs: np.ndarray, flipped_probs: np.ndarray | None = None
+    initial_probs: np.ndarray,
+    calibrated_probs: np.ndarray,
+    flipped_probs: np.ndarray | None = None,
+    prior: ShapePrior | None = None,
 ) -> dict[str, np.ndarray]:
     """Per-case reliability of the calibrated labels, from the segmenter's probability maps alone.
 
@@ -36,16 +122,12 @@ def reliability_scores(
       the segmenter's 0.60. Cases where both maps are empty use the whole image.
     - ``entropy``: mean normalised entropy of the initial probabilities over the whole image (diagnostic).
     - ``area``: foreground fraction of ``b`` (for size strata).
-    - ``compactness``: mean over foreground classes of the Dice between the class's pixels in ``b`` and the
-      ellipse with the same centroid and second moments; 0 for a class missing from ``b``. Our targets (fetal
-      head, phantom structures) are single convex, roughly elliptical objects present in every image, so
-      fragments, stray blobs, holes, truncation by the frame and empty maps all lower it. It is a shape prior:
-      on targets that are not convex blobs it would rank by shape, not by correctness.
-    - ``reliability = (confidence * compactness * consistency) ** (1/3)``, in [0, 1]. The geometric mean needs
-      every signal to be high: a blurry label, a misshapen one (a missed head whose label covers part of it) and
-      one the segmenter does not repeat on the flipped image are all doubtful. On HC18 (round 0, 698 pool cases
-      with hidden truth, one exemplar) its Spearman correlation with the calibrated labels' true Dice was 0.76,
-      against 0.72 with agreement as a fourth factor and 0.60 for the initial map's mean entropy: once the
+    - ``shape``: how typical ``b`` is of the exemplars' labels (:meth:`ShapePrior.score`): fragments, stray
+      blobs, a missing structure, a ring filled in or a head cut in half all lower it, by the exemplars' own
+      measure rather than an assumed shape. 1 when no ``prior`` is given.
+    - ``reliability = (confidence * shape * consistency) ** (1/3)``, in [0, 1]. The geometric mean needs every
+      signal to be high: a blurry label, a misshapen one (a missed head whose label covers part of it) and one
+      the segmenter does not repeat on the flipped image are all doubtful. Agreement is left out: once the
       calibrator repairs what it moves, a large move no longer marks a bad label.
 
     Args:
@@ -53,9 +135,10 @@ def reliability_scores(
         calibrated_probs: (N, C, H, W) calibrated probabilities.
         flipped_probs: (N, C, H, W) segmenter softmax of the horizontally flipped images, flipped back; None
             leaves consistency out (1 for every case).
+        prior: the exemplars' shape prior; None leaves shape out (1 for every case).
 
     Returns:
-        Dict of (N,) float32 arrays: agreement, consistency, confidence, entropy, area, compactness, reliability.
+        Dict of (N,) float32 arrays: agreement, consistency, confidence, entropy, area, shape, reliability.
     """
     initial_probs = _check_probs("initial_probs", initial_probs)
     calibrated_probs = _check_probs("calibrated_probs", calibrated_probs)
@@ -74,7 +157,7 @@ def reliability_scores(
     h_init = _normalised_entropy(initial_probs)
     h_max = np.maximum(h_init, _normalised_entropy(calibrated_probs))
 
-    out = {k: np.ones(n, np.float32) for k in ("agreement", "consistency", "confidence", "entropy", "area", "compactness")}
+    out = {k: np.ones(n, np.float32) for k in ("agreement", "consistency", "confidence", "entropy", "area", "shape")}
     band_struct = ndimage.generate_binary_structure(2, 2)
     for i in range(n):
         out["agreement"][i] = np.mean([dice(a[i] == k, b[i] == k) for k in range(1, c)])
@@ -88,40 +171,11 @@ def reliability_scores(
             out["confidence"][i] = 1.0 - h_max[i].mean()
         out["entropy"][i] = h_init[i].mean()
         out["area"][i] = np.mean(b[i] > 0)
-        out["compactness"][i] = np.mean([_ellipse_fit(b[i] == k) for k in range(1, c)])
-    product = np.clip(out["confidence"], 0, 1) * np.clip(out["compactness"], 0, 1) * np.clip(out["consistency"], 0, 1)
+        if prior is not None:
+            out["shape"][i] = prior.score(b[i])
+    product = np.clip(out["confidence"], 0, 1) * np.clip(out["shape"], 0, 1) * np.clip(out["consistency"], 0, 1)
     out["reliability"] = np.cbrt(product).astype(np.float32)
     return out
-
-
-def accept_calibration(
-    initial_probs: np.ndarray, calibrated_probs: np.ndarray, flipped_probs: np.ndarray | None = None
-) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Per case, keep the calibrated label only if it is at least as reliable as the initial one.
-
-    Both labels are scored by :func:`reliability_scores` (the initial one as if the calibrator had left it
-    alone); each case keeps the more reliable, the calibrated one on ties. A calibrator is trained on the views
-    of one exemplar, and for some exemplars it moves many labels the wrong way: on HC18 with exemplar 070_HC
-    (a small head) calibration took round 0's pseudo-label Dice from 0.721 to 0.639 (300 pool cases), this test
-    kept 18% of the calibrated labels and gave 0.721; with 780_HC, where calibration helped (0.679 -> 0.710), it
-    kept 58% and gave 0.697.
-
-    Args:
-        initial_probs: (N, C, H, W) segmenter softmax.
-        calibrated_probs: (N, C, H, W) calibrated probabilities.
-        flipped_probs: (N, C, H, W) segmenter softmax of the flipped images, flipped back, or None.
-
-    Returns:
-        ``(probs, scores)``: (N, C, H, W) the accepted probabilities, and the :func:`reliability_scores` of the
-        accepted labels plus ``accepted`` (1.0 where the calibrated label was kept, else 0.0).
-    """
-    calibrated = reliability_scores(initial_probs, calibrated_probs, flipped_probs)
-    initial = reliability_scores(initial_probs, initial_probs, flipped_probs)
-    accepted = calibrated["reliability"] >= initial["reliability"]
-    scores = {k: np.where(accepted, calibrated[k], initial[k]).astype(np.float32) for k in calibrated}
-    scores["accepted"] = accepted.astype(np.float32)
-    probs = np.where(accepted[:, None, None, None], calibrated_probs, initial_probs)
-    return probs, scores
 
 
 def _normalised_entropy(probs: np.ndarray) -> np.ndarray:

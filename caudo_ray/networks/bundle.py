@@ -25,6 +25,7 @@ class RoundModels:
     calibrator: dict[str, torch.Tensor] | None
     val_metrics: dict[str, float] = field(default_factory=dict)
     train_s: float = 0.0
+    shape_prior: dict[str, list] | None = None  # labelling.reliability.ShapePrior of the round's exemplars
 
     @property
     def version(self) -> str:

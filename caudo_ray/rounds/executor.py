@@ -8,6 +8,7 @@ results.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -77,13 +78,27 @@ class TrainContext:
             hooks = dataclasses.replace(hooks, checkpoint=checkpoint, every=cfg.runtime.checkpoint_every)
         val = (self.val_images, self.val_labels) if self.val_images is not None else None
         return train_round_models(
-            cfg, r, training_inputs(store, r), num_classes=self.num_classes, previous=previous, val=val, hooks=hooks
+            cfg,
+            r,
+            training_inputs(store, r, with_pool=cfg.consistency.enabled),
+            num_classes=self.num_classes,
+            previous=previous,
+            val=val,
+            hooks=hooks,
         )
 
 
-def batches_of(indices: np.ndarray, size: int) -> Iterator[np.ndarray]:
-    for i in range(0, len(indices), size):
-        yield indices[i : i + size]
+def labelling_precision(setting: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """The autocast context a batch is labelled under (``runtime.autocast``); the same for every executor.
+
+    ``auto`` is bf16 on CUDA (labels equal fp32's up to the ties docs/benchmarks.md measures) and full float32
+    elsewhere, where reduced precision saves no time.
+    """
+    if setting == "auto":
+        setting = "bf16" if device.type == "cuda" else "off"
+    if setting == "off":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if setting == "bf16" else torch.float16)
 
 
 class LocalExecutor:
@@ -105,9 +120,13 @@ class LocalExecutor:
 
     def label(self, r: int, models: RoundModels, batches: Iterable[np.ndarray]) -> Iterator[BatchStats]:
         torch.set_num_threads(self.ctx.cfg.runtime.threads_per_worker)
-        engine = LabelingEngine(self.ctx.cfg, models, resolve_device(self.ctx.cfg.device))
+        device = resolve_device(self.ctx.cfg.device)
+        engine = LabelingEngine(self.ctx.cfg, models, device)
         for indices in batches:
-            yield label_cases(engine, self.store, r, indices)
+            # Entered per batch: autocast is thread state, and the caller runs between two batches.
+            with labelling_precision(self.ctx.cfg.runtime.autocast, device):
+                stats = label_cases(engine, self.store, r, indices)
+            yield stats
 
     def owner(self, store: PseudoLabelStore) -> PseudoLabelStore:
         return store

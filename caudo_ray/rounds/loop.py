@@ -1,6 +1,8 @@
 """Running a round's labelling through an executor: stream the missing cases, repair corrupt ones, resume.
 
-The driver holds indices and per-stage timings only; labels go from the workers straight into the store.
+Batches are the round's store chunks (``chunk_batches``): each chunk goes to one worker, which writes it whole,
+and a resumed chunk's batch holds only its cases not done. The driver holds indices and per-stage timings only;
+labels go from the workers straight into the store.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from tqdm.auto import tqdm
 
 from caudo_ray.config import RunConfig
 from caudo_ray.networks.bundle import RoundModels
-from caudo_ray.rounds.executor import Executor, batches_of
+from caudo_ray.rounds.executor import Executor
+from caudo_ray.store import chunk_batches
 
 log = logging.getLogger(__name__)
 
@@ -23,23 +26,27 @@ log = logging.getLogger(__name__)
 def stream_round(cfg: RunConfig, owner, executor: Executor, r: int, models: RoundModels, progress: bool) -> tuple[dict, int]:
     """Begin round ``r`` and stream its missing cases through ``executor``; returns (per-stage times, cases labelled)."""
     c = cfg.calibrator
-    owner.rounds.begin(
-        r,
-        {
-            "guidance_strength": c.guidance_strength,
-            "calibration_strength": c.calibration_strength,
-            "inference_steps": c.inference_steps,
-            "calibrated": c.enabled,
-            "model_version": models.version,
-        },
-    )
+    params = {
+        "guidance_strength": c.guidance_strength,
+        "calibration_strength": c.calibration_strength,
+        "inference_steps": c.inference_steps,
+        "calibrated": c.enabled,
+        "model_version": models.version,
+    }
+    # A round resumed with another runtime.batch_size keeps the chunks (and so the batches) it was begun with.
+    chunk = owner.rounds.begin(r, params, cfg.runtime.batch_size)
+    if chunk != cfg.runtime.batch_size:
+        log.warning(
+            "round %d was begun with batch size %d and keeps it (runtime.batch_size = %d applies to new rounds)",
+            r, chunk, cfg.runtime.batch_size,
+        )  # fmt: skip
     _drop_corrupt(owner, r)
     todo = owner.rounds.missing(r)
     log.info("round %d: labelling %d cases, keeping %d already done", r, len(todo), int(owner.usable_mask().sum()) - len(todo))
     t0 = time.perf_counter()
     sums = {"infer_s": 0.0, "ddim_s": 0.0, "store_s": 0.0}
     bar = tqdm(total=len(todo), desc=f"round {r}: labelling", unit="case", disable=not progress)
-    for stats in executor.label(r, models, batches_of(todo, cfg.runtime.batch_size)):
+    for stats in executor.label(r, models, chunk_batches(todo, chunk)):
         for key in sums:
             sums[key] += getattr(stats, key)
         bar.update(len(stats.indices))
@@ -65,7 +72,7 @@ def repair_round(cfg: RunConfig, owner, executor: Executor, r: int, models: Roun
     todo = owner.rounds.missing(r)
     if todo.size:  # a Ray executor would start its worker pool even for nothing
         log.info("round %d (committed): relabelling %d cases", r, todo.size)
-        for _ in executor.label(r, models, batches_of(todo, cfg.runtime.batch_size)):
+        for _ in executor.label(r, models, chunk_batches(todo, owner.rounds.chunk_size(r))):
             pass
     return int(todo.size)
 
@@ -75,8 +82,11 @@ def _drop_corrupt(owner, r: int) -> None:
     corrupt = owner.rounds.verify(r)
     if corrupt:
         ids = owner.case_ids
-        log.warning("round %d: %d stored cases are corrupt and will be recomputed: %s", r, len(corrupt), [ids[i] for i in corrupt])
-        owner.rounds.invalidate(r, corrupt)
+        relabelled = owner.rounds.invalidate(r, corrupt)
+        log.warning(
+            "round %d: %d stored cases are corrupt and will be recomputed with the rest of their chunks (%d cases): %s",
+            r, len(corrupt), len(relabelled), [ids[i] for i in corrupt],
+        )  # fmt: skip
 
 
 def load_or_train(path: Path, train: Callable[[], RoundModels], checkpoint: Path) -> RoundModels:

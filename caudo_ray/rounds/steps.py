@@ -22,15 +22,17 @@ from caudo_ray.store import PseudoLabelStore
 from caudo_ray.training.inputs import RoundInputs
 
 
-def training_inputs(store: PseudoLabelStore, r: int) -> RoundInputs:
-    """Exemplars plus, from round 1, the selected calibrated labels of round r-1 weighted by reliability."""
+def training_inputs(store: PseudoLabelStore, r: int, *, with_pool: bool = False) -> RoundInputs:
+    """Exemplars plus, from round 1, the selected calibrated labels of round r-1 weighted by reliability; with
+    ``with_pool``, every usable pool image too (online consistency training)."""
     _, ex_images, ex_labels = store.exemplars()
+    pool = store.read_images(np.flatnonzero(store.usable_mask())) if with_pool else None
     if r == 0:
-        return RoundInputs(ex_images, ex_labels)
+        return RoundInputs(ex_images, ex_labels, pool_images=pool)
     prev = r - 1
     selected = np.flatnonzero(store.rounds.selected(prev))
     if not len(selected):
-        return RoundInputs(ex_images, ex_labels)
+        return RoundInputs(ex_images, ex_labels, pool_images=pool)
     labels = store.rounds.read(prev, selected)
     return RoundInputs(
         ex_images,
@@ -38,6 +40,7 @@ def training_inputs(store: PseudoLabelStore, r: int) -> RoundInputs:
         store.read_images(selected),
         labels["calibrated"],
         labels["scores"]["reliability"].astype(np.float32),
+        pool,
     )
 
 
@@ -48,17 +51,19 @@ class BatchStats:
     indices: np.ndarray
     infer_s: float
     ddim_s: float
-    store_s: float
+    store_s: float  # writing labels, scores and done
+    read_s: float = 0.0  # reading images and truth
 
 
 def label_cases(engine: LabelingEngine, store: PseudoLabelStore, r: int, indices: np.ndarray) -> BatchStats:
-    """Label one batch and write it to the store (one writer per case chunk: each case is in one batch)."""
-    images = store.read_images(indices)
-    truth = store.read_truth(indices)
-    result = engine.label_batch(images, truth)
+    """Label one batch and write it to the store (one writer per chunk: batches are aligned to the round's chunks)."""
     t0 = time.perf_counter()
+    images, truth = store.read_batch(indices)
+    t1 = time.perf_counter()
+    result = engine.label_batch(images, truth)
+    t2 = time.perf_counter()
     store.rounds.write(r, indices, result.initial, result.calibrated, result.scores)
-    return BatchStats(indices, result.timings["infer_s"], result.timings["ddim_s"], time.perf_counter() - t0)
+    return BatchStats(indices, result.timings["infer_s"], result.timings["ddim_s"], time.perf_counter() - t2, t1 - t0)
 
 
 def select_and_commit(cfg: RunConfig, store: PseudoLabelStore, r: int, extra_summary: dict | None = None) -> dict:

@@ -11,6 +11,7 @@ import torch
 
 from caudo_ray.calibration.training import train_calibrator
 from caudo_ray.config import RunConfig
+from caudo_ray.labelling.reliability import ShapePrior
 from caudo_ray.metrics import segmentation_metrics
 from caudo_ray.networks.bundle import RoundModels, feature_channels_of
 from caudo_ray.networks.calibrator import Calibrator
@@ -19,6 +20,9 @@ from caudo_ray.networks.segmenter import build_segmenter, predict, predict_tenso
 from caudo_ray.training.hooks import TrainingHooks
 from caudo_ray.training.inputs import RoundInputs
 from caudo_ray.training.segmenter import train_segmenter
+from caudo_ray.transforms.augment import augment_views
+
+PRIOR_VIEWS = 64  # augmented exemplar views the shape prior is learnt from
 
 
 def train_round_models(
@@ -34,8 +38,9 @@ def train_round_models(
 ) -> RoundModels | None:
     """Train the segmenter (warm-started from ``previous``) and, when enabled, the calibrator for round ``r``.
 
-    Round 0 learns from the exemplar views alone; later rounds add the previous round's selected calibrated
-    labels, each weighted by its reliability.
+    Round 0 learns from the exemplar views; later rounds add the previous round's selected calibrated labels, each
+    weighted by its reliability; with ``consistency.enabled`` every round also learns from the whole pool
+    (``inputs.pool_images``) by online weak-to-strong consistency.
 
     Data-parallel training (Ray Train) passes ``hooks.wrap_model`` (e.g. ``ray.train.torch.prepare_model``) and
     this process's ``hooks.rank``: each rank draws its own batches and DDP averages the gradients, so the segmenter
@@ -81,6 +86,7 @@ def train_round_models(
             device=device,
             hooks=hooks,
             resume=state,
+            consistency=cfg.consistency if cfg.consistency.enabled else None,
         )
     if hooks.rank != 0:
         return None
@@ -119,6 +125,8 @@ def train_round_models(
     val_metrics: dict[str, Any] = {}
     if val is not None and len(val[0]):
         val_metrics = evaluate(net, *val, num_classes, device=device)
+    # The shape prior of the reliability score: the exemplars' labels over the views the segmenter trained on.
+    _, views = augment_views(inputs.exemplar_images, inputs.exemplar_labels, PRIOR_VIEWS, cfg=cfg.segmenter, rng_seed=seed)
     return RoundModels(
         round=r,
         num_classes=num_classes,
@@ -127,6 +135,7 @@ def train_round_models(
         calibrator=calibrator_state,
         val_metrics=val_metrics,
         train_s=time.perf_counter() - t0,
+        shape_prior=ShapePrior.from_labels(views, num_classes).to_dict(),
     )
 
 

@@ -20,7 +20,6 @@ from caudo_ray.networks.bundle import RoundModels
 from caudo_ray.rounds.executor import Executor, LocalExecutor, TrainContext
 from caudo_ray.rounds.loop import load_or_train, repair_round, stream_round
 from caudo_ray.rounds.steps import select_and_commit
-from caudo_ray.run.logs import attach_file_log
 from caudo_ray.run.prepare import PreparedRun, load_labelled, prepare_run
 from caudo_ray.store import PseudoLabelStore
 from caudo_ray.tracking import names
@@ -65,10 +64,8 @@ class Coordinator:
     def run(self) -> RunResult:
         cfg = self.cfg
         ws = Workspace.of(cfg)
-        # Logged to the work dir from the start, so files skipped while the pool loads are in run.log too.
-        ws.root.mkdir(parents=True, exist_ok=True)
-        attach_file_log(ws.log_path)
-        prepared = prepare_run(cfg, progress=self.progress)
+        # Logged to run.log from the moment the lock is held, so files skipped while the pool loads are there too.
+        prepared = prepare_run(cfg, progress=self.progress, log_to_work_dir=True)
         store = prepared.store
         try:
             tracker = open_tracker(cfg, prepared)
@@ -87,6 +84,10 @@ class Coordinator:
                     previous = self._round(r, previous, executor, owner, prepared, tracker, result)
                 result.final_metrics = self._final(previous, executor, prepared, tracker)
                 tracker.finish("FINISHED")
+            except KeyboardInterrupt:
+                # Ctrl-C, or SIGTERM turned into an interrupt by the command line: stopped, not failed.
+                tracker.finish("KILLED")
+                raise
             except BaseException:
                 tracker.finish("FAILED")
                 raise
@@ -109,6 +110,7 @@ class Coordinator:
         perf, labelled = stream_round(cfg, owner, executor, r, models, self.progress)
         perf["train_s"] = models.train_s
         result.recomputed += labelled
+        prepared.lock.check()  # a run that lost its lock to another must not commit over it
         summary = select_and_commit(cfg, owner, r, {"perf": perf, "val": _scalars(models.val_metrics)})
         result.rounds.append(summary)
         # A read-only handle of our own: under Ray ``owner`` is the owner actor's proxy, which would ship every label.

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from caudo_ray import data as D
 from caudo_ray.config import ConfigError, RunConfig, load_config, save_config
 from caudo_ray.errors import DataError, StoreError
+from caudo_ray.run.logs import attach_file_log
 from caudo_ray.store import NO_TRUTH, PseudoLabelStore, StoreLock
 from caudo_ray.workspace import Workspace
 
@@ -39,16 +40,46 @@ class PreparedRun:
     skipped: dict[str, str] = field(default_factory=dict)  # case id or file -> reason
 
 
-def prepare_run(cfg: RunConfig, *, progress: bool = True, on_skip: Callable[[str, str], None] | None = None) -> PreparedRun:
+def prepare_run(
+    cfg: RunConfig,
+    *,
+    progress: bool = True,
+    on_skip: Callable[[str, str], None] | None = None,
+    purpose: str = "run",
+    log_to_work_dir: bool = False,
+) -> PreparedRun:
     """Create or reopen the work dir of ``cfg`` and load the pool into its store.
 
-    The store's single-writer lock is taken for this process; the caller releases it (``prepared.lock.release()``).
+    The store's single-writer lock is taken first, before anything is written, so of two runs started at once on
+    one work dir (or one store) only one writes; the caller releases it (``prepared.lock.release()``), and a
+    failure here releases it too.
+
+    Args:
+        cfg: the validated run config.
+        progress: show a progress bar while the pool loads.
+        on_skip: called with (file, reason) for every input file left out.
+        purpose: what holds the lock (``run``, ``tune``), named to anyone refused.
+        log_to_work_dir: from the moment the lock is held, also write this process's log to the work dir's
+            ``run.log``.
 
     Raises:
         DataError: an exemplar or a validation case is unusable (the pool skips bad files instead).
         StoreError: the work dir holds a store written under another config, or another run holds its lock.
     """
     ws = Workspace.of(cfg)
+    lock = StoreLock(ws.store_url, lease_s=cfg.runtime.lock_lease_s)
+    lock.acquire(owner=f"caudo-ray {purpose} {ws.root.resolve()}")
+    try:
+        if log_to_work_dir:
+            ws.root.mkdir(parents=True, exist_ok=True)
+            attach_file_log(ws.log_path)
+        return _prepare(cfg, ws, lock, progress, on_skip)
+    except BaseException:
+        lock.release()
+        raise
+
+
+def _prepare(cfg: RunConfig, ws: Workspace, lock: StoreLock, progress: bool, on_skip) -> PreparedRun:
     ws.root.mkdir(parents=True, exist_ok=True)
     ws.models_dir.mkdir(exist_ok=True)
     ws.annotations_dir.mkdir(exist_ok=True)
@@ -89,10 +120,8 @@ def prepare_run(cfg: RunConfig, *, progress: bool = True, on_skip: Callable[[str
         num_classes=num_classes,
         config_hash=cfg.method_hash(),
         provenance={"data": str(cfg.data.path or "phantoms"), "config": cfg.to_dict()},
+        chunk_size=cfg.runtime.batch_size,
     )
-    # One run per store: a second run on the same work dir is refused here, before it writes anything.
-    lock = StoreLock(ws.store_url)
-    lock.acquire(owner=f"caudo-ray run {ws.root.resolve()}")
 
     load_pool(store, pool_refs, cfg, num_classes, skip, progress)
     _load_exemplars(store, [refs[c] for c in split.exemplars] + _annotation_refs(ws, refs), cfg, num_classes)

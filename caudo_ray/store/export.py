@@ -12,7 +12,7 @@ import numpy as np
 
 from caudo_ray.data import Geometry, restore_mask, write_mask
 from caudo_ray.errors import StoreError
-from caudo_ray.store.layout import LABEL_ARRAYS, READ_BLOCK
+from caudo_ray.store.layout import LABEL_KINDS, READ_BLOCK, chunk_batches
 from caudo_ray.store.store import PseudoLabelStore
 
 log = logging.getLogger(__name__)
@@ -47,8 +47,8 @@ def export_round(
     Raises:
         StoreError: unknown ``which``/``fmt``, or a path that would leave ``out_dir`` (a tampered store).
     """
-    if which not in LABEL_ARRAYS:
-        raise StoreError(f"which must be one of {list(LABEL_ARRAYS)}, got {which!r}")
+    if which not in LABEL_KINDS:
+        raise StoreError(f"which must be one of {list(LABEL_KINDS)}, got {which!r}")
     if fmt not in ("png", "nifti", "source"):
         raise StoreError(f"fmt must be 'png', 'nifti' or 'source', got {fmt!r}")
     out = Path(out_dir)
@@ -60,8 +60,9 @@ def export_round(
     idx = np.flatnonzero(keep)
     ids = store.case_ids
     written: list[Path] = []
-    for start in range(0, idx.size, READ_BLOCK):
-        block = idx[start : start + READ_BLOCK]
+    # Whole chunks at a time: every chunk is decoded once.
+    chunk = store.rounds.chunk_size(r)
+    for block in chunk_batches(idx, chunk * max(1, READ_BLOCK // chunk)):
         masks = store.rounds.read(r, block)[which]
         for i, mask, geometry in zip(block, masks, store.geometries(block)):
             case_id = ids[i]

@@ -1,35 +1,41 @@
-"""The Zarr layout of a pseudo-label store: schema, array specs, locations and row-wise chunk I/O.
+"""The Zarr layout of a pseudo-label store: schema, array specs, locations and chunk-aligned row I/O.
 
-Layout::
+Layout (schema version 2)::
 
     store.zarr/                 group attrs: schema_version, config_hash, created, updated, working_size,
-                                num_classes, score_names, provenance, rounds (summary per round), skipped
-      cases/ids                 (N,) str             case identifiers, fixed order
-      cases/geometry            (N,) str             chunk (1,), JSON of each case's Geometry dict (write-back)
-      cases/images              (N, H, W) float16    chunk (1, H, W)
-      cases/truth               (N, H, W) uint8      chunk (1, H, W), hidden labels of benchmark pools
-                                                     (NO_TRUTH where a case has none); never used by the method
-      cases/loaded              (N,) bool            chunk (1,), image written
+                                num_classes, score_names, chunk_size, provenance, rounds (summary per round),
+                                skipped
+      .lock                     the single-writer lock (lock.py), not part of the Zarr hierarchy
+      cases/ids                 (N,) str             case identifiers, fixed order, one chunk
+      cases/geometry            (N,) str             JSON of each case's Geometry dict (write-back)
+      cases/images              (N, H, W) float16
+      cases/truth               (N, H, W) uint8      hidden labels of benchmark pools (NO_TRUTH where a case has
+                                                     none); never used by the method
+      cases/loaded              (N,) bool            image written
       exemplar/ids, exemplar/images (K, H, W) float16, exemplar/labels (K, H, W) uint8
-      rounds/<r>/initial        (N, H, W) uint8      chunk (1, H, W), argmax of the segmenter's probabilities
-      rounds/<r>/calibrated     (N, H, W) uint8      chunk (1, H, W), argmax of the calibrated probabilities
-      rounds/<r>/scores         (N, S) float32       chunk (1, S), columns named by the ``score_names`` attribute
-      rounds/<r>/selected       (N,) bool            written by the owner at commit
-      rounds/<r>/done           (N,) bool            chunk (1,), written last per case
-                                round attrs: params, started, committed, committed_at, summary
+      rounds/<r>/labels         (N, 2, H, W) uint8   [:, 0] initial (argmax of the segmenter's probabilities),
+                                                     [:, 1] calibrated (argmax of the calibrated probabilities)
+      rounds/<r>/scores         (N, S) float32       columns named by the ``score_names`` attribute
+      rounds/<r>/done           (N,) bool            written last, after a batch's labels and scores
+      rounds/<r>/selected       (N,) bool            one chunk, written by the owner at commit
+                                round attrs: params, chunk_size, started, committed, committed_at, summary
 
-Every per-case array is chunked one case per chunk, so workers writing disjoint cases never touch the same
-chunk. All of a case's scores share one chunk: every chunk is a file (or object) of its own, and per-file
-overhead, not bytes, is what a batch write costs. Chunks carry a CRC32C checksum after Blosc compression, so a
-flipped bit on disk fails loudly on read (Blosc alone decodes many corruptions into silent garbage).
+Every per-case array is chunked along the case axis in chunks of ``chunk_size`` cases: the store's (the
+coordinator's batch size when it was created) for ``cases/*``, the round's (its batch size when it was begun) for
+``rounds/<r>/*``. The coordinator hands out batches aligned to a round's chunks (:func:`chunk_batches`), so each
+chunk of a round has exactly one writer, and a batch costs three chunk writes (labels, scores, done) however many
+cases it holds: every chunk is a file (or object) of its own, and per-file overhead, not bytes, is what a small
+write costs. Chunks carry a CRC32C checksum after Blosc compression, so a flipped bit on disk fails loudly on
+read (Blosc alone decodes many corruptions into silent garbage); a corrupt chunk costs its whole batch.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -37,13 +43,14 @@ from typing import Any
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
+from zarr.core.sync import sync
 from zarr.storage import FsspecStore, LocalStore
 
 from caudo_ray.errors import DataError, StoreError
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 # Scores a round may record; a batch may leave any of them out (they then read NaN, e.g. Dice without truth).
 DEFAULT_SCORE_NAMES = (
     "reliability",
@@ -53,14 +60,16 @@ DEFAULT_SCORE_NAMES = (
     "confidence",
     "entropy",
     "area",
-    "compactness",
+    "shape",
     "initial_dice",
     "calibrated_dice",
 )
 NO_TRUTH = 255  # truth value of a case without hidden labels
-LABEL_ARRAYS = ("initial", "calibrated")
-ROUND_ARRAYS = (*LABEL_ARRAYS, "scores", "selected", "done")
-# Verify and export read this many cases at a time: bounded memory, few zarr calls.
+LABEL_KINDS = ("initial", "calibrated")  # the label maps of ``rounds/<r>/labels``, in axis-1 order
+RESULT_ARRAYS = ("labels", "scores")  # what a batch writes before its ``done`` flags
+ROUND_ARRAYS = (*RESULT_ARRAYS, "done", "selected")
+DEFAULT_CHUNK_SIZE = 16
+# Verify and export read at least this many cases at a time (whole chunks): bounded memory, few zarr calls.
 READ_BLOCK = 64
 
 _SAFE_NAME = re.compile(r"[A-Za-z0-9._-]+")
@@ -111,6 +120,12 @@ def validate_names(names: Sequence[str], source: str, what: str = "case id") -> 
     return names
 
 
+def check_chunk_size(chunk_size: int, what: str) -> int:
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
+        raise DataError(what, f"chunk size must be a whole number >= 1, got {chunk_size!r}")
+    return int(chunk_size)
+
+
 def local_path(url: str) -> Path | None:
     """The filesystem path of a local store, or None for a remote (fsspec) URL."""
     if url.startswith("file://"):
@@ -128,9 +143,9 @@ def make_store(url: str, read_only: bool, storage_options: dict | None) -> Local
 
 
 def open_root(url: str, mode: str, storage_options: dict | None) -> zarr.Group | None:
-    """Opens the root group, or returns None when nothing is stored at ``url``."""
+    """Opens the root group, or returns None when no Zarr group is stored at ``url`` (a lock alone is none)."""
     path = local_path(url)
-    if path is not None and not path.exists():
+    if path is not None and not (path / "zarr.json").exists():
         return None
     try:
         return zarr.open_group(make_store(url, mode == "r", storage_options), mode=mode, zarr_format=3)
@@ -138,75 +153,163 @@ def open_root(url: str, mode: str, storage_options: dict | None) -> zarr.Group |
         return None
 
 
-def create_case_arrays(root: zarr.Group, ids: list[str], geometry_text: list[str], size: tuple[int, int]) -> None:
-    """The per-case arrays of a new store (images empty until written)."""
-    n, (h, w) = len(ids), size
+def create_case_arrays(
+    root: zarr.Group, ids: list[str], geometry_text: list[str], size: tuple[int, int], chunk_size: int
+) -> None:
+    """The per-case arrays of a new store (images empty until written), chunked ``chunk_size`` cases a chunk."""
+    n, (h, w), c = len(ids), size, chunk_size
     root.create_array("cases/ids", data=np.array(ids, dtype=np.dtypes.StringDType()), chunks=(n,))
-    root.create_array("cases/geometry", data=np.array(geometry_text, dtype=np.dtypes.StringDType()), chunks=(1,))
-    root.create_array("cases/images", shape=(n, h, w), dtype="float16", chunks=(1, h, w), compressors=compressors(), fill_value=0)
+    root.create_array("cases/geometry", data=np.array(geometry_text, dtype=np.dtypes.StringDType()), chunks=(c,))
+    root.create_array("cases/images", shape=(n, h, w), dtype="float16", chunks=(c, h, w), compressors=compressors(), fill_value=0)
     root.create_array(
-        "cases/truth", shape=(n, h, w), dtype="uint8", chunks=(1, h, w), compressors=compressors(), fill_value=NO_TRUTH
+        "cases/truth", shape=(n, h, w), dtype="uint8", chunks=(c, h, w), compressors=compressors(), fill_value=NO_TRUTH
     )
-    root.create_array("cases/loaded", shape=(n,), dtype="bool", chunks=(1,), fill_value=False)
+    root.create_array("cases/loaded", shape=(n,), dtype="bool", chunks=(c,), fill_value=False)
     root.create_group("rounds")
 
 
-def round_array_specs(n: int, size: tuple[int, int], score_names: Sequence[str]) -> dict[str, dict[str, Any]]:
-    """The arrays of one round, by name: shapes, chunks (one case per chunk) and fill values."""
+def round_array_specs(n: int, size: tuple[int, int], score_names: Sequence[str], chunk_size: int) -> dict[str, dict[str, Any]]:
+    """The arrays of one round, by name: shapes, chunks (``chunk_size`` cases each) and fill values."""
     h, w = size
-    specs: dict[str, dict[str, Any]] = {
-        name: {"shape": (n, h, w), "dtype": "uint8", "chunks": (1, h, w), "compressors": compressors(), "fill_value": 0}
-        for name in LABEL_ARRAYS
+    c = chunk_size
+    return {
+        "labels": {
+            "shape": (n, len(LABEL_KINDS), h, w),
+            "dtype": "uint8",
+            "chunks": (c, len(LABEL_KINDS), h, w),
+            "compressors": compressors(),
+            "fill_value": 0,
+            "attributes": {"label_kinds": list(LABEL_KINDS)},
+            "dimension_names": ("case", "kind", "y", "x"),
+        },
+        "scores": {
+            "shape": (n, len(score_names)),
+            "dtype": "float32",
+            "chunks": (c, len(score_names)),
+            "compressors": compressors(),
+            "fill_value": float("nan"),
+            "attributes": {"score_names": list(score_names)},
+            "dimension_names": ("case", "score"),
+        },
+        "done": {"shape": (n,), "dtype": "bool", "chunks": (c,), "fill_value": False},
+        "selected": {"shape": (n,), "dtype": "bool", "chunks": (n,), "fill_value": False},
     }
-    specs["scores"] = {
-        "shape": (n, len(score_names)),
-        "dtype": "float32",
-        "chunks": (1, len(score_names)),
-        "fill_value": float("nan"),
-        "attributes": {"score_names": list(score_names)},
-        "dimension_names": ("case", "score"),
-    }
-    specs["selected"] = {"shape": (n,), "dtype": "bool", "chunks": (n,), "fill_value": False}
-    specs["done"] = {"shape": (n,), "dtype": "bool", "chunks": (1,), "fill_value": False}
-    return specs
 
 
-def _runs_are_contiguous(sorted_idx: np.ndarray) -> bool:
-    return sorted_idx.size > 0 and int(sorted_idx[-1]) - int(sorted_idx[0]) + 1 == sorted_idx.size
+def chunk_batches(indices: np.ndarray, chunk_size: int) -> Iterator[np.ndarray]:
+    """Groups case indices by the chunk that holds them, in ascending order: one batch per chunk.
+
+    A batch never spans two chunks, so a coordinator that hands each batch to one worker gives each chunk exactly
+    one writer. A chunk with cases already done (a resumed round) yields only its other cases.
+    """
+    idx = np.unique(np.asarray(indices, dtype=np.int64))
+    if idx.size == 0:
+        return
+    chunk = idx // chunk_size
+    bounds = np.flatnonzero(np.diff(chunk)) + 1
+    yield from np.split(idx, bounds)
 
 
-def write_rows(arr: zarr.Array, sorted_idx: np.ndarray, block: np.ndarray) -> None:
-    """Writes ``block[k]`` to row ``sorted_idx[k]`` of ``arr`` in one zarr call.
+def chunk_span(indices: np.ndarray, chunk_size: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The chunks that hold ``indices`` and every case index (below ``n``) in them, both ascending."""
+    chunks = np.unique(np.asarray(indices, dtype=np.int64) // chunk_size)
+    cases = (chunks[:, None] * chunk_size + np.arange(chunk_size)[None, :]).ravel()
+    return chunks, cases[cases < n]
 
-    A contiguous run is a plain slice; scattered rows go through one orthogonal-index write, which zarr splits
-    into the same whole-chunk writes (one chunk per case) and performs concurrently.
+
+def _contiguous(sorted_idx: np.ndarray) -> slice | None:
+    if sorted_idx.size and int(sorted_idx[-1]) - int(sorted_idx[0]) + 1 == sorted_idx.size:
+        return slice(int(sorted_idx[0]), int(sorted_idx[-1]) + 1)
+    return None
+
+
+async def _read_all(arrays, run: slice):
+    return await asyncio.gather(*(arr.async_array.getitem(run) for arr in arrays))
+
+
+async def _write_in_order(steps, run: slice):
+    for step in steps:
+        await asyncio.gather(*(arr.async_array.setitem(run, block) for arr, block in step))
+
+
+def write_rows_in_steps(steps: Sequence[Sequence[tuple[zarr.Array, np.ndarray]]], sorted_idx: np.ndarray) -> None:
+    """Writes rows ``sorted_idx`` of several arrays: each step's writes concurrently, the steps in order.
+
+    A contiguous run of rows (a whole batch, the common case) goes to zarr's I/O loop in one round trip, so a
+    batch pays one hand-over between threads rather than one per array; a later step starts only once every
+    write of the one before it is stored (``done`` after the labels). Scattered rows (a resumed chunk that keeps
+    some done cases) go through orthogonal-index writes, which zarr turns into read-modify-writes of their chunks.
     """
     if sorted_idx.size == 0:
         return
-    if _runs_are_contiguous(sorted_idx):
-        arr[int(sorted_idx[0]) : int(sorted_idx[-1]) + 1] = block
-    else:
-        arr.oindex[sorted_idx] = block
+    run = _contiguous(sorted_idx)
+    if run is None:
+        for step in steps:
+            for arr, block in step:
+                arr.oindex[sorted_idx] = block
+        return
+    sync(_write_in_order(steps, run))
 
 
-def read_rows(arr: zarr.Array, sorted_idx: np.ndarray) -> np.ndarray:
-    if _runs_are_contiguous(sorted_idx):
-        return arr[int(sorted_idx[0]) : int(sorted_idx[-1]) + 1]
-    return arr.oindex[sorted_idx]
+async def _write_unless_flagged(steps, flags: zarr.Array, run: slice) -> bool:
+    if np.asarray(await flags.async_array.getitem(run)).any():
+        return False
+    await _write_in_order(steps, run)
+    return True
 
 
-def read_flags(arr: zarr.Array) -> np.ndarray:
-    """Reads a per-case bool array; a chunk that fails to decode reads as False (the case is redone)."""
+def write_rows_unless_flagged(
+    steps: Sequence[Sequence[tuple[zarr.Array, np.ndarray]]], flags: zarr.Array, sorted_idx: np.ndarray
+) -> bool:
+    """:func:`write_rows_in_steps` if none of the rows is set in ``flags``, checked in the same round trip.
+
+    Returns:
+        True when written; False, writing nothing, when a row is flagged or the rows are not contiguous (the
+        caller then decides, and writes with :func:`write_rows_in_steps`).
+    """
+    run = _contiguous(sorted_idx)
+    return run is not None and sync(_write_unless_flagged(steps, flags, run))
+
+
+def read_rows_of(arrays: Sequence[zarr.Array], sorted_idx: np.ndarray) -> list[np.ndarray]:
+    """Rows ``sorted_idx`` of several arrays, read concurrently in one round trip when the rows are contiguous."""
+    run = _contiguous(sorted_idx)
+    if run is None:
+        return [arr.oindex[sorted_idx] for arr in arrays]
+    return [np.asarray(a) for a in sync(_read_all(arrays, run))]
+
+
+def read_flags(arr: zarr.Array, unreadable: list[int] | None = None) -> np.ndarray:
+    """Reads a per-case bool array; a chunk that fails to decode reads as False (its cases are redone).
+
+    Args:
+        arr: the array.
+        unreadable: when given, the indices of the chunks that failed to decode are appended to it.
+    """
     try:
         return np.asarray(arr[:], dtype=bool)
     except Exception:  # noqa: BLE001 - any decode failure means "not known to be done"
-        flags = np.zeros(arr.shape[0], dtype=bool)
-        for i in range(arr.shape[0]):
+        n, size = arr.shape[0], arr.chunks[0]
+        flags = np.zeros(n, dtype=bool)
+        for start in range(0, n, size):
             try:
-                flags[i] = bool(arr[i])
+                flags[start : start + size] = arr[start : start + size]
             except Exception:  # noqa: BLE001
-                log.warning("unreadable flag chunk %s[%d]; treating the case as not done", arr.path, i)
+                log.warning("unreadable flag chunk %s[%d:%d]; treating its cases as not done", arr.path, start, start + size)
+                if unreadable is not None:
+                    unreadable.append(start // size)
         return flags
+
+
+def delete_chunks(arr: zarr.Array, chunks: Sequence[int]) -> None:
+    """Drops chunks (by index along the case axis) of ``arr``: they read as the fill value until written again.
+
+    A corrupt chunk must go before it can be rewritten in part: zarr reads a chunk back before a partial write.
+    """
+    store = arr.store_path.store
+    for c in chunks:
+        key = arr.metadata.encode_chunk_key((int(c),) + (0,) * (arr.ndim - 1))
+        sync(store.delete(f"{arr.store_path.path}/{key}"))
 
 
 def check_indices(indices: Sequence[int] | np.ndarray | None, n: int, what: str) -> np.ndarray:

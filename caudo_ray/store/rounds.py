@@ -1,9 +1,12 @@
 """The life of a round in the store: begun, filled batch by batch by the workers, verified, committed.
 
-A case of a round counts as finished only when its ``done`` flag is set, which :meth:`RoundRecords.write` writes
-after the case's label maps and scores; a crash therefore leaves unfinished cases ``done=False`` and an
-interrupted run resumes with exactly the cases in :meth:`RoundRecords.missing`. Workers only write per-case
-chunks; the owner (the coordinator) alone begins and commits rounds and writes their attributes.
+A round's arrays are chunked by its batch size (``chunk_size``, recorded when the round is begun), and the
+coordinator hands out batches aligned to those chunks, so each chunk has exactly one writer. A case counts as
+finished only when its ``done`` flag is set, which :meth:`RoundRecords.write` writes after the batch's label maps
+and scores; a crash therefore leaves unfinished cases ``done=False`` and an interrupted run resumes with exactly
+the cases in :meth:`RoundRecords.missing`. Integrity is checked and repaired a chunk (a batch) at a time. Workers
+only write the chunks of their batch; the owner (the coordinator) alone begins and commits rounds and writes
+their attributes.
 """
 
 from __future__ import annotations
@@ -15,20 +18,24 @@ from typing import Any
 
 import numpy as np
 import zarr
-from zarr.core.sync import sync
 
 from caudo_ray.errors import DataError, StoreError
 from caudo_ray.store.layout import (
-    LABEL_ARRAYS,
+    LABEL_KINDS,
     READ_BLOCK,
+    RESULT_ARRAYS,
     ROUND_ARRAYS,
+    check_chunk_size,
     check_indices,
+    chunk_span,
+    delete_chunks,
     jsonable,
     now,
     read_flags,
-    read_rows,
+    read_rows_of,
     round_array_specs,
-    write_rows,
+    write_rows_in_steps,
+    write_rows_unless_flagged,
 )
 
 log = logging.getLogger(__name__)
@@ -49,19 +56,26 @@ class RoundRecords:
 
     # ------------------------------------------------------------------ owner: begin and commit
 
-    def begin(self, r: int, params: Mapping[str, Any]) -> None:
-        """Creates round ``r`` (idempotent) and records its parameters and start time. Owner only.
+    def begin(self, r: int, params: Mapping[str, Any], chunk_size: int | None = None) -> int:
+        """Creates round ``r`` (idempotent) and records its parameters, chunk size and start time. Owner only.
 
         Args:
             r: round number, >= 0.
             params: JSON parameters of the round (guidance strength w, calibration strength s, DDIM steps,
                 model versions ...).
+            chunk_size: cases per chunk of the round's arrays: the batch size the coordinator streams the round
+                with. None takes the store's. A round begun earlier keeps the chunk size it was begun with.
+
+        Returns:
+            The round's chunk size: batches of the round must be aligned to it (``layout.chunk_batches``).
 
         Raises:
             StoreError: the round exists with different parameters.
         """
-        self._store._check_writable()
+        store = self._store
+        store._check_writable()
         r = _round_number(r)
+        requested = check_chunk_size(chunk_size if chunk_size is not None else store.chunk_size, f"round {r} chunk_size")
         params = jsonable(dict(params), f"round {r} params")
         rounds = self._root["rounds"]
         group = rounds.get(str(r))
@@ -70,21 +84,27 @@ class RoundRecords:
         recorded = group.attrs.get("params")
         if recorded is not None and recorded != params:
             raise StoreError(
-                f"{self._store.url}: round {r} was begun with params {json.dumps(recorded, sort_keys=True)}, "
+                f"{store.url}: round {r} was begun with params {json.dumps(recorded, sort_keys=True)}, "
                 f"now asked with {json.dumps(params, sort_keys=True)}; use a new store to change them"
             )
-        # Creating any array a crashed begin left missing keeps the call idempotent.
-        specs = round_array_specs(self._store.num_cases, self._store.working_size, self._store.score_names)
+        # An array a crashed begin left behind fixes the chunk size; creating the missing ones keeps begin idempotent.
+        existing = {name: group.get(name) for name in ROUND_ARRAYS}
+        found = [a.chunks[0] for name, a in existing.items() if a is not None and name != "selected"]
+        size = int(group.attrs.get("chunk_size", found[0] if found else requested))
+        specs = round_array_specs(store.num_cases, store.working_size, store.score_names, size)
         for name, spec in specs.items():
-            if group.get(name) is None:
+            if existing[name] is None:
                 group.create_array(name, **spec)
         if recorded is None:
             started = now()
-            group.attrs.update({"params": params, "started": started, "committed": False})
+            group.attrs.update({"params": params, "chunk_size": size, "started": started, "committed": False})
             summary = dict(self._root.attrs.get("rounds", {}))
-            summary[str(r)] = {"params": params, "started": started, "committed": False}
+            summary[str(r)] = {"params": params, "chunk_size": size, "started": started, "committed": False}
             self._root.attrs.update({"rounds": summary, "updated": started})
+        elif size != requested:
+            log.info("round %d of %s keeps the batch size it was begun with (%d, not %d)", r, store.url, size, requested)
         self._arrays_of.pop(r, None)
+        return self.chunk_size(r)
 
     def commit(self, r: int, selected: np.ndarray, summary: Mapping[str, Any]) -> None:
         """Records the selection and summary of a complete round and marks it committed. Owner only.
@@ -132,8 +152,10 @@ class RoundRecords:
     ) -> None:
         """Stores the label maps and scores of a batch of cases, then marks them done.
 
-        Touches only per-case chunks, never attributes, so several processes may call it at once for disjoint
-        cases. ``done`` is written after everything else: a crash never leaves a case done with data missing.
+        Touches only the round's chunks that hold the batch, never attributes, so several processes may call it
+        at once for batches of disjoint chunks (what ``layout.chunk_batches`` gives). The labels and scores of a
+        whole batch go to zarr in one call and ``done`` after them: a crash never leaves a case done with data
+        missing.
 
         Args:
             r: a begun round.
@@ -151,9 +173,6 @@ class RoundRecords:
         store._check_writable()
         arrays = self._arrays(r)
         idx = check_indices(indices, store.num_cases, f"round {r} results")
-        # A committed round takes writes only for cases it lost (see invalidate): results never change once done.
-        if self.is_committed(r) and self.done(r)[idx].any():
-            raise StoreError(f"{store.url}: round {r} is committed; its results can no longer change")
         ids = [store.case_ids[i] for i in idx]
         initial, calibrated = np.asarray(initial), np.asarray(calibrated)
         store._check_block(initial, idx, "initial")
@@ -175,10 +194,15 @@ class RoundRecords:
             score_block[:, column] = values
         order = np.argsort(idx, kind="stable")
         sidx = idx[order]
-        write_rows(arrays["initial"], sidx, initial[order].astype(np.uint8))
-        write_rows(arrays["calibrated"], sidx, calibrated[order].astype(np.uint8))
-        write_rows(arrays["scores"], sidx, score_block[order])
-        write_rows(arrays["done"], sidx, np.ones(len(sidx), dtype=bool))
+        labels = np.stack([initial[order], calibrated[order]], axis=1).astype(np.uint8)
+        steps = [[(arrays["labels"], labels), (arrays["scores"], score_block[order])], [(arrays["done"], np.ones(len(sidx), bool))]]
+        # A committed round takes writes only for cases it lost (see invalidate): results never change once done.
+        # The usual batch has none of its cases done, so the round's attributes are read only when one is.
+        if write_rows_unless_flagged(steps, arrays["done"], sidx):
+            return
+        if self.is_committed(r) and read_rows_of([arrays["done"]], sidx)[0].any():
+            raise StoreError(f"{store.url}: round {r} is committed; its results can no longer change")
+        write_rows_in_steps(steps, sidx)
 
     # ------------------------------------------------------------------ state
 
@@ -195,8 +219,12 @@ class RoundRecords:
         group = self._root["rounds"].get(str(_round_number(r)))
         return bool(group is not None and group.attrs.get("committed", False))
 
+    def chunk_size(self, r: int) -> int:
+        """Cases per chunk of round ``r``'s arrays: its batches must not cross a multiple of it."""
+        return int(self._arrays(r)["done"].chunks[0])
+
     def done(self, r: int) -> np.ndarray:
-        """Per-case done flags of round ``r`` (bool (N,)); a flag that fails to decode reads as False."""
+        """Per-case done flags of round ``r`` (bool (N,)); a flag chunk that fails to decode reads as False."""
         return read_flags(self._arrays(r)["done"])
 
     def missing(self, r: int) -> np.ndarray:
@@ -204,7 +232,7 @@ class RoundRecords:
         return np.flatnonzero(~self.done(r) & self._store.usable_mask())
 
     def attrs(self, r: int) -> dict:
-        """A copy of round ``r``'s attributes (params, started, committed, committed_at, summary)."""
+        """A copy of round ``r``'s attributes (params, chunk_size, started, committed, committed_at, summary)."""
         group = self._root["rounds"].get(str(_round_number(r)))
         if group is None:
             raise StoreError(f"{self._store.url}: round {r} was not begun")
@@ -235,12 +263,10 @@ class RoundRecords:
         """
         arrays = self._arrays(r)
         idx = check_indices(indices, self._store.num_cases, f"round {r}")
-        read = self._store._read_ordered
-        return {
-            "initial": read(arrays["initial"], idx),
-            "calibrated": read(arrays["calibrated"], idx),
-            "scores": self._score_dict(read(arrays["scores"], idx)),
-        }
+        labels, scores = self._store._read_ordered_of([arrays["labels"], arrays["scores"]], idx)
+        out: dict[str, Any] = {kind: np.ascontiguousarray(labels[:, k]) for k, kind in enumerate(LABEL_KINDS)}
+        out["scores"] = self._score_dict(scores)
+        return out
 
     def scores(self, r: int) -> dict[str, np.ndarray]:
         """All cases' scores of round ``r``: ``{name: float32 (N,)}``."""
@@ -249,56 +275,77 @@ class RoundRecords:
     # ------------------------------------------------------------------ integrity
 
     def verify(self, r: int, indices: Sequence[int] | np.ndarray | None = None) -> list[int]:
-        """Reads back the done cases of round ``r`` and returns those whose chunks fail to read or decode.
+        """Reads back round ``r``'s chunks that hold done cases and returns the cases of those that fail to decode.
+
+        A chunk whose ``done`` flags themselves fail to decode is reported whole: which of its cases were done is
+        unknown. Chunks are read a block of them at a time, and one by one only inside a block that fails.
 
         Args:
             r: the round.
             indices: cases to check (all when None); cases not done are skipped.
 
         Returns:
-            Sorted indices of the unreadable cases, for :meth:`invalidate` and recomputation.
+            Sorted indices of the cases held by corrupt chunks (the done ones among ``indices``), for
+            :meth:`invalidate` and recomputation.
         """
         arrays = self._arrays(r)
-        done = self.done(r)
-        idx = check_indices(indices, self._store.num_cases, f"round {r} verify")
-        idx = np.unique(idx[done[idx]])
-        names = [*LABEL_ARRAYS, "scores"]
+        n, size = self._store.num_cases, self.chunk_size(r)
+        unreadable: list[int] = []
+        done = read_flags(arrays["done"], unreadable)
+        idx = check_indices(indices, n, f"round {r} verify")
+        wanted = np.zeros(n, dtype=bool)
+        wanted[idx] = True
+        flagged = np.zeros(n, dtype=bool)
+        for c in unreadable:
+            flagged[c * size : (c + 1) * size] = True
+        check = wanted & (done | flagged)
+        chunks = np.unique(np.flatnonzero(check) // size)
+        step = max(1, READ_BLOCK // size)
+        corrupt = set(unreadable)
+        for start in range(0, chunks.size, step):
+            group = chunks[start : start + step]
+            if not self._chunks_read(arrays, group, size, n):
+                corrupt.update(int(c) for c in group if not self._chunks_read(arrays, np.array([c]), size, n))
         bad: list[int] = []
-        for start in range(0, idx.size, READ_BLOCK):
-            block = idx[start : start + READ_BLOCK]
-            try:
-                for name in names:
-                    read_rows(arrays[name], block)
-                continue
-            except Exception:  # noqa: BLE001 - any decode failure marks a case for recomputation
-                pass
-            for i in block:
-                try:
-                    for name in names:
-                        arrays[name][int(i)]
-                except Exception as err:  # noqa: BLE001
-                    log.warning("round %d case %s unreadable: %s", r, self._store.case_ids[i], err)
-                    bad.append(int(i))
+        for c in sorted(corrupt):
+            cases = np.flatnonzero(check[c * size : (c + 1) * size]) + c * size
+            log.warning(
+                "round %d: the chunk of cases %d..%d is unreadable; its stored cases: %s",
+                r, c * size, min((c + 1) * size, n) - 1, [self._store.case_ids[i] for i in cases],
+            )  # fmt: skip
+            bad.extend(int(i) for i in cases)
         return bad
 
-    def invalidate(self, r: int, indices: Sequence[int] | np.ndarray) -> None:
-        """Marks the given cases of round ``r`` not done, so they are recomputed, and drops their result chunks.
+    def invalidate(self, r: int, indices: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Marks every case of the chunks holding ``indices`` not done, so they are recomputed, and drops those chunks.
 
-        Dropping the chunks lets a corrupt chunk be rewritten: zarr reads a chunk back before a scattered write.
-        A committed round keeps its selection and summary: recomputing a case with the round's saved models gives
-        the same labels (labelling is deterministic), so they stay true.
+        A chunk is one batch's unit of writing and checking, so a corrupt case costs its chunk: its labels, scores
+        and done flags are deleted and the whole chunk is labelled again, by one writer, as a batch. A committed
+        round keeps its selection and summary: recomputing cases with the round's saved models gives the same
+        labels (labelling is deterministic), so they stay true.
+
+        Returns:
+            The cases made not done, sorted.
         """
         self._store._check_writable()
         arrays = self._arrays(r)
-        idx = np.unique(check_indices(indices, self._store.num_cases, f"round {r} invalidate"))
-        write_rows(arrays["done"], idx, np.zeros(idx.size, dtype=bool))
-        for name in (*LABEL_ARRAYS, "scores"):
-            arr = arrays[name]
-            for i in idx:
-                key = arr.metadata.encode_chunk_key((int(i),) + (0,) * (arr.ndim - 1))
-                sync(arr.store_path.store.delete(f"{arr.store_path.path}/{key}"))
+        idx = check_indices(indices, self._store.num_cases, f"round {r} invalidate")
+        chunks, cases = chunk_span(idx, self.chunk_size(r), self._store.num_cases)
+        # ``done`` first: a crash in between leaves chunks not done, which are relabelled whatever they hold.
+        for name in ("done", *RESULT_ARRAYS):
+            delete_chunks(arrays[name], chunks)
+        return cases
 
     # ------------------------------------------------------------------ helpers
+
+    def _chunks_read(self, arrays: dict[str, zarr.Array], chunks: np.ndarray, size: int, n: int) -> bool:
+        """Whether the result chunks ``chunks`` (ascending) all decode, read together where they are adjacent."""
+        rows = np.concatenate([np.arange(c * size, min((c + 1) * size, n)) for c in chunks])
+        try:
+            read_rows_of([arrays[name] for name in RESULT_ARRAYS], rows)
+        except Exception:  # noqa: BLE001 - any decode failure marks the chunks for recomputation
+            return False
+        return True
 
     def _arrays(self, r: int) -> dict[str, zarr.Array]:
         """The arrays of round ``r``, opened once (their metadata never changes after begin)."""

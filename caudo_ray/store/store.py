@@ -1,8 +1,8 @@
 """PseudoLabelStore: the resumable record of a self-training run, on Zarr v3 (layout in ``layout.py``).
 
 The store holds the pool's images (and hidden truth, for benchmarks), the exemplars and, through
-:attr:`PseudoLabelStore.rounds`, every round's pseudo labels. Workers write only per-case chunks; the owner (the
-coordinator) writes group attributes. Cases that could not be loaded are recorded by the owner in the root
+:attr:`PseudoLabelStore.rounds`, every round's pseudo labels. Workers write only the chunks of their own batch;
+the owner (the coordinator) writes group attributes. Cases that could not be loaded are recorded by the owner in the root
 attribute ``skipped`` (case id -> reason) and left out of :meth:`PseudoLabelStore.usable_mask`.
 """
 
@@ -16,12 +16,15 @@ from typing import Any
 
 import numpy as np
 import zarr
+from zarr.errors import ContainsArrayAndGroupError, ContainsArrayError, ContainsGroupError
 
 from caudo_ray.errors import DataError, StoreError
 from caudo_ray.store.layout import (
+    DEFAULT_CHUNK_SIZE,
     DEFAULT_SCORE_NAMES,
     NO_TRUTH,
     SCHEMA_VERSION,
+    check_chunk_size,
     check_indices,
     compressors,
     create_case_arrays,
@@ -32,10 +35,11 @@ from caudo_ray.store.layout import (
     now,
     open_root,
     read_flags,
-    read_rows,
+    read_rows_of,
     validate_names,
-    write_rows,
+    write_rows_in_steps,
 )
+from caudo_ray.store.lock import LOCK_NAME
 from caudo_ray.store.rounds import RoundRecords
 
 log = logging.getLogger(__name__)
@@ -62,6 +66,7 @@ class PseudoLabelStore:
         self._num_classes = int(attrs["num_classes"])
         self._config_hash = str(attrs["config_hash"])
         self._score_names = tuple(attrs["score_names"])
+        self._chunk_size = int(attrs["chunk_size"])
         self._case_ids = [str(s) for s in root["cases/ids"][:]]
         self._images = root["cases/images"]
         self._loaded = root["cases/loaded"]
@@ -87,9 +92,10 @@ class PseudoLabelStore:
         config_hash: str,
         provenance: dict | None = None,
         score_names: Sequence[str] = DEFAULT_SCORE_NAMES,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
         storage_options: dict | None = None,
     ) -> PseudoLabelStore:
-        """Creates a new, empty store; refuses to write where anything already exists.
+        """Creates a new, empty store; refuses to write where anything but its lock already exists.
 
         Args:
             url: a local path or an fsspec URL (``memory://run``, ``s3://bucket/run.zarr``).
@@ -101,6 +107,8 @@ class PseudoLabelStore:
             config_hash: hash of the method configuration; :meth:`open` refuses a different one.
             provenance: free-form JSON record (model versions, data source ...).
             score_names: the per-case scores every round records.
+            chunk_size: cases per chunk of the per-case arrays: the coordinator's batch size, so a batch reads one
+                chunk of images; also the default chunk size of a round (:meth:`RoundRecords.begin`).
             storage_options: passed to fsspec for remote URLs (credentials, endpoint).
 
         Returns:
@@ -124,17 +132,20 @@ class PseudoLabelStore:
         if not 2 <= int(num_classes) <= 255:
             raise DataError("num_classes", f"must be in 2..255 to fit uint8 label maps, got {num_classes}")
         score_names = tuple(validate_names(score_names, "score_names", what="score name"))
+        chunk_size = check_chunk_size(chunk_size, "chunk_size")
         geometry_text = [geometry_json(g, cid) for g, cid in zip(geometries, ids)]
 
         path = local_path(url)
-        if path is not None and path.exists() and (not path.is_dir() or any(path.iterdir())):
+        # The run's lock may be there already: it is taken before anything else is written.
+        if path is not None and path.exists() and (not path.is_dir() or any(not p.name.startswith(LOCK_NAME) for p in path.iterdir())):
             raise StoreError(f"{url}: already exists; open it with PseudoLabelStore.open or choose a new location")
         try:
-            root = zarr.open_group(make_store(url, False, storage_options), mode="w-", zarr_format=3)
-        except FileExistsError as err:
+            # Not mode "w-": that refuses any key under the URL, and the run's lock is there already.
+            root = zarr.create_group(make_store(url, False, storage_options), zarr_format=3, overwrite=False)
+        except (FileExistsError, ContainsGroupError, ContainsArrayError, ContainsArrayAndGroupError) as err:
             raise StoreError(f"{url}: already exists; open it with PseudoLabelStore.open or choose a new location") from err
 
-        create_case_arrays(root, ids, geometry_text, (h, w))
+        create_case_arrays(root, ids, geometry_text, (h, w), chunk_size)
         created = now()
         # Attributes last: a creation interrupted before this point leaves no schema_version, which open refuses.
         root.attrs.update(
@@ -146,6 +157,7 @@ class PseudoLabelStore:
                 "working_size": [h, w],
                 "num_classes": int(num_classes),
                 "score_names": list(score_names),
+                "chunk_size": chunk_size,
                 "provenance": jsonable(provenance or {}, "provenance"),
                 "rounds": {},
                 "skipped": {},
@@ -190,6 +202,13 @@ class PseudoLabelStore:
             raise StoreError(
                 f"{url}: not a caudo-ray pseudo-label store, or its creation was interrupted (no schema_version); "
                 "delete it or choose another location"
+            )
+        if found == 1:
+            raise StoreError(
+                f"{url}: written by an earlier caudo-ray in schema_version 1 (one chunk per case); this caudo-ray "
+                f"reads schema_version {SCHEMA_VERSION} (one chunk per batch) and does not convert it. Start the run on "
+                "a new store location (a new work_dir or runtime.store_url); the old store stays readable by the "
+                "caudo-ray that wrote it"
             )
         if found != SCHEMA_VERSION:
             raise StoreError(
@@ -274,6 +293,11 @@ class PseudoLabelStore:
         return self._score_names
 
     @property
+    def chunk_size(self) -> int:
+        """Cases per chunk of the per-case arrays (the batch size the store was created with)."""
+        return self._chunk_size
+
+    @property
     def attrs(self) -> dict:
         """A copy of the root attributes."""
         return self._root.attrs.asdict()
@@ -303,7 +327,7 @@ class PseudoLabelStore:
     ) -> None:
         """Stores preprocessed images, and optionally hidden truth and geometries, then marks the cases loaded.
 
-        Safe to call concurrently for disjoint cases (every array written is chunked per case).
+        Safe to call concurrently for cases of disjoint chunks (:data:`chunk_size` cases each).
 
         Args:
             indices: case indices (any order, no repeats).
@@ -324,24 +348,25 @@ class PseudoLabelStore:
             raise DataError(ids[int(np.argmin(finite))], "image has non-finite values")
         order = np.argsort(idx, kind="stable")
         sidx = idx[order]
+        data = [(self._images, images[order].astype(np.float16))]
         if truth is not None:
             truth = np.asarray(truth)
             self._check_block(truth, idx, "truth")
             known = np.where(truth == NO_TRUTH, 0, truth)
             self._check_labels(known, ids, "truth label")
-            write_rows(self._root["cases/truth"], sidx, truth[order].astype(np.uint8))
+            data.append((self._root["cases/truth"], truth[order].astype(np.uint8)))
         if geometries is not None:
             if len(geometries) != len(idx):
                 raise DataError("geometries", f"got {len(geometries)} geometries for {len(idx)} cases")
             text = np.array([geometry_json(geometries[k], ids[k]) for k in order], dtype=np.dtypes.StringDType())
-            write_rows(self._root["cases/geometry"], sidx, text)
-        write_rows(self._images, sidx, images[order].astype(np.float16))
-        write_rows(self._loaded, sidx, np.ones(len(sidx), dtype=bool))
+            data.append((self._root["cases/geometry"], text))
+        # ``loaded`` last: a case counts as loaded only once everything else of it is stored.
+        write_rows_in_steps([data, [(self._loaded, np.ones(len(sidx), dtype=bool))]], sidx)
 
     def write_images(self, indices: Sequence[int] | np.ndarray, images: np.ndarray) -> None:
         """Stores preprocessed images (float, (n, H, W)) for the given cases, then marks them loaded.
 
-        Safe to call concurrently for disjoint cases.
+        Safe to call concurrently for cases of disjoint chunks.
 
         Raises:
             DataError: wrong shape or non-finite values (naming the case).
@@ -357,6 +382,12 @@ class PseudoLabelStore:
         """Hidden truth of the given cases (all when None), uint8 (n, H, W); NO_TRUTH where a case has none."""
         idx = check_indices(indices, self.num_cases, "read_truth")
         return self._read_ordered(self._root["cases/truth"], idx)
+
+    def read_batch(self, indices: Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Images (float32 (n, H, W)) and hidden truth (uint8 (n, H, W)) of a batch, read together, in the order asked."""
+        idx = check_indices(indices, self.num_cases, "read_batch")
+        images, truth = self._read_ordered_of([self._images, self._root["cases/truth"]], idx)
+        return images.astype(np.float32), truth
 
     def images_missing(self) -> np.ndarray:
         """Indices of cases whose image was never written (skipped cases included)."""
@@ -451,29 +482,40 @@ class PseudoLabelStore:
                 f"expected 0..{self._num_classes - 1}",
             )
 
-    def _unreadable(self, arr: zarr.Array, idx: np.ndarray, err: Exception) -> StoreError:
-        """A StoreError naming the first case of ``idx`` whose chunk of ``arr`` cannot be read back."""
-        for i in idx:
-            try:
-                arr[int(i)]
-            except Exception as case_err:  # noqa: BLE001
-                return StoreError(
-                    f"{self._url}: case {self._case_ids[int(i)]} (index {int(i)}): chunk of {arr.path} is corrupt or "
-                    f"unreadable ({case_err}); a resumed run recomputes the corrupt cases of an unfinished round"
-                )
-        return StoreError(f"{self._url}: reading {arr.path} failed: {err}")
+    def _unreadable(self, arrays: Sequence[zarr.Array], idx: np.ndarray, err: Exception) -> StoreError:
+        """A StoreError naming the first case of ``idx`` whose chunk of one of ``arrays`` cannot be read back."""
+        for arr in arrays:
+            for i in idx:
+                try:
+                    arr[int(i)]
+                except Exception as case_err:  # noqa: BLE001
+                    size = arr.chunks[0]
+                    start = int(i) // size * size
+                    return StoreError(
+                        f"{self._url}: case {self._case_ids[int(i)]} (index {int(i)}): the chunk of {arr.path} holding "
+                        f"cases {start}..{min(start + size, arr.shape[0]) - 1} is corrupt or unreadable ({case_err}); a "
+                        "resumed run recomputes the cases of a round's corrupt chunks"
+                    )
+        return StoreError(f"{self._url}: reading {', '.join(a.path for a in arrays)} failed: {err}")
 
     def _read_ordered(self, arr: zarr.Array, idx: np.ndarray) -> np.ndarray:
         """Reads rows ``idx`` of ``arr`` in the order given."""
+        return self._read_ordered_of([arr], idx)[0]
+
+    def _read_ordered_of(self, arrays: Sequence[zarr.Array], idx: np.ndarray) -> list[np.ndarray]:
+        """Reads rows ``idx`` of each of ``arrays`` (together, where they are contiguous) in the order given."""
         if idx.size == 0:
-            return np.zeros((0, *arr.shape[1:]), dtype=arr.dtype)
+            return [np.zeros((0, *arr.shape[1:]), dtype=arr.dtype) for arr in arrays]
         order = np.argsort(idx, kind="stable")
         try:
-            rows = read_rows(arr, idx[order])
+            blocks = read_rows_of(arrays, idx[order])
         except Exception as err:  # a chunk that fails its checksum or decoding
-            raise self._unreadable(arr, idx[order], err) from err
-        out = np.empty_like(rows)
-        out[order] = rows
+            raise self._unreadable(arrays, idx[order], err) from err
+        out = []
+        for rows in blocks:
+            ordered = np.empty_like(rows)
+            ordered[order] = rows
+            out.append(ordered)
         return out
 
 

@@ -17,6 +17,7 @@ class RoundInputs:
         pseudo_images: (P, H, W) float32 pool images with selected pseudo labels, or None (round 0).
         pseudo_labels: (P, H, W) uint8 their calibrated labels.
         pseudo_weights: (P,) float32 their reliabilities, the loss weight of each; None means all 1.
+        pool_images: (N, H, W) float32 every usable pool image, for online consistency training; None without it.
     """
 
     exemplar_images: np.ndarray
@@ -24,10 +25,12 @@ class RoundInputs:
     pseudo_images: np.ndarray | None = None
     pseudo_labels: np.ndarray | None = None
     pseudo_weights: np.ndarray | None = None
+    pool_images: np.ndarray | None = None
 
     @property
     def has_pseudo(self) -> bool:
         return self.pseudo_images is not None and len(self.pseudo_images) > 0
 
     def exemplars_only(self) -> RoundInputs:
+        """The labelled set alone (what the calibrator trains on)."""
         return RoundInputs(self.exemplar_images, self.exemplar_labels)

@@ -12,16 +12,22 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from monai.losses import DiceLoss
 from torch import nn
 from tqdm.auto import tqdm
 
 from caudo_ray.arrays import check_label_range, check_pair
-from caudo_ray.config import SegmenterConfig
+from caudo_ray.config import ConsistencyConfig, SegmenterConfig
 from caudo_ray.errors import DataError
+from caudo_ray.training.consistency import (
+    check_pool,
+    consistency_views,
+    feature_perturbation,
+    rampup_weight,
+    unlabelled_loss,
+)
 from caudo_ray.training.hooks import TrainingHooks
 from caudo_ray.training.inputs import RoundInputs
+from caudo_ray.training.losses import weighted_dice_ce
 from caudo_ray.transforms.augment import augment, cycle, exemplar_profile, pseudo_profile
 
 
@@ -40,16 +46,6 @@ class TrainResult:
     iterations: int = 0
 
 
-_dice = DiceLoss(include_background=False, to_onehot_y=True, softmax=True, reduction="none")
-
-
-def per_sample_dice_ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """DiceCE per sample: foreground soft Dice (classes averaged) plus pixel-mean cross entropy, shape (B,)."""
-    dice = _dice(logits, target[:, None]).flatten(1).mean(1)
-    ce = F.cross_entropy(logits, target.long(), reduction="none").flatten(1).mean(1)
-    return dice + ce
-
-
 def _cosine_lr(base: float, iteration: int, total: int) -> float:
     # Decays to 5% rather than 0 so a warm-started round still moves in its last iterations.
     progress = iteration / max(total, 1)
@@ -66,14 +62,19 @@ def train_segmenter(
     device: str | torch.device = "cpu",
     hooks: TrainingHooks = TrainingHooks(),
     resume: dict[str, Any] | None = None,
+    consistency: ConsistencyConfig | None = None,
 ) -> TrainResult:
-    """Train (or warm-start) the segmenter on exemplar views and weighted pseudo labels.
+    """Train (or warm-start) the segmenter on exemplar views, weighted pseudo labels and, optionally, the pool.
 
     Every batch holds ``cfg.batch_size`` samples. Without pseudo labels all are strongly augmented exemplar
     views; with them, ``max(1, round(batch_size * cfg.exemplar_fraction))`` are exemplar views and the rest are
     pseudo-labelled cases drawn uniformly and augmented almost as strongly (``pseudo_profile``). The loss is
     DiceCE per sample times its weight (``cfg.exemplar_weight`` for exemplar views, the reliability for a pseudo
-    label), averaged over the batch. Pseudo cases of weight 0 are dropped first, so they change nothing.
+    label) in :func:`weighted_dice_ce`. Pseudo cases of weight 0 are dropped first, so they change nothing.
+
+    With ``consistency``, every iteration also draws ``consistency.unlabelled_batch_size`` pool images and learns
+    from them by weak-to-strong consistency (:mod:`caudo_ray.training.consistency`, UniMatch's recipe): the loss is
+    then ``(L_labelled + strong_weight * L_strong + feature_weight * L_feature) / 2``.
 
     Adam with a cosine learning rate over ``iterations``. All randomness of iteration ``i`` is derived from
     ``(seed, i)`` and nothing reads the global RNGs, so on CPU the same inputs and seed give the same weights, and
@@ -90,6 +91,7 @@ def train_segmenter(
         hooks: progress bar and checkpoints; a checkpoint state is ``{"phase": "segmenter", "iteration": done,
             "segmenter": ..., "optimizer": ...}`` (live tensors: serialise them in ``hooks.save``).
         resume: such a state; training continues from its iteration and optimizer state.
+        consistency: online consistency on ``inputs.pool_images``; None trains on the labelled cases alone.
 
     Returns:
         A :class:`TrainResult`.
@@ -101,6 +103,9 @@ def train_segmenter(
     num_classes = getattr(model, "module", model).out_channels
     check_label_range("exemplar_labels", ex_lab, num_classes)
     ps_img, ps_lab, ps_w = _pseudo_set(inputs.pseudo_images, inputs.pseudo_labels, inputs.pseudo_weights, ex_img.shape[1:], num_classes)
+    pool = None
+    if consistency is not None:
+        pool = check_pool(inputs.pool_images, ex_img.shape[1:])
     start_iteration = int(resume["iteration"]) if resume is not None else 0
     if not 0 <= start_iteration <= iterations:
         raise ValueError(f"resume iteration must be in [0, iterations={iterations}], got {start_iteration}")
@@ -130,10 +135,24 @@ def train_segmenter(
 
         for group in optimizer.param_groups:
             group["lr"] = _cosine_lr(cfg.learning_rate, it, iterations)
-        x = torch.from_numpy(imgs).unsqueeze(1).to(device)
         y = torch.from_numpy(labs.astype(np.int64)).to(device)
         w = torch.from_numpy(weights).to(device)
-        loss = (per_sample_dice_ce(model(x), y) * w).mean()
+        if pool is None:
+            loss = weighted_dice_ce(model(torch.from_numpy(imgs).unsqueeze(1).to(device)), y, w)
+        else:
+            # A seed stream of its own, so the labelled draws stay those of training without the pool.
+            *view_seeds, dropout_seed = (int(v) for v in np.random.SeedSequence([seed, it, 1]).generate_state(6))
+            views = consistency_views(model, pool, cfg=consistency, seg_cfg=cfg, seeds=tuple(view_seeds), device=device)
+            u = consistency.unlabelled_batch_size
+            # One forward pass for every branch: instance norm makes each sample's output independent of the rest
+            # of the batch, and the feature dropout touches only the last u samples (the weak views).
+            x = torch.from_numpy(np.concatenate([imgs, *views.strong, views.weak])).unsqueeze(1).to(device)
+            with feature_perturbation(model, consistency.feature_dropout, u, torch.Generator().manual_seed(dropout_seed)):
+                logits = model(x)
+            pred_x, pred_s1, pred_s2, pred_fp = logits.split([len(imgs), u, u, u])
+            ramp = rampup_weight(it, iterations, consistency.rampup)
+            loss = (weighted_dice_ce(pred_x, y, w) + ramp * unlabelled_loss(pred_s1, pred_s2, pred_fp, views, consistency)) / 2.0
+
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

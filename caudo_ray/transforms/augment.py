@@ -2,7 +2,8 @@
 
 Exemplar views are augmented strongly (:func:`exemplar_profile`); pseudo-labelled cases almost as strongly
 (:func:`pseudo_profile`). All random draws come from one seeded generator, so views are a pure function of the
-inputs and the seed.
+inputs and the seed. Consistency training uses the two halves of :func:`augment` on their own: geometry only for
+its weak views (:func:`spatial_views`), intensity only for its strong views (:func:`intensity_views`).
 """
 
 from __future__ import annotations
@@ -19,13 +20,14 @@ from monai.networks.layers import GaussianFilter
 from caudo_ray.arrays import check_pair
 from caudo_ray.config import SegmenterConfig
 
+
 @dataclass(frozen=True)
 class AugmentProfile:
     """Ranges of one augmentation strength; every ``*_prob`` is a per-view probability."""
 
     rotate_deg: float
     zoom: tuple[float, float]  # apparent target size factor, drawn log-uniformly
-    target_area: tuple[float, float] | None  # if set, zoom so the target covers this share of the frame instead
+    area_limits: tuple[float, float] | None  # if set, zoom no further than keeps the target's share of the frame in it
     translate: float  # max shift as a fraction of each side
     elastic_prob: float
     elastic_px: float  # std of the control-point displacement, as a fraction of the image side
@@ -41,7 +43,7 @@ def exemplar_profile(cfg: SegmenterConfig) -> AugmentProfile:
     return AugmentProfile(
         rotate_deg=30.0,
         zoom=(float(cfg.scale_range[0]), float(cfg.scale_range[1])),
-        target_area=None if cfg.target_area_range is None else tuple(cfg.target_area_range),
+        area_limits=None if cfg.target_area_limits is None else tuple(cfg.target_area_limits),
         translate=0.2,
         elastic_prob=0.5,
         elastic_px=0.025,
@@ -59,7 +61,7 @@ def exemplar_profile(cfg: SegmenterConfig) -> AugmentProfile:
 # the teacher did learns more than their confirmation (HC18, one exemplar, 3 rounds of plain self-training: test
 # Dice 0.753 -> 0.752 with light augmentation, -> 0.782 with this).
 def pseudo_profile(cfg: SegmenterConfig) -> AugmentProfile:
-    return replace(exemplar_profile(cfg), zoom=(0.7, 1.4), target_area=None, elastic_prob=0.3)
+    return replace(exemplar_profile(cfg), zoom=(0.7, 1.4), area_limits=None, elastic_prob=0.3)
 
 
 _CURVE_POINTS = 6  # control points of a random intensity curve
@@ -94,32 +96,103 @@ def augment(
     min-max rescaled to [0, 1], the normalisation the rest of the pipeline assumes.
 
     All random draws come from one ``numpy`` generator seeded with ``rng_seed``, so the views are a pure
-    function of the inputs and the seed.
+    function of the inputs and the seed. The spatial draws all come before the intensity draws, which is what
+    lets :func:`spatial_views` and :func:`intensity_views` run either half on its own.
     """
-    p = profile
     rng = np.random.default_rng(int(rng_seed) % (2**64))
-    n = len(sources)
-    if n == 0:
+    if len(sources) == 0:
         return images[:0].copy(), labels[:0].copy()
+    img, lab = _warp(images, labels, np.asarray(sources), profile, rng)
+    return _intensity(img, profile, rng), np.rint(lab[:, 0].numpy()).astype(np.uint8)
+
+
+def spatial_views(
+    images: np.ndarray,
+    sources: np.ndarray,
+    profile: AugmentProfile,
+    rng_seed: int,
+    labels: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """The geometric half of :func:`augment` alone: warped ``images[sources]`` (and labels), intensities untouched.
+
+    Consistency training's weak views: the teacher labels the image as the geometry left it, and the strong
+    views (:func:`intensity_views` of the same warped image) stay pixel-aligned with that label.
+
+    Args:
+        images: (N, H, W) float32 images in [0, 1].
+        sources: indices into ``images`` of the views to make.
+        profile: its spatial ranges are used (``rotate_deg``, ``zoom``, ``translate``, ``elastic_*``); a
+            ``area_limits`` needs ``labels``.
+        rng_seed: the views are a pure function of the inputs and this seed.
+        labels: (N, H, W) label maps warped alongside (nearest), or None for images only.
+
+    Returns:
+        ``(images (n, H, W) float32, labels (n, H, W) uint8 or None)``.
+    """
+    if labels is None and profile.area_limits is not None:
+        raise ValueError("a profile with area_limits zooms by the label's area: pass labels, or a profile without it")
+    rng = np.random.default_rng(int(rng_seed) % (2**64))
+    sources = np.asarray(sources)
+    if len(sources) == 0:
+        return images[:0].copy(), None if labels is None else labels[:0].copy()
+    img, lab = _warp(images, labels, sources, profile, rng)
+    out_lab = None if lab is None else np.rint(lab[:, 0].numpy()).astype(np.uint8)
+    return img[:, 0].numpy(), out_lab
+
+
+def intensity_views(images: np.ndarray, profile: AugmentProfile, rng_seed: int) -> np.ndarray:
+    """The intensity half of :func:`augment` alone: one perturbed, [0, 1]-rescaled view per image, same geometry.
+
+    Gamma, bias field, smoothing, shift, noise and a random monotone curve, each with the profile's per-view
+    probability. No pixel moves, so a label of ``images`` is a label of the result (the strong views of
+    consistency training).
+
+    Args:
+        images: (n, H, W) float32 images in [0, 1].
+        profile: its intensity ranges and probabilities are used.
+        rng_seed: the views are a pure function of the inputs and this seed.
+
+    Returns:
+        (n, H, W) float32 images in [0, 1].
+    """
+    rng = np.random.default_rng(int(rng_seed) % (2**64))
+    if len(images) == 0:
+        return np.asarray(images, np.float32)[:0].copy()
+    # Gamma needs x >= 0 exactly, as after the warp in augment.
+    img = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).unsqueeze(1).clamp_min(0.0)
+    return _intensity(img, profile, rng)
+
+
+def _grid(h: int, w: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Row and column coordinates of every pixel (float64) and the image centre."""
+    centre = np.array([(h - 1) / 2.0, (w - 1) / 2.0])
+    rows, cols = np.meshgrid(np.arange(h, dtype=np.float64), np.arange(w, dtype=np.float64), indexing="ij")
+    return rows, cols, centre
+
+
+def _warp(
+    images: np.ndarray, labels: np.ndarray | None, sources: np.ndarray, p: AugmentProfile, rng: np.random.Generator
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One displacement field per view (affine, then optional elastic); returns (n, 1, H, W) image and label."""
+    n = len(sources)
     h, w = images.shape[1:]
     img = torch.from_numpy(images[sources]).unsqueeze(1)
-    lab = torch.from_numpy(labels[sources].astype(np.float32)).unsqueeze(1)
 
     # Affine: for output pixel x the source is c + M (x - c) - t; M = rotation / zoom, with a flip of columns.
     zoom_lo, zoom_hi = np.full(n, p.zoom[0]), np.full(n, p.zoom[1])
-    if p.target_area is not None:
+    if p.area_limits is not None:
         area = (labels[sources] > 0).mean(axis=(1, 2))
-        has = area > 0  # an empty label has no size to match; it keeps the plain zoom range
-        zoom_lo[has] = np.sqrt(p.target_area[0] / area[has])
-        zoom_hi[has] = np.sqrt(p.target_area[1] / area[has])
+        has = area > 0  # an empty label has no size to keep in bounds; it keeps the plain zoom range
+        zoom_lo[has] = np.maximum(zoom_lo[has], np.sqrt(p.area_limits[0] / area[has]))
+        zoom_hi[has] = np.minimum(zoom_hi[has], np.sqrt(p.area_limits[1] / area[has]))
+        zoom_lo = np.minimum(zoom_lo, zoom_hi)  # a target already past a limit is kept at the nearest zoom
     zoom = np.exp(rng.uniform(np.log(zoom_lo), np.log(zoom_hi)))
     angle = np.deg2rad(rng.uniform(-p.rotate_deg, p.rotate_deg, n))
     shift = rng.uniform(-p.translate, p.translate, (n, 2)) * np.array([h, w])
     flip = np.where(rng.random(n) < 0.5, -1.0, 1.0)  # horizontal: ultrasound has no preferred left/right
     cos, sin = np.cos(angle) / zoom, np.sin(angle) / zoom
     m = np.stack([np.stack([cos, -sin * flip], 1), np.stack([sin, cos * flip], 1)], 1)  # (n, 2, 2)
-    centre = np.array([(h - 1) / 2.0, (w - 1) / 2.0])
-    rows, cols = np.meshgrid(np.arange(h, dtype=np.float64), np.arange(w, dtype=np.float64), indexing="ij")
+    rows, cols, centre = _grid(h, w)
     rel = np.stack([rows, cols]) - centre[:, None, None]  # (2, h, w)
     source = np.einsum("nij,jhw->nihw", m, rel) + (centre - shift)[:, :, None, None]
     ddf = torch.from_numpy((source - (rel + centre[:, None, None])).astype(np.float32))
@@ -131,7 +204,16 @@ def augment(
         ddf = ddf + smooth * torch.from_numpy(elastic.astype(np.float32))[:, None, None, None]
 
     img = _WARP_IMAGE(img, ddf).clamp_min(0.0)  # bilinear never overshoots, but gamma needs x >= 0 exactly
-    lab = _WARP_LABEL(lab, ddf)
+    if labels is None:
+        return img, None
+    lab = torch.from_numpy(labels[sources].astype(np.float32)).unsqueeze(1)
+    return img, _WARP_LABEL(lab, ddf)
+
+
+def _intensity(img: torch.Tensor, p: AugmentProfile, rng: np.random.Generator) -> np.ndarray:
+    """Intensity changes of (n, 1, H, W) images >= 0, each view rescaled to [0, 1]; returns (n, H, W) float32."""
+    n, h, w = img.shape[0], img.shape[2], img.shape[3]
+    rows, cols, centre = _grid(h, w)
 
     def per_view(prob: float) -> torch.Tensor:
         return torch.from_numpy((rng.random(n) < prob).astype(np.float32))[:, None, None, None]
@@ -172,7 +254,7 @@ def augment(
     knots = np.linspace(0.0, 1.0, _CURVE_POINTS)
     for i in np.flatnonzero(rng.random(n) < p.curve_prob):
         out[i] = np.interp(out[i], knots, levels[i])
-    return out, np.rint(lab[:, 0].numpy()).astype(np.uint8)
+    return out
 
 
 def augment_views(

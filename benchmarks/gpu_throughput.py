@@ -1,0 +1,200 @@
+"""GPU throughput: calibration cases/s on one GPU at 128x128 with 10 DDIM steps, 1 worker and 2 sharing the GPU.
+
+Needs a CUDA build of torch and a GPU; it refuses to run without one (exit status 2). Measured side by side:
+
+- **precision**: the bare loop in this process (``rounds.steps.label_cases``) on the GPU in float32, bf16 and fp16
+  autocast, and how far bf16/fp16 labels are from float32's (share of pixels that differ, initial and calibrated);
+- **workers**: the same pool streamed by ``RayExecutor.label`` through 1 worker holding the GPU
+  (``runtime.gpus_per_worker: 1``) and 2 workers sharing it (``0.5`` each), in ``runtime.autocast`` (``auto``:
+  bf16 on CUDA).
+
+Models are untrained networks of the demo's sizes unless ``--models`` names a finished run's ``round_<r>.pt``
+(with ``--config`` its ``config.yaml``): throughput does not depend on the weights, label agreement does (untrained
+networks give near-ties everywhere, so quote agreement from trained models).
+
+Usage::
+
+    python -m benchmarks.gpu_throughput                                   # untrained demo-size networks
+    python -m benchmarks.gpu_throughput --config runs/hc18/config.yaml --models runs/hc18/models/round_0.pt
+
+Writes ``<work-dir>/gpu_throughput.json`` and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import ray
+import torch
+
+from benchmarks.throughput import DEMO_CONFIG, REPO_ROOT, phantom_store, untrained_models
+from caudo_ray.config import RunConfig, load_config
+from caudo_ray.distributed.cluster import init_ray, shutdown_ray
+from caudo_ray.distributed.executor import RayExecutor
+from caudo_ray.labelling.engine import LabelingEngine
+from caudo_ray.networks.bundle import RoundModels
+from caudo_ray.rounds.executor import TrainContext, labelling_precision
+from caudo_ray.rounds.steps import label_cases
+from caudo_ray.store import PseudoLabelStore, chunk_batches
+
+SIZE = 128
+STEPS = 10
+
+
+def gpu_config(work_dir: Path, base: Path, num_workers: int, gpus_per_worker: float, batch_size: int, autocast: str) -> RunConfig:
+    return load_config(
+        base,
+        {
+            "work_dir": str(work_dir),
+            "device": "cuda",
+            "data.working_size": [SIZE, SIZE],
+            "calibrator.inference_steps": STEPS,
+            "runtime.num_workers": num_workers,
+            "runtime.gpus_per_worker": gpus_per_worker,
+            "runtime.cpus_per_worker": 1,
+            "runtime.threads_per_worker": 1,
+            "runtime.trainer_cpus": 0,
+            "runtime.batch_size": batch_size,
+            "runtime.autocast": autocast,
+        },
+    )
+
+
+class Rounds:
+    """A new round of the store for each measurement, streamed chunk-aligned as the coordinator streams it."""
+
+    def __init__(self, store: PseudoLabelStore, batch_size: int):
+        self.store, self.batch_size, self.next = store, batch_size, 0
+
+    def measure(self, label_fn, label: str) -> dict:
+        r = self.next
+        self.next += 1
+        self.store.rounds.begin(r, {"benchmark": label}, chunk_size=self.batch_size)
+        todo = self.store.rounds.missing(r)
+        t0 = time.perf_counter()
+        ddim = cases = 0
+        for stats in label_fn(r, chunk_batches(todo, self.batch_size)):
+            cases += len(stats.indices)
+            ddim += stats.ddim_s
+        elapsed = time.perf_counter() - t0
+        assert cases == len(todo) and self.store.rounds.done(r)[todo].all(), f"{label}: not every case was labelled"
+        return {"round": r, "cases_per_s": cases / elapsed, "ddim_ms_per_case": 1e3 * ddim / cases, "elapsed_s": elapsed}
+
+
+def bare(cfg: RunConfig, models: RoundModels, store: PseudoLabelStore, setting: str):
+    """The labelling loop in this process, on the GPU, under ``setting`` autocast."""
+    device = torch.device("cuda")
+
+    def label_fn(r, batches):
+        engine = LabelingEngine(cfg, models, device)
+        for indices in batches:
+            with labelling_precision(setting, device):
+                stats = label_cases(engine, store, r, indices)
+            torch.cuda.synchronize()
+            yield stats
+
+    return label_fn
+
+
+def disagreement(store: PseudoLabelStore, r: int, reference: int) -> dict:
+    a, b = store.rounds.read(r), store.rounds.read(reference)
+    return {kind: float(np.mean(a[kind] != b[kind])) for kind in ("initial", "calibrated")}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", type=Path, default=DEMO_CONFIG, help="run config whose network sizes to use")
+    parser.add_argument("--models", type=Path, default=None, help="a finished run's models/round_<r>.pt (default: untrained)")
+    parser.add_argument("--cases", type=int, default=2048)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--work-dir", type=Path, default=REPO_ROOT / "runs" / "bench-gpu")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("no CUDA device: this benchmark needs a GPU and a CUDA build of torch")
+        raise SystemExit(2)
+
+    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    work = args.work_dir.resolve()
+    shutil.rmtree(work / "gpu.zarr", ignore_errors=True)
+    cfg = gpu_config(work, args.config, 1, 1.0, args.batch_size, "auto")
+    num_classes = cfg.data.num_classes or cfg.data.phantom.num_classes
+    models = RoundModels.load(args.models) if args.models else untrained_models(cfg, num_classes)
+    store = phantom_store(work / "gpu.zarr", args.cases, cfg)
+    rounds = Rounds(store, args.batch_size)
+    rounds.measure(bare(cfg, models, store, "off"), "warm-up")  # CUDA context, cuDNN autotuning
+
+    res: dict = {"precision": {}, "workers": {}}
+    runs: dict[str, list[dict]] = {}
+    for _ in range(args.repeats):
+        for setting in ("off", "bf16", "fp16"):
+            runs.setdefault(setting, []).append(rounds.measure(bare(cfg, models, store, setting), f"bare-{setting}"))
+    reference = runs["off"][-1]["round"]
+    for setting, measured in runs.items():
+        res["precision"][setting] = {
+            "cases_per_s": statistics.median(m["cases_per_s"] for m in measured),
+            "ddim_ms_per_case": statistics.median(m["ddim_ms_per_case"] for m in measured),
+            "pixels_differing_from_fp32": disagreement(store, measured[-1]["round"], reference),
+        }
+
+    init_ray(cfg, log_to_driver=False)
+    try:
+        for workers, share in ((1, 1.0), (2, 0.5)):
+            wcfg = gpu_config(work, args.config, workers, share, args.batch_size, "auto")
+            executor = RayExecutor(TrainContext(wcfg, store.url, num_classes))
+            try:
+                label_fn = lambda r, b, ex=executor: ex.label(r, models, b)
+                rounds.measure(label_fn, f"ray-{workers}w-cold")
+                measured = [rounds.measure(label_fn, f"ray-{workers}w") for _ in range(args.repeats)]
+                where = ray.get([w.where.remote() for w in executor._workers])
+            finally:
+                executor.close()
+            res["workers"][f"{workers}w"] = {
+                "gpus_per_worker": share,
+                "cases_per_s": statistics.median(m["cases_per_s"] for m in measured),
+                "ddim_ms_per_case": statistics.median(m["ddim_ms_per_case"] for m in measured),
+                "placement": where,
+            }
+    finally:
+        shutdown_ray()
+    res["scaling_2w_sharing_vs_1w"] = res["workers"]["2w"]["cases_per_s"] / res["workers"]["1w"]["cases_per_s"]
+    res.update({
+        "working_size": SIZE,
+        "ddim_steps": STEPS,
+        "batch_size": args.batch_size,
+        "cases": args.cases,
+        "models": str(args.models) if args.models else "untrained networks of the config's sizes",
+        "config": str(args.config),
+        "gpu": torch.cuda.get_device_name(0),
+        "torch": torch.__version__,
+        "cpu_count": os.cpu_count(),
+    })  # fmt: skip
+    out = work / "gpu_throughput.json"
+    out.write_text(json.dumps(res, indent=2))
+    shutil.rmtree(work / "gpu.zarr", ignore_errors=True)
+    print(format_table(res))
+    print(f"\nJSON: {out}")
+    return res
+
+
+def format_table(res: dict) -> str:
+    lines = [f"GPU {res['gpu']}, {res['working_size']}x{res['working_size']}, {res['ddim_steps']} DDIM steps, batch {res['batch_size']}", ""]
+    lines += ["| run | cases/s | DDIM ms/case | pixels differing from fp32 (initial / calibrated) |", "|---|---|---|---|"]
+    for setting, p in res["precision"].items():
+        diff = p["pixels_differing_from_fp32"]
+        lines.append(f"| bare loop, {setting} | {p['cases_per_s']:.0f} | {p['ddim_ms_per_case']:.2f} | {diff['initial']:.2e} / {diff['calibrated']:.2e} |")
+    for name, w in res["workers"].items():
+        lines.append(f"| Ray, {name} ({w['gpus_per_worker']:g} GPU each), autocast auto | {w['cases_per_s']:.0f} | {w['ddim_ms_per_case']:.2f} | |")
+    lines.append(f"| 2 workers sharing / 1 worker | {res['scaling_2w_sharing_vs_1w']:.2f} | | |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
