@@ -244,12 +244,27 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return code
 
 
+def _round_line(summary: dict) -> str:
+    """One round at a glance: the round's segmenter on validation, what calibration did to the pool's labels
+    (where hidden truth exists), what was selected; every figure is also in MLflow."""
+    parts = []
+    val = summary.get("val", {}).get("dice")
+    if val is not None:
+        parts.append(f"segmenter val Dice {val:.4f}")
+    if "pseudo_dice_initial" in summary:
+        parts.append(
+            f"pool pseudo-label Dice {summary['pseudo_dice_initial']:.4f} -> {summary['pseudo_dice_calibrated']:.4f} "
+            f"calibrated ({100 * summary['calibration_gain']:+.2f} points)"
+        )
+    parts.append(f"selected {summary['selected']}/{summary['cases']}, reliability mean {summary['reliability_mean']:.3f}")
+    return f"round {summary['round']}: " + ", ".join(parts)
+
+
 def _run(cfg: RunConfig, progress: bool) -> int:
     factory = RayExecutor if cfg.runtime.use_ray else None
     result = Coordinator(cfg, executor_factory=factory, progress=progress).run()
     for summary in result.rounds:
-        shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in summary.items() if not isinstance(v, dict)}
-        print(f"round {summary['round']}: {shown}")
+        print(_round_line(summary))
     if result.final_metrics:
         print("final segmenter on validation:", {k: round(v, 4) for k, v in result.final_metrics.items()})
     print(f"MLflow run {result.run_id} in {result.tracking_uri}")

@@ -12,7 +12,7 @@ from monai.losses import DiceCELoss
 from monai.networks.nets import UNet
 
 from caudo_ray.calibration.corruptions import corrupt_labels
-from caudo_ray.calibration.sampling import calibrate, case_weight, gate_calibration
+from caudo_ray.calibration.sampling import arbitrate, calibrate, case_weight, gate_calibration
 from caudo_ray.calibration.schedule import CalibrationSchedule
 from caudo_ray.calibration.training import train_calibrator
 from caudo_ray.config import CalibratorConfig, SegmenterConfig
@@ -313,25 +313,48 @@ def test_gate_keeps_confident_pixels_of_reliable_labels_and_frees_doubtful_ones(
     torch.testing.assert_close(case_weight(torch.tensor([0.4, 0.65, 0.9]), (0.5, 0.8)), torch.tensor([1.0, 0.5, 0.0]))
     assert case_weight(torch.tensor([0.1, 0.9]), (0.0, 0.0)).tolist() == [0.0, 0.0]  # (0, 0): pixel gate alone
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 12, open: on these phantoms the gated calibration lowers the segmenter's own labels "
-    "(measured: Dice 0.972 -> 0.943, worst case -0.064); strict, so the fix shows up as an XPASS failure",
-)
-def test_gated_calibration_of_the_segmenters_own_labels_never_lowers_dice(trained):
+@pytest.fixture(scope="module")
+def weak():
+    """A segmenter trained briefly on the exemplar (wrong in places on unseen cases), with its own calibrator."""
+    ex_img, ex_lab = make_phantoms(1, seed=1)
+    segmenter = TinySegmenter(seed=0)
+    segmenter.fit(ex_img, ex_lab, iterations=25, seed=0)
+    torch.manual_seed(0)
+    calibrator = Calibrator.from_config(CAL_CFG, num_classes=2, feature_channels=segmenter.feature_channels)
+    train_calibrator(calibrator, segmenter, RoundInputs(ex_img, ex_lab), cfg=CAL_CFG, seg_cfg=SEG_CFG, seed=0, num_views=128)
+    return segmenter, calibrator
+
+
+def test_calibration_of_the_segmenters_own_labels_costs_at_most_half_a_point(weak):
     """Real use: the initial label is the segmenter's own prediction, wrong in places, and the guidance features
-    come from the same forward pass, so the denoiser cannot read the answer off features of a clean label. The
-    gated calibration (what the labelling engine stores) must not lower the labels' Dice."""
-    segmenter, calibrator, _, test_img, test_lab = trained
+    come from the same forward pass, so the denoiser cannot read the answer off features of a clean label. Gated
+    alone, this calibrator lowers such labels; arbitrating only the pixels the image and its mirror dispute (what
+    the labelling engine stores) keeps the loss within half a Dice point."""
+    segmenter, calibrator = weak
+    test_img, test_lab = make_phantoms(24, seed=7)
     x = torch.from_numpy(test_img)[:, None]
     probs, feats = segmenter(x)
-    flipped = segmenter(x.flip(-1))[0].flip(-1)
+    mirrored = segmenter(x.flip(-1))[0].flip(-1)
     calibrated = calibrate(calibrator, SCHEDULE, x, probs, feats, w=CAL_CFG.guidance_strength, s=CAL_CFG.calibration_strength)
-    before_rel = reliability_scores(probs.numpy(), probs.numpy(), flipped.numpy())["reliability"]
+    before_rel = reliability_scores(probs.numpy(), probs.numpy(), mirrored.numpy())["reliability"]
     gated = gate_calibration(probs, calibrated, torch.from_numpy(before_rel), CAL_CFG.gate)
-    before = np.array([dice(p, t) for p, t in zip(probs.argmax(1).numpy(), test_lab)])
-    after = np.array([dice(p, t) for p, t in zip(gated.argmax(1).numpy(), test_lab)])
-    print(f"segmenter's own labels: Dice {before.mean():.3f} -> gated calibration {after.mean():.3f}, worst case {np.min(after - before):+.3f}")
-    assert before.mean() < 0.95 and before.min() < 0.9  # the labels are wrong in places, or the test tells nothing
+    stored = arbitrate(probs, gated, mirrored)
+
+    def dices(p):
+        return np.array([dice(a, t) for a, t in zip(p.argmax(1).numpy(), test_lab)])
+
+    before, after_gate, after = dices(probs), dices(gated), dices(stored)
+    print(f"own labels {before.mean():.4f}: gated {after_gate.mean():.4f}, gated + arbitrated {after.mean():.4f} (worst case {np.min(after - before):+.3f})")
+    assert before.mean() < 0.9  # the labels are wrong in places, or the test tells nothing
+    assert after_gate.mean() < before.mean() - 0.01  # this calibrator does harm where it is let loose
     assert after.mean() >= before.mean() - 0.005
     assert np.min(after - before) >= -0.05
+
+
+def test_arbitrate_changes_only_the_pixels_the_two_views_dispute():
+    initial = torch.tensor([[0.9, 0.1], [0.6, 0.4]]).T.reshape(1, 2, 1, 2)  # class 0 | class 0
+    mirrored = torch.tensor([[0.8, 0.2], [0.3, 0.7]]).T.reshape(1, 2, 1, 2)  # class 0 (agrees) | class 1 (disputes)
+    calibrated = torch.tensor([[0.1, 0.9], [0.2, 0.8]]).T.reshape(1, 2, 1, 2)  # class 1 | class 1
+    out = arbitrate(initial, calibrated, mirrored)
+    torch.testing.assert_close(out[..., 0], initial[..., 0])
+    torch.testing.assert_close(out[..., 1], calibrated[..., 1])

@@ -24,6 +24,9 @@ def test_defaults_and_demo_config_validate():
         ({"segmenter": {"strides": [2, 2]}}, "segmenter.strides"),
         ({"selection": {"fractions": [0.5, 1.5]}}, "selection.fractions[1]"),
         ({"runtime": {"use_ray": "yes"}}, "runtime.use_ray"),
+        ({"data": {"phantom": {"speckle": 1.5}}}, "data.phantom.speckle"),
+        ({"data": {"phantom": {"target_width": [0.6, 0.2]}}}, "data.phantom.target_width"),
+        ({"calibrator": {"arbitrate": "sometimes"}}, "calibrator.arbitrate"),
     ],
 )
 def test_bad_values_are_refused_naming_the_key(raw, key):

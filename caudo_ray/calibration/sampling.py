@@ -110,6 +110,22 @@ def gate_calibration(
     return initial + torch.maximum(case, pixel.clamp(0.0, 1.0)) * (calibrated - initial)
 
 
+def arbitrate(initial: torch.Tensor, calibrated: torch.Tensor, mirrored: torch.Tensor) -> torch.Tensor:
+    """The calibrated probabilities where the segmenter's two views dispute a pixel, the initial ones elsewhere.
+
+    Where the segmenter labels a pixel alike in the image and in its mirror (flipped back), two views of the data
+    agree and the calibrator, whose prior comes from one exemplar, has less to go on than they do; where they
+    disagree, the segmenter does not know, and the calibrator decides.
+
+    Args:
+        initial: (B, C, H, W) the segmenter's probabilities.
+        calibrated: (B, C, H, W) the (gated) calibrated probabilities.
+        mirrored: (B, C, H, W) the segmenter's probabilities on the mirrored image, flipped back.
+    """
+    agree = initial.argmax(1, keepdim=True) == mirrored.to(initial.device).argmax(1, keepdim=True)
+    return torch.where(agree, initial, calibrated)
+
+
 def case_weight(reliability: torch.Tensor, bounds: tuple[float, float]) -> torch.Tensor:
     """(B,) how freely each case may move: 1 at reliability <= lo, 0 from hi up, linear in between."""
     lo, hi = bounds

@@ -37,9 +37,9 @@ class _Anatomy:
     tissue_level: float
 
 
-def _draw_anatomy(rng: np.random.Generator) -> _Anatomy:
+def _draw_anatomy(rng: np.random.Generator, width_range: tuple[float, float] = (0.15, 0.60)) -> _Anatomy:
     return _Anatomy(
-        width_frac=float(rng.uniform(0.15, 0.60)),
+        width_frac=float(rng.uniform(*width_range)),
         aspect=float(rng.uniform(0.65, 0.9)),
         rim_brightness=float(rng.uniform(0.75, 1.0)),
         interior_level=float(rng.uniform(0.08, 0.2)),
@@ -50,22 +50,40 @@ def _draw_anatomy(rng: np.random.Generator) -> _Anatomy:
     )
 
 
-def phantom_case(seed: int, size: tuple[int, int] = (96, 96), num_classes: int = 2) -> tuple[np.ndarray, np.ndarray]:
+def phantom_case(
+    seed: int,
+    size: tuple[int, int] = (96, 96),
+    num_classes: int = 2,
+    *,
+    speckle: float = 1.0,
+    rim_width: float = 0.08,
+    target_width: tuple[float, float] = (0.15, 0.60),
+) -> tuple[np.ndarray, np.ndarray]:
     """One phantom frame, deterministic from ``seed``.
 
     Args:
         seed: random seed; same seed, same frame.
         size: (H, W).
         num_classes: 2 (background, head) or 3 (background, head, inner structure).
+        speckle: share of the intensity modulated by fully developed speckle (1: all of it; 0: none).
+        rim_width: the bright rim's least width as a fraction of the target's radius (at least 1.5 pixels).
+        target_width: range of the target's long axis as a fraction of the frame's width.
 
     Returns:
         image (H, W) float32 in [0, 1] and mask (H, W) uint8 class indices.
     """
     rng = np.random.default_rng(seed)
-    return _render(_draw_anatomy(rng), rng, size, num_classes)
+    return _render(_draw_anatomy(rng, target_width), rng, size, num_classes, speckle, rim_width)
 
 
-def _render(anatomy: _Anatomy, rng: np.random.Generator, size: tuple[int, int], num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+def _render(
+    anatomy: _Anatomy,
+    rng: np.random.Generator,
+    size: tuple[int, int],
+    num_classes: int,
+    speckle_share: float = 1.0,
+    min_rim: float = 0.08,
+) -> tuple[np.ndarray, np.ndarray]:
     if num_classes not in (2, 3):
         raise ValueError(f"phantoms have 2 or 3 classes, got {num_classes}")
     h, w = int(size[0]), int(size[1])
@@ -93,7 +111,7 @@ def _render(anatomy: _Anatomy, rng: np.random.Generator, size: tuple[int, int], 
     cy = rng.uniform(min(ey + 0.15 * h, h / 2), max(h - ey - 1, h / 2))
     rho = _ellipse_radius(xx, yy, cx, cy, a, b, angle)
     head = rho <= 1.0
-    rim_width = max(1.5 / b, 0.08)
+    rim_width = max(1.5 / b, min_rim)
     rim = head & (rho >= 1.0 - rim_width)
     image = np.where(head, anatomy.interior_level + 0.08 * _smooth_noise(rng, (h, w), sigma=max(h, w) / 30), tissue)
     image = np.where(rim, anatomy.rim_brightness, image)
@@ -131,7 +149,7 @@ def _render(anatomy: _Anatomy, rng: np.random.Generator, size: tuple[int, int], 
     re = gaussian_filter(rng.standard_normal((h, w)), 0.7)
     im = gaussian_filter(rng.standard_normal((h, w)), 0.7)
     speckle = np.hypot(re, im)
-    image = image * speckle / speckle.mean()
+    image = image * (1.0 - speckle_share + speckle_share * speckle / speckle.mean())
 
     image = np.where(fov, image, 0.0)
     mask[~fov] = 0
@@ -173,9 +191,9 @@ def write_phantom_dataset(root: str | Path, cfg: PhantomConfig) -> Path:
         for i in range(count):
             g, k = i % num_groups, i // num_groups
             group = f"{prefix}{g:03d}"
-            anatomy = _draw_anatomy(np.random.default_rng([cfg.seed, ord(prefix), g]))
+            anatomy = _draw_anatomy(np.random.default_rng([cfg.seed, ord(prefix), g]), cfg.target_width)
             frame_rng = np.random.default_rng([cfg.seed, ord(prefix), g, k + 1])
-            image, mask = _render(anatomy, frame_rng, size, cfg.num_classes)
+            image, mask = _render(anatomy, frame_rng, size, cfg.num_classes, cfg.speckle, cfg.rim_width)
             out.append((f"{group}_f{k:02d}.png", group, image, mask))
         return out
 

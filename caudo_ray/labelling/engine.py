@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from caudo_ray.calibration.sampling import calibrate, case_weight, gate_calibration
+from caudo_ray.calibration.sampling import arbitrate, calibrate, case_weight, gate_calibration
 from caudo_ray.calibration.schedule import CalibrationSchedule
 from caudo_ray.config import RunConfig
 from caudo_ray.labelling.reliability import ShapePrior, reliability_scores
@@ -73,6 +73,8 @@ class LabelingEngine:
                 before = torch.from_numpy(reliability_scores(p0, p0, pf, self.prior)["reliability"])
                 calibrated = gate_calibration(probs, calibrated, before, c.gate)
                 kept = case_weight(before, c.gate)
+            if c.arbitrate:
+                calibrated = arbitrate(probs, calibrated, flipped.flip(-1))
             p1 = calibrated.float().cpu().numpy()
         else:
             p1 = p0

@@ -34,6 +34,18 @@ def test_target_sizes_vary_widely():
     assert min(fractions) < 0.05 and max(fractions) > 0.15
 
 
+def test_speckle_and_target_width_knobs():
+    """Less speckle gives a smoother tissue texture; a narrower width range bounds the head's size."""
+    raw, mask = phantom_case(4, (96, 96), 2)
+    soft, soft_mask = phantom_case(4, (96, 96), 2, speckle=0.3)
+    np.testing.assert_array_equal(mask, soft_mask)  # the same anatomy and placement
+    tissue = (mask == 0) & (raw > 0) & (soft > 0)
+    assert np.std(np.diff(soft, axis=1)[tissue[:, 1:]]) < 0.7 * np.std(np.diff(raw, axis=1)[tissue[:, 1:]])
+    fractions = [(phantom_case(s, (64, 64), 2, target_width=(0.3, 0.4))[1] > 0).mean() for s in range(20)]
+    wide = [(phantom_case(s, (64, 64), 2)[1] > 0).mean() for s in range(20)]
+    assert np.ptp(fractions) < np.ptp(wide) and min(fractions) > min(wide)
+
+
 def test_dataset_folder_is_deterministic_and_grouped(tmp_path):
     cfg = PhantomConfig(num_labelled=8, num_unlabelled=4, size=(32, 32), num_classes=3, num_groups=4, seed=5)
     root = write_phantom_dataset(tmp_path / "ph", cfg)
