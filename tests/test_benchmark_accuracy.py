@@ -88,7 +88,7 @@ def test_fast_smoke_on_acdc_reports_volume_metrics_per_class(tmp_path):
         pytest.skip(f"ACDC not found at {ACDC}")
     bench = _load_benchmark()
     report = bench.main(
-        ["--data", str(ACDC), "--fast", "--smoke", "--limit", "40", "--methods", "exemplar_only", "caudo",
+        ["--data", str(ACDC), "--fast", "--smoke", "--limit", "40", "--methods", "caudo",
          "--work-dir", str(tmp_path / "work"), "--out", str(tmp_path / "acdc.json")]
     )
     assert report["labelled_sets"] == [{"kind": "groups", "ids": ["patient099"]}]
