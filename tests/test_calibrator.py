@@ -110,17 +110,23 @@ class TinySegmenter:
         return probs, self._features
 
 
-@pytest.fixture(scope="module")
-def trained():
-    """Segmenter trained on one exemplar, calibrator trained on its views, and unseen test cases."""
+def _one_shot_pair(segmenter_iterations: int) -> tuple[TinySegmenter, Calibrator, dict]:
+    """A segmenter trained on one exemplar for ``segmenter_iterations``, and a calibrator trained on its views."""
     ex_img, ex_lab = make_phantoms(1, seed=1)
     segmenter = TinySegmenter(seed=0)
-    segmenter.fit(ex_img, ex_lab, iterations=100, seed=0)
+    segmenter.fit(ex_img, ex_lab, iterations=segmenter_iterations, seed=0)
     torch.manual_seed(0)
     calibrator = Calibrator.from_config(CAL_CFG, num_classes=2, feature_channels=segmenter.feature_channels)
     history = train_calibrator(
         calibrator, segmenter, RoundInputs(ex_img, ex_lab), cfg=CAL_CFG, seg_cfg=SEG_CFG, seed=0, num_views=128
     )
+    return segmenter, calibrator, history
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """Segmenter trained on one exemplar, calibrator trained on its views, and unseen test cases."""
+    segmenter, calibrator, history = _one_shot_pair(100)
     test_img, test_lab = make_phantoms(24, seed=7)
     return segmenter, calibrator, history, test_img, test_lab
 
@@ -316,12 +322,7 @@ def test_gate_keeps_confident_pixels_of_reliable_labels_and_frees_doubtful_ones(
 @pytest.fixture(scope="module")
 def weak():
     """A segmenter trained briefly on the exemplar (wrong in places on unseen cases), with its own calibrator."""
-    ex_img, ex_lab = make_phantoms(1, seed=1)
-    segmenter = TinySegmenter(seed=0)
-    segmenter.fit(ex_img, ex_lab, iterations=25, seed=0)
-    torch.manual_seed(0)
-    calibrator = Calibrator.from_config(CAL_CFG, num_classes=2, feature_channels=segmenter.feature_channels)
-    train_calibrator(calibrator, segmenter, RoundInputs(ex_img, ex_lab), cfg=CAL_CFG, seg_cfg=SEG_CFG, seed=0, num_views=128)
+    segmenter, calibrator, _ = _one_shot_pair(25)
     return segmenter, calibrator
 
 
