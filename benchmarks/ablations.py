@@ -9,6 +9,13 @@ round r's models, exactly as that round's calibration workers did, and compares 
   uncertainty gate alone, and the per-pixel gate together with case gates over a grid of reliability bounds;
 - **calibrator variants** (``--variants``): the round-0 calibrator as the run uses it, fine-tuned on exemplar
   views with round r's segmenter, and fine-tuned with round r-1's selected pseudo labels as further pairs;
+- **label rules** (round-0 calibrator): what a label keeps of its calibration, from none (the initial label, or
+  the average of the segmenter's two views) through the default gate and arbitration to candidates that give
+  the calibrator less say, each against the initial labels' Dice;
+- **where calibration loses**: in the pixels the segmenter's two views dispute (the only ones arbitration lets
+  the calibrator decide), how often the initial label, the mirrored view and the calibrated map are right, and
+  per class how far calibration moves the predicted area against the true one (a calibrator with a wrong prior
+  shows as a class drift);
 - **reliability factors**: for every committed round, the Spearman correlation of each factor of the reliability
   score (and of the combinations considered) with the true Dice of the stored labels.
 
@@ -30,10 +37,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from caudo_ray.calibration.sampling import calibrate, gate_calibration
+from caudo_ray.calibration.sampling import arbitrate, calibrate, gate_calibration
 from caudo_ray.calibration.schedule import CalibrationSchedule
 from caudo_ray.calibration.training import train_calibrator
 from caudo_ray.config import load_config
+from caudo_ray.labelling.engine import revert_less_reliable
 from caudo_ray.labelling.reliability import ShapePrior, reliability_scores
 from caudo_ray.metrics import dice_per_case, spearman
 from caudo_ray.networks.bundle import RoundModels, build_models
@@ -116,6 +124,9 @@ def main(argv=None) -> dict:
             for i in range(0, len(x), _BATCH)
         ])
         rows += _gate_rows(name, train_s, probs, calibrated, initial_scores["reliability"], pf, prior, truth, initial, store.num_classes)
+        if name == "round-0 calibrator":
+            rules = _rule_rows(probs, calibrated, flipped, initial_scores, c.gate, prior, truth, initial, store.num_classes)
+            disputed = _disputed_pixels(probs, calibrated, flipped, truth, store.num_classes)
     report = {
         "run_dir": str(args.run_dir),
         "round": r,
@@ -123,6 +134,8 @@ def main(argv=None) -> dict:
         "initial_dice": float(initial.mean()),
         "initial_reliability_spearman": spearman(initial_scores["reliability"], initial),
         "gates": rows,
+        "label_rules": rules,
+        "disputed": disputed,
         "reliability": reliability_factors(store),
     }
     print(
@@ -135,6 +148,15 @@ def main(argv=None) -> dict:
             f"{row['calibrator']:30s} {row['gate']:26s} {row['dice']:7.4f} {row['gain']:+8.4f} {row['better']:7.2f} "
             f"{row['worse']:6.2f} {row['worst_case_change']:+7.3f} {row['reliability_spearman']:7.3f} {row['train_s']:8.0f}"
         )
+    print(f"\n{'label rule (round-0 calibrator)':58s} {'Dice':>7s} {'gain':>8s} {'better':>7s} {'worse':>6s} {'worst':>7s}")
+    for row in rules:
+        print(f"{row['rule']:58s} {row['dice']:7.4f} {row['gain']:+8.4f} {row['better']:7.2f} {row['worse']:6.2f} {row['worst_case_change']:+7.3f}")
+    print(
+        f"\ndisputed pixels ({disputed['share']:.2%} of all): right in the initial label {disputed['right_initial']:.3f}, "
+        f"the mirrored view {disputed['right_mirrored']:.3f}, the calibrated map {disputed['right_calibrated']:.3f}"
+    )
+    for k, row in disputed["classes"].items():
+        print(f"class {k}: predicted area, calibrated / initial {row['calibrated_over_initial']:.3f}, truth / initial {row['truth_over_initial']:.3f}")
     for row in report["reliability"]:
         print(f"round {row['round']} Spearman with true Dice: " + ", ".join(f"{k} {v:.3f}" for k, v in row["spearman"].items()))
     if args.out:
@@ -156,15 +178,65 @@ def _gate_rows(name, train_s, probs, calibrated, reliability, pf, prior, truth, 
         rows.append({
             "calibrator": name,
             "gate": gate,
-            "dice": float(dice.mean()),
-            "gain": float(dice.mean() - initial.mean()),
-            "better": float(np.mean(dice > initial + 0.01)),
-            "worse": float(np.mean(dice < initial - 0.01)),
-            "worst_case_change": float(np.min(dice - initial)),
+            **_change(dice, initial),
             "reliability_spearman": spearman(rel, dice),
             "train_s": train_s,
         })
     return rows
+
+
+def _rule_rows(probs, calibrated, flipped, initial_scores, gate, prior, truth, initial, num_classes) -> list[dict[str, Any]]:
+    """Dice of the labels each rule keeps of one calibration, against the initial labels' Dice."""
+    before = torch.from_numpy(initial_scores["reliability"])
+    gated = gate_calibration(probs, calibrated, before, gate) if gate is not None else calibrated
+    default = arbitrate(probs, gated, flipped)
+    disputed = probs.argmax(1, keepdim=True) != flipped.argmax(1, keepdim=True)
+    after = reliability_scores(probs.numpy(), default.numpy(), flipped.numpy(), prior)
+    kept, _, _ = revert_less_reliable(probs.numpy(), default.numpy(), initial_scores, after)
+    candidates = [
+        ("initial label (no calibration)", probs),
+        ("mean of the two views (p + p_flip) / 2, no calibration", (probs + flipped) / 2),
+        ("calibrated everywhere (no gate, no arbitration)", calibrated),
+        ("gate alone", gated),
+        ("gate + arbitration (the default)", default),
+        ("gate + arbitration, disputed pixels by p + p_flip + 2 q", torch.where(disputed, probs + flipped + 2 * gated, probs)),
+        ("default, reverted where the case's reliability drops", torch.from_numpy(kept)),
+    ]
+    rows = []
+    for rule, maps in candidates:
+        dice = dice_per_case(maps.argmax(1).numpy().astype(np.uint8), truth, num_classes)
+        rows.append({"rule": rule, **_change(dice, initial)})
+    return rows
+
+
+def _change(dice: np.ndarray, initial: np.ndarray) -> dict[str, float]:
+    """Mean Dice of labels and how it compares, case by case, with the initial labels' Dice."""
+    return {
+        "dice": float(dice.mean()),
+        "gain": float(dice.mean() - initial.mean()),
+        "better": float(np.mean(dice > initial + 0.01)),
+        "worse": float(np.mean(dice < initial - 0.01)),
+        "worst_case_change": float(np.min(dice - initial)),
+    }
+
+
+def _disputed_pixels(probs, calibrated, flipped, truth, num_classes) -> dict[str, Any]:
+    """Who is right where the segmenter's two views disagree, and how calibration moves each class's area."""
+    a, f, q = (m.argmax(1).numpy() for m in (probs, flipped, calibrated))
+    t = np.asarray(truth)
+    disputed = a != f
+    n = max(int(disputed.sum()), 1)
+    classes = {}
+    for k in range(1, num_classes):
+        area = max(int((a == k).sum()), 1)
+        classes[str(k)] = {"calibrated_over_initial": float((q == k).sum() / area), "truth_over_initial": float((t == k).sum() / area)}
+    return {
+        "share": float(disputed.mean()),
+        "right_initial": float((a == t)[disputed].sum() / n),
+        "right_mirrored": float((f == t)[disputed].sum() / n),
+        "right_calibrated": float((q == t)[disputed].sum() / n),
+        "classes": classes,
+    }
 
 
 def reliability_factors(store: PseudoLabelStore) -> list[dict]:

@@ -28,6 +28,7 @@ Usage::
     python benchmarks/accuracy.py                                             # HC18, full profile, 3 exemplars
     python benchmarks/accuracy.py --data ../shared/data/acdc --fast           # ACDC, 1 labelled patient
     python benchmarks/accuracy.py --data ../shared/data/acdc                  # ACDC full: 1 patient, 3 draws
+    python benchmarks/accuracy.py --data ../shared/data/acdc --draw 1 --methods exemplar_only caudo  # its 2nd draw
     python benchmarks/accuracy.py --data ../shared/data/acdc --labelled groups:3 --draws 1
     python benchmarks/accuracy.py --data ../shared/data/acdc --labelled cases:1
     python benchmarks/accuracy.py --fast --smoke --limit 12 --work-dir /tmp/acc   # CI smoke test
@@ -127,6 +128,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--labelled", default=None, metavar="KIND:K", help="labelled set per draw: cases:K or groups:K (default: groups:1 for data with volumes, else cases:1)")
     p.add_argument("--exemplars", nargs="+", default=None, help="the labelled case ids (one draw; overrides --labelled)")
     p.add_argument("--draws", type=int, default=None, help="labelled sets drawn (default: 1 fast, 3 full)")
+    p.add_argument("--draw", type=int, default=None, metavar="I", help="run only draw I (0-based) of those labelled sets, so a long profile can be split across sessions or machines")
     p.add_argument("--limit", type=int, default=None, help="use only about N labelled training cases (whole groups, drawn with --seed) and N/5 unlabelled; 0: all (default: 240 fast, all full)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="extra run-config override (YAML value), e.g. calibrator.guidance_strength=3")
     p.add_argument("--seed", type=int, default=0)
@@ -177,6 +179,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     base = _config(work / "base", data_root, group_column, args.seed, overrides)
     num_classes = D.discover_num_classes(index, sample=64)
     draws = _labelled_sets(args, index, dataset, has_volumes, base)
+    if args.draw is not None and not 0 <= args.draw < len(draws):
+        raise SystemExit(f"--draw {args.draw}: the profile draws {len(draws)} labelled sets (0 to {len(draws) - 1})")
 
     budget = base.segmenter.iterations + base.rounds * base.segmenter.finetune_iterations
     methods = [m for m in METHODS if m in args.methods]
@@ -185,6 +189,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     test: TestSet | None = None
     data_run: PreparedRun | None = None
     for draw, (kind, labelled) in enumerate(draws):
+        if args.draw is not None and draw != args.draw:
+            continue
         name = f"draw{draw}"
         print(f"== {name}: {kind} {', '.join(labelled[:4])}{' ...' if len(labelled) > 4 else ''}", flush=True)
         split = _split(index, base, kind, labelled)
@@ -549,6 +555,7 @@ def _report(args, profile, limit, dataset, base: RunConfig, data_root, group_col
         "working_size": list(base.data.working_size),
         "num_classes": num_classes,
         "labelled_sets": [{"kind": kind, "ids": ids} for kind, ids in draws],
+        "only_draw": args.draw,
         "split": {"predefined": index.predefined is not None, "train_labelled": sum(1 for r in index.labelled if (index.predefined or {}).get(r.case_id, "train") == "train")},
         "training_budget_iterations": budget,
         "config": {k: v for k, v in base.to_dict().items() if k in ("rounds", "segmenter", "calibrator", "consistency", "selection")},

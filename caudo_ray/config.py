@@ -229,6 +229,11 @@ class CalibratorConfig:
     # the pixels the two views dispute (calibration.sampling.arbitrate). On the test phantoms the gated calibration
     # alone lowered the segmenter's own labels by 2.8 Dice points, arbitrated by 0.1.
     arbitrate: bool = True
+    # Keep a case's initial label when its calibrated label scores lower on the label-free reliability: the
+    # calibration must convince the same judge that ranks the labels. Off by default until the full profiles are
+    # rerun with it (benchmarks/ablations.py, ACDC full round 0-2: gain -0.80/-0.54/-0.61 -> +0.12/+0.22/+0.35
+    # points; HC18 fast unchanged).
+    revert_if_less_reliable: bool = False
 
     def validate(self, key: str) -> None:
         _positive(f"{key}.latent_channels", self.latent_channels)

@@ -74,6 +74,11 @@ def test_fast_smoke_on_hc18_writes_every_field(tmp_path, capsys):
     for row in ablations["gates"]:
         assert row["gain"] == pytest.approx(row["dice"] - ablations["initial_dice"], abs=1e-6)
         assert 0.0 <= row["better"] + row["worse"] <= 1.0
+    rules = {row["rule"]: row for row in ablations["label_rules"]}
+    assert rules["initial label (no calibration)"]["gain"] == 0.0
+    assert "gate + arbitration (the default)" in rules and len(rules) == 7
+    disputed = ablations["disputed"]
+    assert all(0.0 <= disputed[k] <= 1.0 for k in ("share", "right_initial", "right_mirrored", "right_calibrated"))
     assert [row["round"] for row in ablations["reliability"]] == list(range(rounds))
     assert json.loads((tmp_path / "ablations.json").read_text())["cases"] == ablations["cases"] == 4
 
@@ -83,15 +88,21 @@ def ablations_bounds() -> list:
 
 
 def test_fast_smoke_on_acdc_reports_volume_metrics_per_class(tmp_path):
-    """ACDC's published protocol: one labelled patient (patient099, every slice), 3D Dice per test volume."""
+    """ACDC's published protocol: one labelled patient (patient099, every slice), 3D Dice per test volume.
+
+    Run as the second of two draws alone (``--draw 1``), as a long profile is split across machines.
+    """
     if not (ACDC / "meta.csv").is_file():
         pytest.skip(f"ACDC not found at {ACDC}")
     bench = _load_benchmark()
     report = bench.main(
-        ["--data", str(ACDC), "--fast", "--smoke", "--limit", "40", "--methods", "caudo",
+        ["--data", str(ACDC), "--fast", "--smoke", "--limit", "40", "--methods", "caudo", "--draws", "2", "--draw", "1",
          "--work-dir", str(tmp_path / "work"), "--out", str(tmp_path / "acdc.json")]
     )
-    assert report["labelled_sets"] == [{"kind": "groups", "ids": ["patient099"]}]
+    first, second = report["labelled_sets"]
+    assert first == {"kind": "groups", "ids": ["patient099"]} and second["kind"] == "groups" and len(second["ids"]) == 1
+    assert [d["draw"] for d in report["methods"]["caudo"]["draws"]] == ["draw1"] and report["only_draw"] == 1
+    assert report["methods"]["caudo"]["draws"][0]["labelled"] == second["ids"]
     assert report["split"]["predefined"] is True and report["metric_level"] == "volume"
     assert report["num_classes"] == 4
     _check_summaries(report, "volume")
@@ -99,6 +110,14 @@ def test_fast_smoke_on_acdc_reports_volume_metrics_per_class(tmp_path):
         assert m["draws"][0]["volume"]["volumes"] == 40  # the standard test set: 20 patients, 2 frames each
         assert {f"dice_class{c}" for c in (1, 2, 3)} <= set(m["volume"]["per_class_mean"])
     assert report["separates_methods"] is None  # supervised was not run: nothing to compare
+
+
+def test_refuses_a_draw_the_profile_does_not_make(tmp_path):
+    if not (HC18 / "meta.csv").is_file():
+        pytest.skip(f"HC18 not found at {HC18}")
+    bench = _load_benchmark()
+    with pytest.raises(SystemExit, match="--draw 2: the profile draws 2 labelled sets"):
+        bench.main(["--fast", "--smoke", "--limit", "12", "--draws", "2", "--draw", "2", "--work-dir", str(tmp_path / "work")])
 
 
 def test_refuses_a_work_dir_it_did_not_make(tmp_path):

@@ -17,6 +17,7 @@ from caudo_ray.calibration.schedule import CalibrationSchedule
 from caudo_ray.calibration.training import train_calibrator
 from caudo_ray.config import CalibratorConfig, SegmenterConfig
 from caudo_ray.errors import DataError
+from caudo_ray.labelling.engine import revert_less_reliable
 from caudo_ray.labelling.reliability import reliability_scores
 from caudo_ray.networks.autoencoder import LabelAutoencoder
 from caudo_ray.networks.calibrator import Calibrator
@@ -359,3 +360,24 @@ def test_arbitrate_changes_only_the_pixels_the_two_views_dispute():
     out = arbitrate(initial, calibrated, mirrored)
     torch.testing.assert_close(out[..., 0], initial[..., 0])
     torch.testing.assert_close(out[..., 1], calibrated[..., 1])
+
+
+def test_revert_keeps_the_initial_label_and_scores_where_calibration_lowers_reliability(weak):
+    """With the revert rule every stored label scores at least as reliable as the segmenter's own, and a reverted
+    case carries exactly its initial label and scores."""
+    segmenter, calibrator = weak
+    test_img, _ = make_phantoms(24, seed=7)
+    x = torch.from_numpy(test_img)[:, None]
+    probs, feats = segmenter(x)
+    mirrored = segmenter(x.flip(-1))[0].flip(-1)
+    p0, pf = probs.numpy(), mirrored.numpy()
+    before = reliability_scores(p0, p0, pf)
+    raw = calibrate(calibrator, SCHEDULE, x, probs, feats, w=CAL_CFG.guidance_strength, s=CAL_CFG.calibration_strength).numpy()
+    after = reliability_scores(p0, raw, pf)
+    maps, scores, reverted = revert_less_reliable(p0, raw, before, after)
+    assert 0 < reverted.sum() < len(reverted)  # this calibrator lowers some labels' reliability and not others
+    assert np.all(scores["reliability"] >= before["reliability"])
+    np.testing.assert_array_equal(maps[reverted], p0[reverted])
+    np.testing.assert_array_equal(maps[~reverted], raw[~reverted])
+    for k in scores:
+        np.testing.assert_array_equal(scores[k][reverted], before[k][reverted])

@@ -69,10 +69,11 @@ class LabelingEngine:
                 self.calibrator, self.schedule, x, probs, feats, w=c.guidance_strength, s=c.calibration_strength
             )
             kept = torch.ones(len(x))
+            before = reliability_scores(p0, p0, pf, self.prior) if c.gate is not None or c.revert_if_less_reliable else None
             if c.gate is not None:
-                before = torch.from_numpy(reliability_scores(p0, p0, pf, self.prior)["reliability"])
-                calibrated = gate_calibration(probs, calibrated, before, c.gate)
-                kept = case_weight(before, c.gate)
+                rel_before = torch.from_numpy(before["reliability"])
+                calibrated = gate_calibration(probs, calibrated, rel_before, c.gate)
+                kept = case_weight(rel_before, c.gate)
             if c.arbitrate:
                 calibrated = arbitrate(probs, calibrated, flipped.flip(-1))
             p1 = calibrated.float().cpu().numpy()
@@ -81,6 +82,9 @@ class LabelingEngine:
         t2 = time.perf_counter()
         scores = reliability_scores(p0, p1, pf, self.prior)
         if self.calibrator is not None:
+            if c.revert_if_less_reliable:
+                p1, scores, reverted = revert_less_reliable(p0, p1, before, scores)
+                kept = torch.where(torch.from_numpy(reverted), 0.0, kept)
             scores["accepted"] = kept.numpy().astype(np.float32)
         initial = p0.argmax(1).astype(np.uint8)
         final = p1.argmax(1).astype(np.uint8)
@@ -88,6 +92,31 @@ class LabelingEngine:
             scores["initial_dice"] = _dice_or_nan(initial, truth, self.models.num_classes)
             scores["calibrated_dice"] = _dice_or_nan(final, truth, self.models.num_classes)
         return BatchResult(initial, final, scores, {"infer_s": t1 - t0, "ddim_s": t2 - t1, "n": len(images)})
+
+
+def revert_less_reliable(
+    initial: np.ndarray, calibrated: np.ndarray, initial_scores: dict[str, np.ndarray], calibrated_scores: dict[str, np.ndarray]
+) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray]:
+    """Keep each case's initial label, and its scores, where calibration lowered its reliability.
+
+    Reliability is the judge that ranks and selects the labels, from the segmenter's maps alone; a calibrated
+    label it scores lower than the initial one is more likely worse than better (ACDC, where the one-exemplar
+    calibrator's prior is often wrong), and one it scores at least as high is kept (HC18, where calibration raises
+    the score of almost every case).
+
+    Args:
+        initial: (B, C, H, W) the segmenter's probabilities.
+        calibrated: (B, C, H, W) the calibrated (gated, arbitrated) probabilities.
+        initial_scores: :func:`reliability_scores` of the initial labels as if uncalibrated.
+        calibrated_scores: :func:`reliability_scores` of the calibrated labels.
+
+    Returns:
+        ``(probabilities, scores, reverted)``: the kept maps, their scores, and the (B,) bool cases reverted.
+    """
+    reverted = calibrated_scores["reliability"] < initial_scores["reliability"]
+    maps = np.where(reverted[:, None, None, None], initial, calibrated)
+    scores = {k: np.where(reverted, initial_scores[k], v).astype(np.float32) for k, v in calibrated_scores.items()}
+    return maps, scores, reverted
 
 
 def _dice_or_nan(pred: np.ndarray, truth: np.ndarray, num_classes: int) -> np.ndarray:
