@@ -10,8 +10,10 @@ round r's models, exactly as that round's calibration workers did, and compares 
 - **calibrator variants** (``--variants``): the round-0 calibrator as the run uses it, fine-tuned on exemplar
   views with round r's segmenter, and fine-tuned with round r-1's selected pseudo labels as further pairs;
 - **label rules** (round-0 calibrator): what a label keeps of its calibration, from none (the initial label, or
-  the average of the segmenter's two views) through the default gate and arbitration to candidates that give
-  the calibrator less say, each against the initial labels' Dice;
+  the average of the segmenter's two views) through the gate, arbitration and the class-presence rule (together
+  the default) to candidates that give the calibrator less say, each against the initial labels' Dice;
+- **presence flips**: per class, the cases where the gated, arbitrated calibration adds a class the label lacked
+  or erases one it had, how often the truth agrees, and how much of the labels' Dice change they account for;
 - **where calibration loses**: in the pixels the segmenter's two views dispute (the only ones arbitration lets
   the calibrator decide), how often the initial label, the mirrored view and the calibrated map are right, and
   per class how far calibration moves the predicted area against the true one (a calibrator with a wrong prior
@@ -37,13 +39,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from caudo_ray.calibration.sampling import arbitrate, calibrate, gate_calibration
+from caudo_ray.calibration.sampling import arbitrate, calibrate, gate_calibration, keep_class_presence
 from caudo_ray.calibration.schedule import CalibrationSchedule
 from caudo_ray.calibration.training import train_calibrator
 from caudo_ray.config import load_config
 from caudo_ray.labelling.engine import revert_less_reliable
 from caudo_ray.labelling.reliability import ShapePrior, reliability_scores
-from caudo_ray.metrics import dice_per_case, spearman
+from caudo_ray.metrics import dice, dice_per_case, spearman
 from caudo_ray.networks.bundle import RoundModels, build_models
 from caudo_ray.networks.segmenter import predict_tensor
 from caudo_ray.rounds.steps import training_inputs
@@ -127,6 +129,8 @@ def main(argv=None) -> dict:
         if name == "round-0 calibrator":
             rules = _rule_rows(probs, calibrated, flipped, initial_scores, c.gate, prior, truth, initial, store.num_classes)
             disputed = _disputed_pixels(probs, calibrated, flipped, truth, store.num_classes)
+            gated = gate_calibration(probs, calibrated, torch.from_numpy(initial_scores["reliability"]), c.gate) if c.gate else calibrated
+            flips = _presence_flips(probs, arbitrate(probs, gated, flipped), truth, store.num_classes)
     report = {
         "run_dir": str(args.run_dir),
         "round": r,
@@ -136,6 +140,7 @@ def main(argv=None) -> dict:
         "gates": rows,
         "label_rules": rules,
         "disputed": disputed,
+        "presence_flips": flips,
         "reliability": reliability_factors(store),
     }
     print(
@@ -157,6 +162,14 @@ def main(argv=None) -> dict:
     )
     for k, row in disputed["classes"].items():
         print(f"class {k}: predicted area, calibrated / initial {row['calibrated_over_initial']:.3f}, truth / initial {row['truth_over_initial']:.3f}")
+    print("\ngate + arbitration, classes it adds to or erases from a label (what the class-presence rule undoes):")
+    for k, row in flips["classes"].items():
+        print(
+            f"class {k}: added in {row['added']} cases ({row['added_truth_absent']} where the truth has none), erased in "
+            f"{row['erased']} ({row['erased_truth_present']} where the truth has it); Dice change "
+            f"{row['gain_from_flips']:+.4f} from these cases, {row['gain_from_others']:+.4f} from the rest"
+        )
+    print(f"all classes: {flips['gain_from_flips']:+.4f} from presence flips, {flips['gain_from_others']:+.4f} from reshaping")
     for row in report["reliability"]:
         print(f"round {row['round']} Spearman with true Dice: " + ", ".join(f"{k} {v:.3f}" for k, v in row["spearman"].items()))
     if args.out:
@@ -189,7 +202,8 @@ def _rule_rows(probs, calibrated, flipped, initial_scores, gate, prior, truth, i
     """Dice of the labels each rule keeps of one calibration, against the initial labels' Dice."""
     before = torch.from_numpy(initial_scores["reliability"])
     gated = gate_calibration(probs, calibrated, before, gate) if gate is not None else calibrated
-    default = arbitrate(probs, gated, flipped)
+    arbitrated = arbitrate(probs, gated, flipped)
+    default = keep_class_presence(probs, arbitrated)
     disputed = probs.argmax(1, keepdim=True) != flipped.argmax(1, keepdim=True)
     after = reliability_scores(probs.numpy(), default.numpy(), flipped.numpy(), prior)
     kept, _, _ = revert_less_reliable(probs.numpy(), default.numpy(), initial_scores, after)
@@ -198,8 +212,10 @@ def _rule_rows(probs, calibrated, flipped, initial_scores, gate, prior, truth, i
         ("mean of the two views (p + p_flip) / 2, no calibration", (probs + flipped) / 2),
         ("calibrated everywhere (no gate, no arbitration)", calibrated),
         ("gate alone", gated),
-        ("gate + arbitration (the default)", default),
+        ("gate + arbitration", arbitrated),
         ("gate + arbitration, disputed pixels by p + p_flip + 2 q", torch.where(disputed, probs + flipped + 2 * gated, probs)),
+        ("class presence alone (no gate, no arbitration)", keep_class_presence(probs, calibrated)),
+        ("gate + arbitration + class presence (the default)", default),
         ("default, reverted where the case's reliability drops", torch.from_numpy(kept)),
     ]
     rows = []
@@ -237,6 +253,34 @@ def _disputed_pixels(probs, calibrated, flipped, truth, num_classes) -> dict[str
         "right_calibrated": float((q == t)[disputed].sum() / n),
         "classes": classes,
     }
+
+
+def _presence_flips(probs, calibrated, truth, num_classes) -> dict[str, Any]:
+    """Per class, the cases where calibration adds or erases the class, and the mean Dice change they account for.
+
+    Per-case Dice is the mean over foreground classes, so each class contributes its Dice change divided by the
+    number of classes, averaged over all cases: the per-class parts sum to the labels' overall gain.
+    """
+    a, q = probs.argmax(1).numpy(), calibrated.argmax(1).numpy()
+    t = np.asarray(truth)
+    n, share = len(a), 1.0 / (num_classes - 1)
+    classes, from_flips, from_others = {}, 0.0, 0.0
+    for k in range(1, num_classes):
+        in_a, in_q, in_t = ((m == k).any(axis=(1, 2)) for m in (a, q, t))
+        before = np.array([dice(x == k, y == k) for x, y in zip(a, t)])
+        after = np.array([dice(x == k, y == k) for x, y in zip(q, t)])
+        change, flip = (after - before) * share, in_a != in_q
+        classes[str(k)] = {
+            "added": int((~in_a & in_q).sum()),
+            "added_truth_absent": int((~in_a & in_q & ~in_t).sum()),
+            "erased": int((in_a & ~in_q).sum()),
+            "erased_truth_present": int((in_a & ~in_q & in_t).sum()),
+            "gain_from_flips": float(change[flip].sum() / n),
+            "gain_from_others": float(change[~flip].sum() / n),
+        }
+        from_flips += classes[str(k)]["gain_from_flips"]
+        from_others += classes[str(k)]["gain_from_others"]
+    return {"classes": classes, "gain_from_flips": from_flips, "gain_from_others": from_others}
 
 
 def reliability_factors(store: PseudoLabelStore) -> list[dict]:

@@ -229,11 +229,15 @@ class CalibratorConfig:
     # the pixels the two views dispute (calibration.sampling.arbitrate). On the test phantoms the gated calibration
     # alone lowered the segmenter's own labels by 2.8 Dice points, arbitrated by 0.1.
     arbitrate: bool = True
+    # Calibration may reshape a structure but not add or erase one (calibration.sampling.keep_class_presence):
+    # whether a class is in the image stays the segmenter's call. On ACDC the one-patient calibrator drew left
+    # ventricles into slices whose label had none, and such flips were most of its loss (docs/method.md).
+    keep_class_presence: bool = True
     # Keep a case's initial label when its calibrated label scores lower on the label-free reliability: the
-    # calibration must convince the same judge that ranks the labels. Off by default until the full profiles are
-    # rerun with it (benchmarks/ablations.py, ACDC full round 0-2: gain -0.80/-0.54/-0.61 -> +0.12/+0.22/+0.35
-    # points; HC18 fast unchanged).
-    revert_if_less_reliable: bool = False
+    # calibration must convince the same judge that ranks the labels. With keep_class_presence, these are the two
+    # rules that kept every ACDC round's calibration from lowering its labels (docs/benchmarks.md, "Where
+    # calibration loses on ACDC"); HC18 is unchanged.
+    revert_if_less_reliable: bool = True
 
     def validate(self, key: str) -> None:
         _positive(f"{key}.latent_channels", self.latent_channels)

@@ -76,7 +76,9 @@ def test_fast_smoke_on_hc18_writes_every_field(tmp_path, capsys):
         assert 0.0 <= row["better"] + row["worse"] <= 1.0
     rules = {row["rule"]: row for row in ablations["label_rules"]}
     assert rules["initial label (no calibration)"]["gain"] == 0.0
-    assert "gate + arbitration (the default)" in rules and len(rules) == 7
+    assert "gate + arbitration + class presence (the default)" in rules and len(rules) == 9
+    flips = ablations["presence_flips"]
+    assert flips["gain_from_flips"] + flips["gain_from_others"] == pytest.approx(rules["gate + arbitration"]["gain"], abs=1e-5)
     disputed = ablations["disputed"]
     assert all(0.0 <= disputed[k] <= 1.0 for k in ("share", "right_initial", "right_mirrored", "right_calibrated"))
     assert [row["round"] for row in ablations["reliability"]] == list(range(rounds))

@@ -12,7 +12,7 @@ from monai.losses import DiceCELoss
 from monai.networks.nets import UNet
 
 from caudo_ray.calibration.corruptions import corrupt_labels
-from caudo_ray.calibration.sampling import arbitrate, calibrate, case_weight, gate_calibration
+from caudo_ray.calibration.sampling import arbitrate, calibrate, case_weight, gate_calibration, keep_class_presence
 from caudo_ray.calibration.schedule import CalibrationSchedule
 from caudo_ray.calibration.training import train_calibrator
 from caudo_ray.config import CalibratorConfig, SegmenterConfig
@@ -360,6 +360,30 @@ def test_arbitrate_changes_only_the_pixels_the_two_views_dispute():
     out = arbitrate(initial, calibrated, mirrored)
     torch.testing.assert_close(out[..., 0], initial[..., 0])
     torch.testing.assert_close(out[..., 1], calibrated[..., 1])
+
+
+def _maps(labels: list[list[int]], num_classes: int = 3, sure: float = 0.8) -> torch.Tensor:
+    """(B, C, 1, W) probabilities whose argmax is ``labels`` (one row of pixels per case)."""
+    lab = torch.tensor(labels)
+    rest = (1.0 - sure) / (num_classes - 1)
+    return (torch.nn.functional.one_hot(lab, num_classes).float() * (sure - rest) + rest).permute(0, 2, 1)[:, :, None]
+
+
+def test_keep_class_presence_reshapes_structures_but_never_adds_or_erases_one():
+    initial = _maps([[0, 1, 1, 0], [0, 2, 1, 0], [0, 1, 1, 0]])
+    calibrated = _maps([
+        [0, 1, 1, 1],  # case 0: class 1 grows into a background pixel: a reshape, kept
+        [2, 2, 2, 0],  # case 1: class 1 erased: its pixel gets the initial map back; class 2's growth is kept
+        [2, 1, 1, 0],  # case 2: class 2 appears where the label had none: that pixel gets the initial map back
+    ])
+    out = keep_class_presence(initial, calibrated)
+    assert out.argmax(1)[:, 0].tolist() == [[0, 1, 1, 1], [2, 2, 1, 0], [0, 1, 1, 0]]
+    torch.testing.assert_close(out[1, :, :, 2], initial[1, :, :, 2])
+    torch.testing.assert_close(out[1, :, :, :2], calibrated[1, :, :, :2])
+    torch.testing.assert_close(out[0], calibrated[0])
+    # background is not a structure: a calibration that fills the frame with the target is left to the other rules
+    full = keep_class_presence(_maps([[0, 1]], 2), _maps([[1, 1]], 2))
+    assert full.argmax(1).tolist() == [[[1, 1]]]
 
 
 def test_revert_keeps_the_initial_label_and_scores_where_calibration_lowers_reliability(weak):

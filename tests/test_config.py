@@ -27,6 +27,7 @@ def test_defaults_and_demo_config_validate():
         ({"data": {"phantom": {"speckle": 1.5}}}, "data.phantom.speckle"),
         ({"data": {"phantom": {"target_width": [0.6, 0.2]}}}, "data.phantom.target_width"),
         ({"calibrator": {"arbitrate": "sometimes"}}, "calibrator.arbitrate"),
+        ({"calibrator": {"keep_class_presence": "maybe"}}, "calibrator.keep_class_presence"),
     ],
 )
 def test_bad_values_are_refused_naming_the_key(raw, key):

@@ -12,13 +12,16 @@ from benchmarks.throughput import untrained_models
 from caudo_ray.labelling.engine import LabelingEngine
 
 
+def _with(cfg, **calibrator):
+    return dataclasses.replace(cfg, calibrator=dataclasses.replace(cfg.calibrator, **calibrator))
+
+
 def test_revert_rule_stores_the_initial_label_where_calibration_lowered_reliability(tmp_path):
     cfg = tiny_config(tmp_path)
     models = untrained_models(cfg, 2)
     images = np.random.default_rng(0).random((8, *cfg.data.working_size), dtype=np.float32)
-    plain = LabelingEngine(cfg, models, torch.device("cpu")).label_batch(images)
-    reverting_cfg = dataclasses.replace(cfg, calibrator=dataclasses.replace(cfg.calibrator, revert_if_less_reliable=True))
-    out = LabelingEngine(reverting_cfg, models, torch.device("cpu")).label_batch(images)
+    plain = LabelingEngine(_with(cfg, revert_if_less_reliable=False), models, torch.device("cpu")).label_batch(images)
+    out = LabelingEngine(_with(cfg, revert_if_less_reliable=True), models, torch.device("cpu")).label_batch(images)
 
     # A reverted case carries its initial label's scores, which beat its calibrated label's; the others are as before.
     reverted = out.scores["reliability"] > plain.scores["reliability"]
@@ -29,3 +32,4 @@ def test_revert_rule_stores_the_initial_label_where_calibration_lowered_reliabil
     np.testing.assert_array_equal(out.calibrated[~reverted], plain.calibrated[~reverted])
     for name, values in plain.scores.items():
         np.testing.assert_array_equal(out.scores[name][~reverted], values[~reverted])
+

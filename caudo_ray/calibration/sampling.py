@@ -126,6 +126,42 @@ def arbitrate(initial: torch.Tensor, calibrated: torch.Tensor, mirrored: torch.T
     return torch.where(agree, initial, calibrated)
 
 
+def keep_class_presence(initial: torch.Tensor, calibrated: torch.Tensor) -> torch.Tensor:
+    """The calibrated probabilities, except where they would add or erase a structure: there the initial ones.
+
+    The calibrator refines a label's shape from a latent at a quarter of the working size and a prior learnt from
+    the exemplars' views; whether a structure is in the image at all is the segmenter's call, made at full
+    resolution. A one-patient prior says every cardiac slice has a left ventricle, so on ACDC the calibrator drew
+    one into apical and basal slices whose label had none, and such presence flips were all of its round-0 loss
+    (docs/method.md). Per case and foreground class:
+
+    - a class absent from ``argmax initial`` stays absent: the pixels the calibrated map gives it keep the
+      initial probabilities;
+    - a class present there stays present: if the calibrated map erases it, the pixels ``argmax initial`` gives
+      it keep the initial probabilities.
+
+    One pass: the restored pixels take classes present in the initial label, so no new class appears.
+
+    Args:
+        initial: (B, C, H, W) the segmenter's probabilities.
+        calibrated: (B, C, H, W) the calibrated (gated, arbitrated) probabilities.
+
+    Returns:
+        (B, C, H, W) probabilities.
+    """
+    num_classes = initial.shape[1]
+    a = initial.argmax(1)
+    b = calibrated.argmax(1)
+    present_a = torch.nn.functional.one_hot(a, num_classes).flatten(1, 2).any(1)  # (B, C)
+    present_b = torch.nn.functional.one_hot(b, num_classes).flatten(1, 2).any(1)
+    created = present_b & ~present_a
+    erased = present_a & ~present_b
+    created[:, 0] = False  # background is not a structure
+    erased[:, 0] = False
+    restore = created.gather(1, b.flatten(1)).view_as(b) | erased.gather(1, a.flatten(1)).view_as(a)
+    return torch.where(restore[:, None], initial, calibrated)
+
+
 def case_weight(reliability: torch.Tensor, bounds: tuple[float, float]) -> torch.Tensor:
     """(B,) how freely each case may move: 1 at reliability <= lo, 0 from hi up, linear in between."""
     lo, hi = bounds

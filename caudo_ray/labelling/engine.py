@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from caudo_ray.calibration.sampling import arbitrate, calibrate, case_weight, gate_calibration
+from caudo_ray.calibration.sampling import arbitrate, calibrate, case_weight, gate_calibration, keep_class_presence
 from caudo_ray.calibration.schedule import CalibrationSchedule
 from caudo_ray.config import RunConfig
 from caudo_ray.labelling.reliability import ShapePrior, reliability_scores
@@ -76,6 +76,8 @@ class LabelingEngine:
                 kept = case_weight(rel_before, c.gate)
             if c.arbitrate:
                 calibrated = arbitrate(probs, calibrated, flipped.flip(-1))
+            if c.keep_class_presence:
+                calibrated = keep_class_presence(probs, calibrated)
             p1 = calibrated.float().cpu().numpy()
         else:
             p1 = p0
