@@ -218,13 +218,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         test = test or _test_set(data_run, index)
         _, ex_images, ex_labels = data_run.store.exemplars()
         if "exemplar_only" in methods:
-            wall, models = _timed(lambda: _train_plain(cfg, RoundInputs(ex_images, ex_labels), budget, data_run.num_classes))
+            wall, models = _timed(_train_plain, cfg, RoundInputs(ex_images, ex_labels), budget, data_run.num_classes)
             scores = _score(cfg, models, test, num_classes)
             results["exemplar_only"].append({"draw": name, "labelled": labelled, "wall_s": wall, **scores})
             _print_scores("exemplar_only", scores, wall)
         if "consistency" in methods:
             pool = data_run.store.read_images(np.flatnonzero(data_run.store.usable_mask()))
-            wall, models = _timed(lambda: _train_plain(cfg, RoundInputs(ex_images, ex_labels, pool_images=pool), budget, data_run.num_classes))
+            wall, models = _timed(_train_plain, cfg, RoundInputs(ex_images, ex_labels, pool_images=pool), budget, data_run.num_classes)
             scores = _score(cfg, models, test, num_classes)
             results["consistency"].append({"draw": name, "labelled": labelled, "wall_s": wall, **scores})
             _print_scores("consistency", scores, wall)
@@ -244,7 +244,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         _, ex_images, ex_labels = store.exemplars()
         inputs = RoundInputs(np.concatenate([ex_images, store.read_images(labelled)]), np.concatenate([ex_labels, store.read_truth(labelled)]))
         cfg = _config(work / method, data_root, group_column, args.seed, {"segmenter.scale_range": supervised_zoom, **overrides})
-        wall, models = _timed(lambda: _train_plain(cfg, inputs, factor * budget, data_run.num_classes))
+        wall, models = _timed(_train_plain, cfg, inputs, factor * budget, data_run.num_classes)
         scores = _score(cfg, models, test, num_classes)
         results[method].append({"draw": "all", "labelled": [f"{len(inputs.exemplar_images)} cases"], "wall_s": wall, **scores})
         _print_scores(method, scores, wall)
@@ -446,9 +446,9 @@ def _test_set(prepared: PreparedRun, index: D.DatasetIndex) -> TestSet:
 # ---------------------------------------------------------------------------------------------- the methods
 
 
-def _timed(fn):
+def _timed(fn, *args):
     t0 = time.perf_counter()
-    out = fn()
+    out = fn(*args)
     return time.perf_counter() - t0, out
 
 
@@ -573,8 +573,10 @@ def format_table(report: dict[str, Any]) -> str:
     level = report["metric_level"]
     sets = "; ".join(f"{s['kind']} {', '.join(s['ids'][:3])}{'...' if len(s['ids']) > 3 else ''}" for s in report["labelled_sets"])
     lines = [
-        f"accuracy ({report['profile']}{' smoke' if report['smoke'] else ''}) on {report['dataset']}, "
-        f"{report['working_size'][0]}x{report['working_size'][1]}, budget {report['training_budget_iterations']} iterations, labelled: {sets}",
+        (
+            f"accuracy ({report['profile']}{' smoke' if report['smoke'] else ''}) on {report['dataset']}, "
+            f"{report['working_size'][0]}x{report['working_size'][1]}, budget {report['training_budget_iterations']} iterations, labelled: {sets}"
+        ),
         f"{'method':15s} {'slice Dice':>16s} {'slice HD95':>10s} {'volume Dice':>16s} {'volume HD95':>11s} {'wall s':>8s}",
     ]
     for name, m in report["methods"].items():

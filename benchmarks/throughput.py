@@ -42,6 +42,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Self
 
 import numpy as np
 import torch
@@ -158,7 +159,7 @@ class RssSampler:
             self.peak_mb = max(self.peak_mb, self.rss_mb())
             self._stop.wait(self.interval_s)
 
-    def __enter__(self) -> RssSampler:
+    def __enter__(self) -> Self:
         self.start_mb = self.peak_mb = self.rss_mb()
         self._thread.start()
         return self

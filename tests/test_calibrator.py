@@ -198,7 +198,7 @@ def test_corrupt_labels_keeps_probabilities():
 
 
 def test_autoencoder_reconstructs_masks(trained):
-    _, calibrator, history, test_img, test_lab = trained
+    _, calibrator, history, _, test_lab = trained
     ae = calibrator.autoencoder
     onehot = F.one_hot(torch.from_numpy(test_lab).long(), 2).permute(0, 3, 1, 2).float()
     with torch.no_grad():

@@ -62,7 +62,7 @@ def test_run_refuses_a_bad_config_naming_the_key(tmp_path, capsys):
 
 def test_run_with_a_bad_pool_file_exits_3(tmp_path, capsys):
     data = D.write_phantom_dataset(tmp_path / "ds", PhantomConfig(num_labelled=12, num_unlabelled=6, size=(32, 32), num_groups=6))
-    bad = sorted((data / "unlabeled").iterdir())[0]
+    bad = min((data / "unlabeled").iterdir())
     bad.write_bytes(b"not a png")
     config = write_config(tmp_path / "run.yaml", tmp_path / "run", **{"data.path": str(data)})
     assert main(["run", "--no-ray", "--quiet", "--config", str(config)]) == EXIT_SKIPPED

@@ -77,9 +77,9 @@ def assert_same_results(store: PseudoLabelStore, reference: PseudoLabelStore, ro
 def assert_same_metrics(a: dict[str, list[tuple[int, float]]], b: dict[str, list[tuple[int, float]]]) -> None:
     """The same result metrics at the same steps, values to float32 rounding (see assert_same_results)."""
     assert a.keys() == b.keys()
-    for name in a:
-        assert [step for step, _ in a[name]] == [step for step, _ in b[name]], name
-        np.testing.assert_allclose([v for _, v in a[name]], [v for _, v in b[name]], rtol=SCORE_RTOL, atol=SCORE_ATOL, err_msg=name)
+    for name, series in a.items():
+        assert [step for step, _ in series] == [step for step, _ in b[name]], name
+        np.testing.assert_allclose([v for _, v in series], [v for _, v in b[name]], rtol=SCORE_RTOL, atol=SCORE_ATOL, err_msg=name)
 
 
 def result_metrics(tracking_uri: str, run_id: str) -> dict[str, list[tuple[int, float]]]:

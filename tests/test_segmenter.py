@@ -176,7 +176,7 @@ def test_weighted_pseudo_training_resumes_exactly_from_a_checkpoint(tmp_path):
     rng = np.random.default_rng(2)
     pseudo = [ellipse_case(rng, 16, 16, rng.uniform(4, 9), rng.uniform(4, 9)) for _ in range(6)]
     inputs = RoundInputs(images, labels, np.stack([p[0] for p in pseudo]), np.stack([p[1] for p in pseudo]), np.linspace(0.2, 1.0, 6))
-    kwargs = dict(iterations=6, cfg=CFG, seed=4)
+    kwargs = {"iterations": 6, "cfg": CFG, "seed": 4}
     checkpoint = RecordingCheckpoint(tmp_path / "train.pt")
 
     full = build_segmenter(CFG, 2, seed=0)

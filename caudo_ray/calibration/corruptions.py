@@ -145,7 +145,7 @@ def _leak(p: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
     if k is None:
         return _add_blob(p, rng)
     obj = labels == k
-    band = _dilate(obj, max(1, int(round(rng.uniform(0.05, 0.2) * max(labels.shape))))) & ~obj
+    band = _dilate(obj, max(1, round(rng.uniform(0.05, 0.2) * max(labels.shape)))) & ~obj
     return _set_class(p, _irregular(band, rng), k)
 
 
@@ -161,7 +161,7 @@ def _cut_from_object(p: torch.Tensor, rng: np.random.Generator, part: Callable[[
 
 def _bite(p: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
     def inner_band(obj: torch.Tensor) -> torch.Tensor:
-        inner = obj & _dilate(~obj, max(1, int(round(rng.uniform(0.05, 0.2) * max(obj.shape)))))
+        inner = obj & _dilate(~obj, max(1, round(rng.uniform(0.05, 0.2) * max(obj.shape))))
         return _irregular(inner, rng)
 
     return _cut_from_object(p, rng, inner_band)
@@ -212,7 +212,7 @@ def _add_blob(p: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
 
 
 def _morph(p: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
-    radius = max(1, int(round(rng.uniform(0.03, 0.08) * p.shape[-1])))
+    radius = max(1, round(rng.uniform(0.03, 0.08) * p.shape[-1]))
     k = 2 * radius + 1
     sign = 1.0 if rng.random() < 0.5 else -1.0  # dilate, or erode as the dilation of the negative
     fg = sign * p[None, 1:]

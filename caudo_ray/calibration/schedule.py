@@ -38,15 +38,15 @@ class CalibrationSchedule:
         self.num_train_timesteps = num_train_timesteps
         self.num_inference_steps = num_inference_steps
         self.stride = num_train_timesteps // num_inference_steps
-        config = dict(
-            num_train_timesteps=num_train_timesteps,
-            beta_schedule=BETA_SCHEDULE,
-            clip_sample=False,
-            set_alpha_to_one=True,
-            prediction_type="v_prediction",
-            timestep_spacing="leading",
-            steps_offset=self.stride - 1,
-        )
+        config = {
+            "num_train_timesteps": num_train_timesteps,
+            "beta_schedule": BETA_SCHEDULE,
+            "clip_sample": False,
+            "set_alpha_to_one": True,
+            "prediction_type": "v_prediction",
+            "timestep_spacing": "leading",
+            "steps_offset": self.stride - 1,
+        }
         self.scheduler = DDIMScheduler(**config)
         self.scheduler.set_timesteps(num_inference_steps)
         self.inverse = DDIMInverseScheduler(**config)

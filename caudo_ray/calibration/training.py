@@ -22,7 +22,7 @@ from caudo_ray.config import CalibratorConfig, SegmenterConfig
 from caudo_ray.errors import DataError
 from caudo_ray.networks.autoencoder import LabelAutoencoder
 from caudo_ray.networks.calibrator import Calibrator
-from caudo_ray.training.hooks import TrainingHooks
+from caudo_ray.training.hooks import NO_HOOKS, TrainingHooks
 from caudo_ray.training.inputs import RoundInputs
 from caudo_ray.transforms.augment import augment_views
 
@@ -90,7 +90,7 @@ def train_calibrator(
     seed: int,
     device: str | torch.device = "cpu",
     num_views: int = 256,
-    hooks: TrainingHooks = TrainingHooks(),
+    hooks: TrainingHooks = NO_HOOKS,
     resume: dict[str, Any] | None = None,
     warm_start: bool = False,
 ) -> dict[str, Any]:

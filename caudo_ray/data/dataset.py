@@ -20,6 +20,7 @@ indexing, so a split naming a file the folder lacks is refused before any work.
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import re
 from collections import defaultdict
@@ -346,7 +347,7 @@ def volumes_of(refs: Iterable[CaseRef]) -> dict[str, list[CaseRef]]:
             missing = [ref.case_id for ref in slices if ref.slice_order is None]
             raise DataError(volume, f"slices without a slice order: {', '.join(missing)}")
         slices.sort(key=lambda ref: ref.slice_order)
-        for a, b in zip(slices, slices[1:]):
+        for a, b in itertools.pairwise(slices):
             if a.slice_order == b.slice_order:
                 raise DataError(volume, f"slice order {a.slice_order} is shared by {a.case_id} and {b.case_id}")
     return {volume: out[volume] for volume in sorted(out)}

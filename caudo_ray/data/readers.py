@@ -123,7 +123,7 @@ def nifti_slice_count(path: str | Path, nifti_axis: int = 2) -> int | None:
     """
     try:
         shape = tuple(nib.load(str(path)).shape)
-    except Exception as exc:  # nibabel raises several unrelated types for a bad header
+    except Exception as exc:  # noqa: BLE001 (nibabel raises several unrelated types for a bad header)
         raise DataError(str(path), f"cannot read NIfTI header ({exc})") from None
     spatial = _spatial_shape(shape, path)
     return None if _is_2d(spatial) else spatial[nifti_axis]
@@ -305,7 +305,7 @@ def _read(
             items = _read_nifti(path, nifti_axis, slice_index)
     except DataError:
         raise
-    except Exception as exc:  # PIL, nibabel and pydicom each raise their own types for corrupt files
+    except Exception as exc:  # noqa: BLE001 (PIL, nibabel and pydicom each raise their own types for corrupt files)
         raise DataError(str(path), f"cannot read as {fmt} ({type(exc).__name__}: {exc})") from None
     for arr, _ in items:
         if arr.ndim != 2 or min(arr.shape) < MIN_SIDE:

@@ -250,7 +250,7 @@ def _check_labelled_set_in_train(index: DatasetIndex, train: set[str], exemplars
 
 def _deal(order: list[str], group_cases: dict[str, list[str]], target: float) -> tuple[list[str], list[str]]:
     """Take groups from the front of ``order`` until they hold at least ``round(target)`` cases (>= 1 if target > 0)."""
-    want = max(int(round(target)), 1) if target > 0 else 0
+    want = max(round(target), 1) if target > 0 else 0
     taken: list[str] = []
     count = 0
     while count < want and len(taken) < len(order):

@@ -15,7 +15,7 @@ when the round changes, so a restarted worker also recovers by itself.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import ray
@@ -59,7 +59,7 @@ class OwnedStore:
     ``owned.rounds.commit(...)`` calls ``store.rounds.commit(...)`` in the actor; properties are read there too.
     """
 
-    _PARTS = {"rounds": RoundRecords}  # attributes of the store that are objects with an API of their own
+    _PARTS: ClassVar[dict[str, type]] = {"rounds": RoundRecords}  # attributes of the store that are objects with an API of their own
 
     def __init__(self, actor, path: str = "", api: type = PseudoLabelStore):
         self._actor, self._path, self._api = actor, path, api

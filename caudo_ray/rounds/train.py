@@ -17,7 +17,7 @@ from caudo_ray.networks.bundle import RoundModels, feature_channels_of
 from caudo_ray.networks.calibrator import Calibrator
 from caudo_ray.networks.device import resolve_device
 from caudo_ray.networks.segmenter import build_segmenter, predict, predict_tensor
-from caudo_ray.training.hooks import TrainingHooks
+from caudo_ray.training.hooks import NO_HOOKS, TrainingHooks
 from caudo_ray.training.inputs import RoundInputs
 from caudo_ray.training.segmenter import train_segmenter
 from caudo_ray.transforms.augment import augment_views
@@ -34,7 +34,7 @@ def train_round_models(
     previous: RoundModels | None = None,
     val: tuple[np.ndarray, np.ndarray] | None = None,
     device: torch.device | None = None,
-    hooks: TrainingHooks = TrainingHooks(),
+    hooks: TrainingHooks = NO_HOOKS,
 ) -> RoundModels | None:
     """Train the segmenter (warm-started from ``previous``) and, when enabled, the calibrator for round ``r``.
 

@@ -10,6 +10,7 @@ Every name logged is in :mod:`caudo_ray.tracking.names`.
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
 from collections.abc import Mapping
@@ -108,7 +109,7 @@ class Tracker:
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None and v == v]
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None and not math.isnan(v)]
         if batch:
             self.client.log_batch(self.run_id, metrics=batch, synchronous=True)
 

@@ -45,3 +45,7 @@ class TrainingHooks:
         """Checkpoint ``state()`` if ``done`` iterations complete an interval (the state is built only then)."""
         if self.checkpoints and done % self.every == 0:
             self.checkpoint.save({**self.carry, **state()})
+
+
+NO_HOOKS = TrainingHooks()
+"""No checkpoints, no progress bars, no wrapping: the default of every training loop (immutable, so shared)."""

@@ -25,7 +25,7 @@ from caudo_ray.training.consistency import (
     rampup_weight,
     unlabelled_loss,
 )
-from caudo_ray.training.hooks import TrainingHooks
+from caudo_ray.training.hooks import NO_HOOKS, TrainingHooks
 from caudo_ray.training.inputs import RoundInputs
 from caudo_ray.training.losses import weighted_dice_ce
 from caudo_ray.transforms.augment import augment, cycle, exemplar_profile, pseudo_profile
@@ -60,7 +60,7 @@ def train_segmenter(
     cfg: SegmenterConfig,
     seed: int,
     device: str | torch.device = "cpu",
-    hooks: TrainingHooks = TrainingHooks(),
+    hooks: TrainingHooks = NO_HOOKS,
     resume: dict[str, Any] | None = None,
     consistency: ConsistencyConfig | None = None,
 ) -> TrainResult:
@@ -158,7 +158,7 @@ def train_segmenter(
         optimizer.step()
         losses.append(float(loss.detach().cpu()))
         bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
-        hooks.after(it + 1, lambda: {"phase": "segmenter", "iteration": it + 1, "segmenter": model.state_dict(), "optimizer": optimizer.state_dict()})
+        hooks.after(it + 1, lambda: {"phase": "segmenter", "iteration": it + 1, "segmenter": model.state_dict(), "optimizer": optimizer.state_dict()})  # noqa: B023 (after() calls it at once)
 
     return TrainResult(losses=losses, optimizer_state=optimizer.state_dict(), iterations=iterations)
 

@@ -23,7 +23,7 @@ def test_deterministic_and_seed_dependent():
 
 
 def test_multiclass_and_target_looks_like_a_head():
-    img, mask = phantom_case(3, (64, 64), 3)
+    _, mask = phantom_case(3, (64, 64), 3)
     assert set(np.unique(mask)) == {0, 1, 2}
     # Class 2 sits inside the head: every class-2 pixel has head around it.
     assert mask[mask == 2].size < mask[mask > 0].size
