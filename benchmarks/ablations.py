@@ -55,6 +55,7 @@ from caudo_ray.workspace import Workspace
 # Case gates compared: a case of initial reliability <= lo keeps every change, >= hi only the per-pixel share.
 CASE_BOUNDS = [(0.0, 0.0), (0.3, 0.6), (0.4, 0.7), (0.5, 0.8), (0.6, 0.9), (0.7, 1.0)]
 _BATCH = 32
+GATE_AND_ARBITRATION = "gate + arbitration"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -127,10 +128,10 @@ def main(argv=None) -> dict:
         ])
         rows += _gate_rows(name, train_s, probs, calibrated, initial_scores["reliability"], pf, prior, truth, initial, store.num_classes)
         if name == "round-0 calibrator":
-            rules = _rule_rows(probs, calibrated, flipped, initial_scores, c.gate, prior, truth, initial, store.num_classes)
+            labels = _rule_labels(probs, calibrated, flipped, initial_scores, c.gate, prior)
+            rules = [{"rule": rule, **_change(_dice(maps, truth, store.num_classes), initial)} for rule, maps in labels.items()]
             disputed = _disputed_pixels(probs, calibrated, flipped, truth, store.num_classes)
-            gated = gate_calibration(probs, calibrated, torch.from_numpy(initial_scores["reliability"]), c.gate) if c.gate else calibrated
-            flips = _presence_flips(probs, arbitrate(probs, gated, flipped), truth, store.num_classes)
+            flips = _presence_flips(probs, labels[GATE_AND_ARBITRATION], truth, store.num_classes)
     report = {
         "run_dir": str(args.run_dir),
         "round": r,
@@ -198,8 +199,8 @@ def _gate_rows(name, train_s, probs, calibrated, reliability, pf, prior, truth, 
     return rows
 
 
-def _rule_rows(probs, calibrated, flipped, initial_scores, gate, prior, truth, initial, num_classes) -> list[dict[str, Any]]:
-    """Dice of the labels each rule keeps of one calibration, against the initial labels' Dice."""
+def _rule_labels(probs, calibrated, flipped, initial_scores, gate, prior) -> dict[str, torch.Tensor]:
+    """The labels each rule keeps of one calibration, by rule, from no calibration to the submitted default."""
     before = torch.from_numpy(initial_scores["reliability"])
     gated = gate_calibration(probs, calibrated, before, gate) if gate is not None else calibrated
     arbitrated = arbitrate(probs, gated, flipped)
@@ -207,22 +208,21 @@ def _rule_rows(probs, calibrated, flipped, initial_scores, gate, prior, truth, i
     disputed = probs.argmax(1, keepdim=True) != flipped.argmax(1, keepdim=True)
     after = reliability_scores(probs.numpy(), default.numpy(), flipped.numpy(), prior)
     kept, _, _ = revert_less_reliable(probs.numpy(), default.numpy(), initial_scores, after)
-    candidates = [
-        ("initial label (no calibration)", probs),
-        ("mean of the two views (p + p_flip) / 2, no calibration", (probs + flipped) / 2),
-        ("calibrated everywhere (no gate, no arbitration)", calibrated),
-        ("gate alone", gated),
-        ("gate + arbitration", arbitrated),
-        ("gate + arbitration, disputed pixels by p + p_flip + 2 q", torch.where(disputed, probs + flipped + 2 * gated, probs)),
-        ("class presence alone (no gate, no arbitration)", keep_class_presence(probs, calibrated)),
-        ("gate + arbitration + class presence (the default)", default),
-        ("default, reverted where the case's reliability drops", torch.from_numpy(kept)),
-    ]
-    rows = []
-    for rule, maps in candidates:
-        dice = dice_per_case(maps.argmax(1).numpy().astype(np.uint8), truth, num_classes)
-        rows.append({"rule": rule, **_change(dice, initial)})
-    return rows
+    return {
+        "initial label (no calibration)": probs,
+        "mean of the two views (p + p_flip) / 2, no calibration": (probs + flipped) / 2,
+        "calibrated everywhere (no gate, no arbitration)": calibrated,
+        "gate alone": gated,
+        GATE_AND_ARBITRATION: arbitrated,
+        "gate + arbitration, disputed pixels by p + p_flip + 2 q": torch.where(disputed, probs + flipped + 2 * gated, probs),
+        "class presence alone (no gate, no arbitration)": keep_class_presence(probs, calibrated),
+        "gate + arbitration + class presence (the default)": default,
+        "default, reverted where the case's reliability drops": torch.from_numpy(kept),
+    }
+
+
+def _dice(maps: torch.Tensor, truth: np.ndarray, num_classes: int) -> np.ndarray:
+    return dice_per_case(maps.argmax(1).numpy().astype(np.uint8), truth, num_classes)
 
 
 def _change(dice: np.ndarray, initial: np.ndarray) -> dict[str, float]:
