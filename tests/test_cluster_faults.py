@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -23,7 +22,7 @@ import numpy as np
 import pytest
 from conftest import ONE_ROUND, REPO_ROOT, tiny_config
 from test_faults import assert_same_results, done_files
-from test_jobs import RAY, _cluster_pids, free_ports
+from test_jobs import RAY, free_ports, stop_cluster
 
 from caudo_ray.config import save_config
 from caudo_ray.store import PseudoLabelStore
@@ -123,14 +122,7 @@ def two_nodes():
         yield env, f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dashboard}", temp
     finally:
         # Both nodes' processes inherit the token path, which names this cluster's temp dir (test_jobs).
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            for pid in _cluster_pids(temp):
-                try:
-                    os.kill(pid, sig)
-                except ProcessLookupError:
-                    pass
-            time.sleep(2)
-        shutil.rmtree(temp, ignore_errors=True)
+        stop_cluster(temp)
 
 
 def _second_node_raylet(temp: Path) -> int:

@@ -67,15 +67,22 @@ def ray_cluster():
         subprocess.run(start, env=env, check=True, capture_output=True, text=True, timeout=180)
         yield env, f"http://127.0.0.1:{dashboard}"
     finally:
-        # `ray stop` stops every cluster of this user on the machine; kill only this one's processes instead.
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            for pid in _cluster_pids(temp):
-                try:
-                    os.kill(pid, sig)
-                except ProcessLookupError:
-                    pass
-            time.sleep(2)
-        shutil.rmtree(temp, ignore_errors=True)
+        stop_cluster(temp)
+
+
+def stop_cluster(temp: Path) -> None:
+    """Stop the cluster whose temp dir is ``temp`` and remove that dir.
+
+    `ray stop` stops every cluster of this user on the machine; this kills only this one's processes.
+    """
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in _cluster_pids(temp):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        time.sleep(2)
+    shutil.rmtree(temp, ignore_errors=True)
 
 
 def _cluster_pids(temp: Path) -> list[int]:
