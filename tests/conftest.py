@@ -11,6 +11,7 @@ import torch
 
 from caudo_ray.config import RunConfig, load_config
 from caudo_ray.run.coordinator import Coordinator
+from caudo_ray.training.checkpoint import TrainingCheckpoint
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 HC18 = REPO_ROOT.parent / "shared" / "data" / "hc18"
@@ -51,6 +52,18 @@ def tiny_config(work_dir: Path, **overrides) -> RunConfig:
 # float reductions, which may differ in the last bit; where two classes tie that closely, the argmax may differ.
 LABEL_TOLERANCE = 1e-3  # share of pixels allowed to differ for that reason
 SCORE_RTOL, SCORE_ATOL = 1e-5, 1e-6  # per-case scores: float32 rounding of the same reductions
+
+
+class RecordingCheckpoint(TrainingCheckpoint):
+    """A real checkpoint file that also keeps every state it was given, as loaded back from disk."""
+
+    def __init__(self, path):
+        super().__init__(path, key="test")
+        self.states = {}
+
+    def save(self, state):
+        super().save(state)
+        self.states[state["iteration"]] = self.load()
 
 
 def assert_labels_close(a: np.ndarray, b: np.ndarray, what: str = "labels") -> None:

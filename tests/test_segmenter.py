@@ -5,12 +5,12 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from conftest import RecordingCheckpoint
 
 from caudo_ray.config import SegmenterConfig
 from caudo_ray.errors import DataError
 from caudo_ray.metrics import dice_per_case
 from caudo_ray.networks.segmenter import build_segmenter, feature_channels, feature_module, predict, predict_tensor
-from caudo_ray.training.checkpoint import TrainingCheckpoint
 from caudo_ray.training.hooks import TrainingHooks
 from caudo_ray.training.inputs import RoundInputs
 from caudo_ray.training.segmenter import train_segmenter
@@ -157,18 +157,6 @@ def test_training_improves_dice_and_zero_weight_pseudo_changes_nothing():
     assert run0.losses == run.losses  # same seed, same loss curve; also shows training is deterministic
     for pa, pb in zip(plain.parameters(), weightless.parameters()):
         torch.testing.assert_close(pa, pb, rtol=0, atol=0)
-
-
-class RecordingCheckpoint(TrainingCheckpoint):
-    """A real checkpoint file that also keeps every state it was given, as loaded back from disk."""
-
-    def __init__(self, path):
-        super().__init__(path, key="test")
-        self.states = {}
-
-    def save(self, state):
-        super().save(state)
-        self.states[state["iteration"]] = self.load()
 
 
 def test_weighted_pseudo_training_resumes_exactly_from_a_checkpoint(tmp_path):

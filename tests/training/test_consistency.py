@@ -6,13 +6,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import RecordingCheckpoint
 
 from caudo_ray.config import ConfigError, ConsistencyConfig, SegmenterConfig, load_config
 from caudo_ray.data.phantom import phantom_case
 from caudo_ray.errors import DataError
 from caudo_ray.metrics import dice_per_case
 from caudo_ray.networks.segmenter import build_segmenter, predict, predict_tensor
-from caudo_ray.training.checkpoint import TrainingCheckpoint
 from caudo_ray.training.consistency import (
     consistency_views,
     cutmix,
@@ -48,18 +48,6 @@ def data():
 
 def weights(model):
     return [p.detach().clone() for p in model.parameters()]
-
-
-class RecordingCheckpoint(TrainingCheckpoint):
-    """A real checkpoint file that also keeps every state it was given, as loaded back from disk."""
-
-    def __init__(self, path):
-        super().__init__(path, key="test")
-        self.states = {}
-
-    def save(self, state):
-        super().save(state)
-        self.states[state["iteration"]] = self.load()
 
 
 def train_consistency(model, inputs, pool, *, seg_cfg, cfg, **kwargs):
