@@ -414,6 +414,16 @@ class ConsistencyConfig:
     enabled: bool = False  # caudo's loop also trains with online consistency on the pool
     unlabelled_batch_size: int = 8  # pool images per iteration (and as many more to CutMix from)
     threshold: float = 0.95  # weak-view confidence below which a pixel teaches nothing
+    # Scale the threshold per class by the class's mean confidence over the iteration's weak views, relative to
+    # the most confident class (FreeMatch's self-adaptive class thresholds, from the batch alone): a class the
+    # teacher is still unsure of teaches from its less confident pixels instead of from none, so background,
+    # confident first, does not take over the pool.
+    class_thresholds: bool = False
+    # In caudo's rounds, a pool pixel teaches only where the teacher's weak-view label equals the previous
+    # round's calibrated label of that image (warped alike): the calibrated labels, not the teacher's confidence
+    # alone, decide what the pool teaches, so the teacher cannot reinforce what calibration disputes. Round 0
+    # has no such labels and trains without the pool.
+    anchored: bool = False
     strong_weight: float = 0.5  # weight of the mean loss of the two strong (CutMix) views
     feature_weight: float = 0.5  # weight of the feature-perturbation branch
     feature_dropout: float = 0.5  # Dropout2d probability on the encoder features of that branch
@@ -427,6 +437,10 @@ class ConsistencyConfig:
     # of 4 pool images, earlier exemplar augmentation: Dice 0.004 against 0.64 exemplar-only on one of four
     # seeds); a ramp over the first 0.2 of training avoided it.
     rampup: float = 0.0
+
+    def online_in_round(self, r: int) -> bool:
+        """Whether caudo's round ``r`` trains by online consistency: every round, or from round 1 when anchored."""
+        return self.enabled and (r > 0 or not self.anchored)
 
     def validate(self, key: str) -> None:
         _positive(f"{key}.unlabelled_batch_size", self.unlabelled_batch_size)

@@ -12,6 +12,7 @@ from mlflow import MlflowClient
 
 from caudo_ray.labelling.selection import area_strata
 from caudo_ray.rounds.executor import LocalExecutor
+from caudo_ray.rounds.steps import training_inputs
 from caudo_ray.run.coordinator import Coordinator
 from caudo_ray.store import NO_TRUTH, PseudoLabelStore
 from caudo_ray.tracking import names
@@ -125,6 +126,21 @@ def test_rerun_recomputes_nothing_and_logs_into_the_same_run(local_run):
     assert client.get_run(second.run_id).info.status == "FINISHED"
     # Committed rounds are not logged twice.
     assert [m.step for m in client.get_metric_history(second.run_id, names.SELECTED)] == [0, 1]
+
+
+def test_loop_with_anchored_consistency(local_run, tmp_path):
+    """Round 0 trains without the pool (its labels equal the plain run's); round 1 reads round 0's labels of it."""
+    _, plain, _ = local_run
+    cfg = tiny_config(tmp_path / "run", **{"consistency.enabled": True, "consistency.anchored": True, "consistency.unlabelled_batch_size": 2})
+    store = assert_complete_run(cfg, Coordinator(cfg, progress=False).run())
+    plain_store = PseudoLabelStore.open(plain.store_url)
+    assert_labels_close(store.rounds.read(0)["initial"], plain_store.rounds.read(0)["initial"], "round 0 initial labels")
+    usable = np.flatnonzero(store.usable_mask())
+    first, later = training_inputs(store, 0, with_pool=True), training_inputs(store, 1, with_pool=True)
+    assert first.pool_labels is None and len(first.pool_images) == len(usable)
+    np.testing.assert_array_equal(later.pool_labels, store.rounds.read(0, usable)["calibrated"])
+    np.testing.assert_array_equal(later.pool_images, store.read_images(usable))
+    assert training_inputs(store, 1).pool_labels is None
 
 
 def test_multiclass_loop(tmp_path):

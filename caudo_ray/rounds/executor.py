@@ -80,7 +80,7 @@ class TrainContext:
         return train_round_models(
             cfg,
             r,
-            training_inputs(store, r, with_pool=cfg.consistency.enabled),
+            training_inputs(store, r, with_pool=cfg.consistency.online_in_round(r)),
             num_classes=self.num_classes,
             previous=previous,
             val=val,

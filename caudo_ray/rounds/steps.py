@@ -24,15 +24,18 @@ from caudo_ray.training.inputs import RoundInputs
 
 def training_inputs(store: PseudoLabelStore, r: int, *, with_pool: bool = False) -> RoundInputs:
     """Exemplars plus, from round 1, the selected calibrated labels of round r-1 weighted by reliability; with
-    ``with_pool``, every usable pool image too (online consistency training)."""
+    ``with_pool``, every usable pool image too (online consistency training) and, from round 1, round r-1's
+    calibrated label of each."""
     _, ex_images, ex_labels = store.exemplars()
-    pool = store.read_images(np.flatnonzero(store.usable_mask())) if with_pool else None
+    usable = np.flatnonzero(store.usable_mask())
+    pool = store.read_images(usable) if with_pool else None
     if r == 0:
         return RoundInputs(ex_images, ex_labels, pool_images=pool)
     prev = r - 1
+    pool_labels = store.rounds.read(prev, usable)["calibrated"] if with_pool else None
     selected = np.flatnonzero(store.rounds.selected(prev))
     if not len(selected):
-        return RoundInputs(ex_images, ex_labels, pool_images=pool)
+        return RoundInputs(ex_images, ex_labels, pool_images=pool, pool_labels=pool_labels)
     labels = store.rounds.read(prev, selected)
     return RoundInputs(
         ex_images,
@@ -41,6 +44,7 @@ def training_inputs(store: PseudoLabelStore, r: int, *, with_pool: bool = False)
         labels["calibrated"],
         labels["scores"]["reliability"].astype(np.float32),
         pool,
+        pool_labels,
     )
 
 

@@ -39,8 +39,9 @@ def train_round_models(
     """Train the segmenter (warm-started from ``previous``) and, when enabled, the calibrator for round ``r``.
 
     Round 0 learns from the exemplar views; later rounds add the previous round's selected calibrated labels, each
-    weighted by its reliability; with ``consistency.enabled`` every round also learns from the whole pool
-    (``inputs.pool_images``) by online weak-to-strong consistency.
+    weighted by its reliability; with ``consistency.enabled`` every round (from round 1 when
+    ``consistency.anchored``) also learns from the whole pool (``inputs.pool_images``) by online weak-to-strong
+    consistency.
 
     Data-parallel training (Ray Train) passes ``hooks.wrap_model`` (e.g. ``ray.train.torch.prepare_model``) and
     this process's ``hooks.rank``: each rank draws its own batches and DDP averages the gradients, so the segmenter
@@ -86,7 +87,7 @@ def train_round_models(
             device=device,
             hooks=hooks,
             resume=state,
-            consistency=cfg.consistency if cfg.consistency.enabled else None,
+            consistency=cfg.consistency if cfg.consistency.online_in_round(r) else None,
         )
     if hooks.rank != 0:
         return None

@@ -9,8 +9,8 @@ train with it when ``consistency.enabled``. Each iteration
    has them);
 2. draws ``cfg.unlabelled_batch_size`` pool images and as many more to CutMix from, each given a *weak* view
    (geometry only: flip, small rotation, zoom and shift). The model itself, without gradients and in eval mode,
-   labels the weak views: pseudo label = argmax, confidence = max softmax; pixels under ``cfg.threshold`` teach
-   nothing;
+   labels the weak views: pseudo label = argmax, confidence = max softmax; pixels under ``cfg.threshold`` (or,
+   with ``cfg.class_thresholds``, under their class's threshold, :func:`class_thresholds`) teach nothing;
 3. makes two *strong* views of every weak view by intensity changes only (gamma, bias field, blur, shift, noise,
    a random intensity curve), so the weak view's pseudo label stays pixel-aligned with them, and pastes into
    each, with probability ``cfg.cutmix_prob``, a random box of the second batch's strong view; inside the box
@@ -55,6 +55,9 @@ Loss and mask choices, and where we depart from UniMatch (and why):
   are reproducible and resumable.
 * An optional ramp-up of the pool terms (``cfg.rampup``, off by default as in UniMatch), because at the
   project's short budgets an untrained teacher can lock the network into predicting background on the pool.
+* Two optional guards, off by default (docs/method.md measures both): per-class thresholds
+  (``cfg.class_thresholds``, :func:`class_thresholds`) and, in caudo's rounds, anchoring (``cfg.anchored``): a
+  pixel teaches only where the teacher agrees with the previous round's calibrated label of the image.
 
 Measured on phantoms (48x48, network channels 8-64, four labelled frames, 40 pool frames, 500 iterations, test Dice
 on 24 frames against exemplar-only training from the same start; tests/training/test_consistency.py), six seeds:
@@ -84,7 +87,7 @@ import torch
 from monai.networks.layers import SkipConnection
 from torch import nn
 
-from caudo_ray.arrays import check_images
+from caudo_ray.arrays import check_images, check_label_range
 from caudo_ray.config import ConsistencyConfig, SegmenterConfig
 from caudo_ray.errors import DataError
 from caudo_ray.networks.segmenter import predict_tensor
@@ -139,6 +142,8 @@ class UnlabelledViews:
         mix_strong: the two strong views of ``mix_weak`` pasted from.
         targets, confidences: the pseudo labels and confidences of ``strong`` (CutMixed like the images).
         boxes: the two (U, H, W) bool CutMix boxes (all False where a view is not mixed).
+        thresholds: (C,) float32 tensor, the confidence each class's pseudo labels need to teach
+            (:func:`class_thresholds`).
     """
 
     weak: np.ndarray
@@ -153,6 +158,7 @@ class UnlabelledViews:
     targets: tuple[torch.Tensor, torch.Tensor]
     confidences: tuple[torch.Tensor, torch.Tensor]
     boxes: tuple[np.ndarray, np.ndarray]
+    thresholds: torch.Tensor
 
 
 def cutmix_boxes(n: int, shape: tuple[int, int], prob: float, rng: np.random.Generator) -> np.ndarray:
@@ -190,6 +196,36 @@ def cutmix(box: np.ndarray, *pairs: tuple[Any, Any]) -> list[Any]:
     return out
 
 
+def class_thresholds(target: torch.Tensor, confidence: torch.Tensor, cfg: ConsistencyConfig, num_classes: int) -> torch.Tensor:
+    """The confidence a pixel labelled with each class needs to teach: ``cfg.threshold``, or scaled per class.
+
+    With ``cfg.class_thresholds`` the threshold of class ``c`` is ``threshold * m_c / max_k m_k``, where ``m_c``
+    is the mean confidence of the pixels the teacher labels ``c`` (FreeMatch's self-adaptive local thresholds,
+    Wang et al., ICLR 2023, measured per class on the iteration's weak views instead of as a running average over
+    whole-image class probabilities: in segmentation the class shares are the anatomy's, not the teacher's
+    bias). A class no pixel is labelled with keeps ``threshold``.
+
+    Args:
+        target: the teacher's argmax labels, any shape.
+        confidence: its max softmax, same shape.
+        cfg: ``threshold`` and ``class_thresholds``.
+        num_classes: C, background included.
+
+    Returns:
+        (C,) float32 tensor on ``confidence``'s device.
+    """
+    tau = torch.full((num_classes,), float(cfg.threshold), dtype=torch.float32, device=confidence.device)
+    if not cfg.class_thresholds:
+        return tau
+    flat = target.flatten()
+    counts = torch.bincount(flat, minlength=num_classes)
+    sums = torch.bincount(flat, weights=confidence.flatten().to(torch.float32), minlength=num_classes)
+    present = counts > 0
+    mean = sums[present] / counts[present]
+    tau[present] = float(cfg.threshold) * (mean / mean.max()).to(torch.float32)
+    return tau
+
+
 def consistency_views(
     model: nn.Module,
     pool_images: np.ndarray,
@@ -198,6 +234,7 @@ def consistency_views(
     seg_cfg: SegmenterConfig,
     seeds: tuple[int, int, int, int, int],
     device: str | torch.device = "cpu",
+    anchor_labels: np.ndarray | None = None,
 ) -> UnlabelledViews:
     """Draw one iteration's unlabelled batch and label it with ``model`` (steps 2 and 3 of the module doc).
 
@@ -209,6 +246,8 @@ def consistency_views(
         seg_cfg: the strong views' intensity ranges (``exemplar_profile``).
         seeds: seeds of the pool draw, the weak views, the two strong views and the CutMix boxes.
         device: where the teacher runs and its labels live.
+        anchor_labels: (N, H, W) uint8 labels of ``pool_images`` (anchored consistency): warped with the weak
+            views, and a pixel where the teacher's label differs gets confidence 0, so it teaches nothing.
     """
     sample_seed, weak_seed, strong1_seed, strong2_seed, box_seed = (int(s) for s in seeds)
     u, n = cfg.unlabelled_batch_size, len(pool_images)
@@ -216,9 +255,13 @@ def consistency_views(
     idx = rng.choice(n, u, replace=n < u)
     mix_idx = rng.choice(n, u, replace=n < u)  # a second, independent batch to paste from
 
-    both, _ = spatial_views(pool_images, np.concatenate([idx, mix_idx]), weak_profile(cfg), weak_seed)
+    both, anchor = spatial_views(pool_images, np.concatenate([idx, mix_idx]), weak_profile(cfg), weak_seed, anchor_labels)
     probs, _ = predict_tensor(model, torch.from_numpy(both).unsqueeze(1).to(device))
     confidence, target = probs.max(dim=1)
+    thresholds = class_thresholds(target, confidence, cfg, probs.shape[1])
+    if anchor is not None:
+        agree = target == torch.from_numpy(anchor).to(target.device).long()
+        confidence = torch.where(agree, confidence, torch.zeros_like(confidence))
 
     # One intensity draw per image and per strong view; the second batch's strong views are what gets pasted,
     # as UniMatch pastes img_u_s1_mix into img_u_s1.
@@ -246,6 +289,7 @@ def consistency_views(
         targets=(targets[0], targets[1]),
         confidences=(confidences[0], confidences[1]),
         boxes=boxes,
+        thresholds=thresholds,
     )
 
 
@@ -327,6 +371,19 @@ def check_pool(pool_images: np.ndarray | None, size: tuple[int, ...]) -> np.ndar
     return pool
 
 
+def check_anchor(pool_labels: np.ndarray | None, pool_shape: tuple[int, ...], num_classes: int) -> np.ndarray:
+    """The labels anchored consistency teaches within, checked: one (H, W) label per pool image, values < C."""
+    if pool_labels is None:
+        raise DataError(
+            "pool_labels", "anchored consistency needs the previous round's calibrated label of every pool image (caudo's rounds from round 1)"
+        )
+    labels = np.asarray(pool_labels)
+    if labels.shape != tuple(pool_shape):
+        raise DataError("pool_labels", f"shape {labels.shape} differs from the pool images' {tuple(pool_shape)}")
+    check_label_range("pool_labels", labels, num_classes)
+    return labels.astype(np.uint8, copy=False)
+
+
 def unlabelled_loss(
     pred_s1: torch.Tensor, pred_s2: torch.Tensor, pred_fp: torch.Tensor, views: UnlabelledViews, cfg: ConsistencyConfig
 ) -> torch.Tensor:
@@ -336,11 +393,12 @@ def unlabelled_loss(
         pred_s1, pred_s2: logits of the two CutMixed strong views.
         pred_fp: logits of the weak views through the perturbed encoder features.
         views: the iteration's unlabelled batch with the teacher's labels and confidences.
-        cfg: weights and confidence threshold.
+        cfg: the weights.
     """
+    tau = views.thresholds
     loss_s = sum(
-        masked_dice_ce(pred, target, confidence >= cfg.threshold)
+        masked_dice_ce(pred, target, confidence >= tau[target])
         for pred, target, confidence in zip((pred_s1, pred_s2), views.targets, views.confidences)
     ) / 2.0
-    loss_fp = masked_dice_ce(pred_fp, views.weak_target, views.weak_confidence >= cfg.threshold)
+    loss_fp = masked_dice_ce(pred_fp, views.weak_target, views.weak_confidence >= tau[views.weak_target])
     return cfg.strong_weight * loss_s + cfg.feature_weight * loss_fp

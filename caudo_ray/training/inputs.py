@@ -18,6 +18,8 @@ class RoundInputs:
         pseudo_labels: (P, H, W) uint8 their calibrated labels.
         pseudo_weights: (P,) float32 their reliabilities, the loss weight of each; None means all 1.
         pool_images: (N, H, W) float32 every usable pool image, for online consistency training; None without it.
+        pool_labels: (N, H, W) uint8 the previous round's calibrated label of each of ``pool_images``, which
+            anchored consistency training teaches within; None in round 0 or without the pool.
     """
 
     exemplar_images: np.ndarray
@@ -26,6 +28,7 @@ class RoundInputs:
     pseudo_labels: np.ndarray | None = None
     pseudo_weights: np.ndarray | None = None
     pool_images: np.ndarray | None = None
+    pool_labels: np.ndarray | None = None
 
     @property
     def has_pseudo(self) -> bool:

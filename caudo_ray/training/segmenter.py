@@ -19,6 +19,7 @@ from caudo_ray.arrays import check_label_range, check_pair
 from caudo_ray.config import ConsistencyConfig, SegmenterConfig
 from caudo_ray.errors import DataError
 from caudo_ray.training.consistency import (
+    check_anchor,
     check_pool,
     consistency_views,
     feature_perturbation,
@@ -103,9 +104,11 @@ def train_segmenter(
     num_classes = getattr(model, "module", model).out_channels
     check_label_range("exemplar_labels", ex_lab, num_classes)
     ps_img, ps_lab, ps_w = _pseudo_set(inputs.pseudo_images, inputs.pseudo_labels, inputs.pseudo_weights, ex_img.shape[1:], num_classes)
-    pool = None
+    pool = anchor = None
     if consistency is not None:
         pool = check_pool(inputs.pool_images, ex_img.shape[1:])
+        if consistency.anchored:
+            anchor = check_anchor(inputs.pool_labels, pool.shape, num_classes)
     start_iteration = int(resume["iteration"]) if resume is not None else 0
     if not 0 <= start_iteration <= iterations:
         raise ValueError(f"resume iteration must be in [0, iterations={iterations}], got {start_iteration}")
@@ -142,7 +145,9 @@ def train_segmenter(
         else:
             # A seed stream of its own, so the labelled draws stay those of training without the pool.
             *view_seeds, dropout_seed = (int(v) for v in np.random.SeedSequence([seed, it, 1]).generate_state(6))
-            views = consistency_views(model, pool, cfg=consistency, seg_cfg=cfg, seeds=tuple(view_seeds), device=device)
+            views = consistency_views(
+                model, pool, cfg=consistency, seg_cfg=cfg, seeds=tuple(view_seeds), device=device, anchor_labels=anchor
+            )
             u = consistency.unlabelled_batch_size
             # One forward pass for every branch: instance norm makes each sample's output independent of the rest
             # of the batch, and the feature dropout touches only the last u samples (the weak views).

@@ -14,6 +14,8 @@ from caudo_ray.errors import DataError
 from caudo_ray.metrics import dice_per_case
 from caudo_ray.networks.segmenter import build_segmenter, predict, predict_tensor
 from caudo_ray.training.consistency import (
+    check_anchor,
+    class_thresholds,
     consistency_views,
     cutmix,
     cutmix_boxes,
@@ -22,6 +24,7 @@ from caudo_ray.training.consistency import (
     masked_dice_ce,
     rampup_weight,
     strong_profile,
+    weak_profile,
 )
 from caudo_ray.training.hooks import TrainingHooks
 from caudo_ray.training.inputs import RoundInputs
@@ -122,6 +125,17 @@ def test_cutmix_pastes_image_and_target_from_the_same_source():
     np.testing.assert_array_equal(img >= 100, boxes)
 
 
+def test_class_thresholds_scale_with_each_class_mean_confidence():
+    target = torch.tensor([[0, 0, 0, 1], [1, 2, 2, 0]])
+    confidence = torch.tensor([[1.0, 0.9, 0.8, 0.6], [0.4, 0.3, 0.5, 0.9]])
+    fixed = class_thresholds(target, confidence, ConsistencyConfig(threshold=0.9), 4)
+    torch.testing.assert_close(fixed, torch.full((4,), 0.9))
+    # Mean confidence: background 0.9, class 1 0.5, class 2 0.4; class 3 has no pixel and keeps the threshold.
+    tau = class_thresholds(target, confidence, ConsistencyConfig(threshold=0.9, class_thresholds=True), 4)
+    torch.testing.assert_close(tau, torch.tensor([0.9, 0.5, 0.4, 0.9]), rtol=0, atol=1e-6)
+    assert load_config({"consistency": {"class_thresholds": True}}).consistency.class_thresholds
+
+
 def test_views_of_an_iteration_are_aligned_with_their_targets(data):
     _, pool = data
     net = build_segmenter(SEG, 2, seed=1)
@@ -133,6 +147,7 @@ def test_views_of_an_iteration_are_aligned_with_their_targets(data):
     conf, target = probs.max(1)
     torch.testing.assert_close(torch.cat([v.weak_confidence, v.mix_confidence]), conf)
     assert torch.equal(torch.cat([v.weak_target, v.mix_target]), target)
+    torch.testing.assert_close(v.thresholds, torch.full((2,), cfg.threshold))
 
     for k in range(2):
         box = torch.from_numpy(v.boxes[k])
@@ -147,6 +162,39 @@ def test_views_of_an_iteration_are_aligned_with_their_targets(data):
     redo = intensity_views(np.concatenate([v.weak, v.mix_weak]), strong_profile(SEG), 3)
     np.testing.assert_array_equal(redo[:4], v.strong_unmixed[0])
     assert not np.array_equal(v.strong_unmixed[0], v.strong_unmixed[1])
+
+
+def test_anchored_views_teach_only_where_the_teacher_agrees_with_the_anchor(data):
+    _, pool = data
+    net = build_segmenter(SEG, 2, seed=1)
+    cfg = ConsistencyConfig(unlabelled_batch_size=4, cutmix_prob=1.0, anchored=True)
+    seeds = (1, 2, 3, 4, 5)
+    free = consistency_views(net, pool, cfg=cfg, seg_cfg=SEG, seeds=seeds)
+    anchor = (pool > np.median(pool)).astype(np.uint8)  # any label map: agreement is per pixel
+    v = consistency_views(net, pool, cfg=cfg, seg_cfg=SEG, seeds=seeds, anchor_labels=anchor)
+    np.testing.assert_array_equal(v.weak, free.weak)  # the anchor is warped with the weak views, not redrawn
+    assert torch.equal(v.weak_target, free.weak_target)
+
+    rng = np.random.default_rng(seeds[0])
+    idx, mix_idx = rng.choice(len(pool), 4, replace=False), rng.choice(len(pool), 4, replace=False)
+    _, warped = spatial_views(pool, np.concatenate([idx, mix_idx]), weak_profile(cfg), seeds[1], anchor)
+    agree = torch.cat([v.weak_target, v.mix_target]) == torch.from_numpy(warped).long()
+    assert 0 < float(agree.float().mean()) < 1
+    conf, free_conf = torch.cat([v.weak_confidence, v.mix_confidence]), torch.cat([free.weak_confidence, free.mix_confidence])
+    assert torch.equal(conf[agree], free_conf[agree]) and bool((conf[~agree] == 0).all())
+    for k in range(2):  # the strong views' confidences are CutMixed from the anchored ones
+        box = torch.from_numpy(v.boxes[k])
+        assert torch.equal(v.confidences[k][~box], v.weak_confidence[~box])
+
+    for labels, problem in [(None, "calibrated label"), (anchor[:, :8], "shape"), (anchor * 2, "class 2")]:
+        with pytest.raises(DataError, match=f"pool_labels.*{problem}"):
+            check_anchor(labels, pool.shape, 2)
+    inputs = RoundInputs(data[0].exemplar_images, data[0].exemplar_labels, pool_images=pool)
+    with pytest.raises(DataError, match="pool_labels"):  # anchored training without the previous round's labels
+        train_segmenter(net, inputs, iterations=1, cfg=SEG, seed=0, consistency=cfg)
+    on = ConsistencyConfig(enabled=True, anchored=True)
+    assert not on.online_in_round(0) and on.online_in_round(1)
+    assert ConsistencyConfig(enabled=True).online_in_round(0) and not ConsistencyConfig().online_in_round(1)
 
 
 def test_intensity_views_keep_the_geometry_and_spatial_views_are_augments_geometry():
