@@ -8,6 +8,11 @@ Needs a CUDA build of torch and a GPU; it refuses to run without one (exit statu
   (``runtime.gpus_per_worker: 1``) and 2 workers sharing it (``0.5`` each), in ``runtime.autocast`` (``auto``:
   bf16 on CUDA).
 
+Every measurement also gives the per-case time of each stage as the labelling loop reports it (store read,
+segmenter, DDIM, reliability scores on the CPU, store write): on a GPU the CPU-side stages, not DDIM, decide how
+many workers one GPU needs. Each line is printed, and the JSON rewritten, as soon as it is measured, so a run cut
+short by a time limit keeps what it measured.
+
 Models are untrained networks of the demo's sizes unless ``--models`` names a finished run's ``round_<r>.pt``
 (with ``--config`` its ``config.yaml``): throughput does not depend on the weights, label agreement does (untrained
 networks give near-ties everywhere, so quote agreement from trained models).
@@ -17,7 +22,7 @@ Usage::
     python -m benchmarks.gpu_throughput                                   # untrained demo-size networks
     python -m benchmarks.gpu_throughput --config runs/hc18/config.yaml --models runs/hc18/models/round_0.pt
 
-Writes ``<work-dir>/gpu_throughput.json`` and prints a table.
+Writes ``<work-dir>/gpu_throughput.json`` (``--out``) and prints a table.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ import numpy as np
 import ray
 import torch
 
-from benchmarks.throughput import DEMO_CONFIG, REPO_ROOT, phantom_store, untrained_models
+from benchmarks.workload import DEMO_CONFIG, REPO_ROOT, phantom_store, untrained_models
 from caudo_ray.config import RunConfig, load_config
 from caudo_ray.distributed.cluster import init_ray, shutdown_ray
 from caudo_ray.distributed.executor import RayExecutor
@@ -46,6 +51,7 @@ from caudo_ray.store import PseudoLabelStore, chunk_batches
 
 SIZE = 128
 STEPS = 10
+STAGES = ("read_s", "infer_s", "ddim_s", "score_s", "store_s")
 
 
 def gpu_config(work_dir: Path, base: Path, num_workers: int, gpus_per_worker: float, batch_size: int, autocast: str) -> RunConfig:
@@ -79,13 +85,22 @@ class Rounds:
         self.store.rounds.begin(r, {"benchmark": label}, chunk_size=self.batch_size)
         todo = self.store.rounds.missing(r)
         t0 = time.perf_counter()
-        ddim = cases = 0
+        cases, sums = 0, dict.fromkeys(STAGES, 0.0)
         for stats in label_fn(r, chunk_batches(todo, self.batch_size)):
             cases += len(stats.indices)
-            ddim += stats.ddim_s
+            for key in STAGES:
+                sums[key] += getattr(stats, key)
         elapsed = time.perf_counter() - t0
         assert cases == len(todo) and self.store.rounds.done(r)[todo].all(), f"{label}: not every case was labelled"
-        return {"round": r, "cases_per_s": cases / elapsed, "ddim_ms_per_case": 1e3 * ddim / cases, "elapsed_s": elapsed}
+        stages = {f"{k[:-2]}_ms_per_case": 1e3 * v / cases for k, v in sums.items()}
+        print(f"{label}: {cases / elapsed:.0f} cases/s; " + ", ".join(f"{k} {v:.2f}" for k, v in stages.items()), flush=True)
+        return {"round": r, "cases_per_s": cases / elapsed, "elapsed_s": elapsed, **stages}
+
+
+def medians(measured: list[dict]) -> dict:
+    """Median rate and per-stage times of repeated measurements."""
+    keys = ["cases_per_s"] + [f"{k[:-2]}_ms_per_case" for k in STAGES]
+    return {k: statistics.median(m[k] for m in measured) for k in keys}
 
 
 def bare(cfg: RunConfig, models: RoundModels, store: PseudoLabelStore, setting: str):
@@ -112,10 +127,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", type=Path, default=DEMO_CONFIG, help="run config whose network sizes to use")
     parser.add_argument("--models", type=Path, default=None, help="a finished run's models/round_<r>.pt (default: untrained)")
-    parser.add_argument("--cases", type=int, default=2048)
+    parser.add_argument("--cases", type=int, default=1024)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--work-dir", type=Path, default=REPO_ROOT / "runs" / "bench-gpu")
+    parser.add_argument("--out", type=Path, default=None, help="JSON path (default: <work-dir>/gpu_throughput.json)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("no CUDA device: this benchmark needs a GPU and a CUDA build of torch")
@@ -123,15 +139,33 @@ def main(argv: list[str] | None = None) -> dict:
 
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     work = args.work_dir.resolve()
+    out = (args.out or work / "gpu_throughput.json").resolve()
     shutil.rmtree(work / "gpu.zarr", ignore_errors=True)
     cfg = gpu_config(work, args.config, 1, 1.0, args.batch_size, "auto")
     num_classes = cfg.data.num_classes or cfg.data.phantom.num_classes
     models = RoundModels.load(args.models) if args.models else untrained_models(cfg, num_classes)
     store = phantom_store(work / "gpu.zarr", args.cases, cfg)
     rounds = Rounds(store, args.batch_size)
-    rounds.measure(bare(cfg, models, store, "off"), "warm-up")  # CUDA context, cuDNN autotuning
+    res: dict = {
+        "working_size": SIZE,
+        "ddim_steps": STEPS,
+        "batch_size": args.batch_size,
+        "cases": args.cases,
+        "repeats": args.repeats,
+        "models": str(args.models) if args.models else "untrained networks of the config's sizes",
+        "config": str(args.config),
+        "gpu": torch.cuda.get_device_name(0),
+        "torch": torch.__version__,
+        "cpu_count": os.cpu_count(),
+        "precision": {},
+        "workers": {},
+    }
 
-    res: dict = {"precision": {}, "workers": {}}
+    def save() -> None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(res, indent=2))
+
+    rounds.measure(bare(cfg, models, store, "off"), "warm-up")  # CUDA context, cuDNN autotuning
     runs: dict[str, list[dict]] = {}
     for _ in range(args.repeats):
         for setting in ("off", "bf16", "fp16"):
@@ -139,10 +173,10 @@ def main(argv: list[str] | None = None) -> dict:
     reference = runs["off"][-1]["round"]
     for setting, measured in runs.items():
         res["precision"][setting] = {
-            "cases_per_s": statistics.median(m["cases_per_s"] for m in measured),
-            "ddim_ms_per_case": statistics.median(m["ddim_ms_per_case"] for m in measured),
+            **medians(measured),
             "pixels_differing_from_fp32": disagreement(store, measured[-1]["round"], reference),
         }
+    save()
 
     init_ray(cfg, log_to_driver=False)
     try:
@@ -156,28 +190,12 @@ def main(argv: list[str] | None = None) -> dict:
                 where = ray.get([w.where.remote() for w in executor._workers])
             finally:
                 executor.close()
-            res["workers"][f"{workers}w"] = {
-                "gpus_per_worker": share,
-                "cases_per_s": statistics.median(m["cases_per_s"] for m in measured),
-                "ddim_ms_per_case": statistics.median(m["ddim_ms_per_case"] for m in measured),
-                "placement": where,
-            }
+            res["workers"][f"{workers}w"] = {"gpus_per_worker": share, **medians(measured), "placement": where}
+            save()
     finally:
         shutdown_ray()
     res["scaling_2w_sharing_vs_1w"] = res["workers"]["2w"]["cases_per_s"] / res["workers"]["1w"]["cases_per_s"]
-    res.update({
-        "working_size": SIZE,
-        "ddim_steps": STEPS,
-        "batch_size": args.batch_size,
-        "cases": args.cases,
-        "models": str(args.models) if args.models else "untrained networks of the config's sizes",
-        "config": str(args.config),
-        "gpu": torch.cuda.get_device_name(0),
-        "torch": torch.__version__,
-        "cpu_count": os.cpu_count(),
-    })  # fmt: skip
-    out = work / "gpu_throughput.json"
-    out.write_text(json.dumps(res, indent=2))
+    save()
     shutil.rmtree(work / "gpu.zarr", ignore_errors=True)
     print(format_table(res))
     print(f"\nJSON: {out}")
@@ -186,13 +204,15 @@ def main(argv: list[str] | None = None) -> dict:
 
 def format_table(res: dict) -> str:
     lines = [f"GPU {res['gpu']}, {res['working_size']}x{res['working_size']}, {res['ddim_steps']} DDIM steps, batch {res['batch_size']}", ""]
-    lines += ["| run | cases/s | DDIM ms/case | pixels differing from fp32 (initial / calibrated) |", "|---|---|---|---|"]
+    stages = " | ".join(f"{k[:-2]} ms/case" for k in STAGES)
+    lines += [f"| run | cases/s | {stages} | pixels differing from fp32 (initial / calibrated) |", "|---" * (3 + len(STAGES)) + "|"]
+    cells = lambda m: " | ".join(f"{m[f'{k[:-2]}_ms_per_case']:.2f}" for k in STAGES)
     for setting, p in res["precision"].items():
         diff = p["pixels_differing_from_fp32"]
-        lines.append(f"| bare loop, {setting} | {p['cases_per_s']:.0f} | {p['ddim_ms_per_case']:.2f} | {diff['initial']:.2e} / {diff['calibrated']:.2e} |")
+        lines.append(f"| bare loop, {setting} | {p['cases_per_s']:.0f} | {cells(p)} | {diff['initial']:.2e} / {diff['calibrated']:.2e} |")
     for name, w in res["workers"].items():
-        lines.append(f"| Ray, {name} ({w['gpus_per_worker']:g} GPU each), autocast auto | {w['cases_per_s']:.0f} | {w['ddim_ms_per_case']:.2f} | |")
-    lines.append(f"| 2 workers sharing / 1 worker | {res['scaling_2w_sharing_vs_1w']:.2f} | | |")
+        lines.append(f"| Ray, {name} ({w['gpus_per_worker']:g} GPU each), autocast auto | {w['cases_per_s']:.0f} | {cells(w)} | |")
+    lines.append(f"| 2 workers sharing / 1 worker | {res['scaling_2w_sharing_vs_1w']:.2f} |" + " |" * (len(STAGES) + 1))
     return "\n".join(lines)
 
 

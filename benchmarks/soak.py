@@ -31,13 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.throughput import (
-    DEMO_CONFIG,
-    REPO_ROOT,
-    RssSampler,
-    phantom_store,
-    untrained_models,
-)
+from benchmarks.throughput import RssSampler
+from benchmarks.workload import DEMO_CONFIG, REPO_ROOT, phantom_store, untrained_models
 from caudo_ray.config import RunConfig, load_config
 from caudo_ray.rounds.executor import TrainContext
 from caudo_ray.store import chunk_batches

@@ -47,20 +47,16 @@ from typing import Self
 import numpy as np
 import torch
 
+from benchmarks.workload import DEMO_CONFIG, REPO_ROOT, phantom_store, untrained_models
 from caudo_ray.config import RunConfig, load_config
-from caudo_ray.data.phantom import phantom_case
 from caudo_ray.labelling.engine import BatchResult, LabelingEngine
-from caudo_ray.networks.bundle import RoundModels, feature_channels_of
-from caudo_ray.networks.calibrator import Calibrator
-from caudo_ray.networks.segmenter import build_segmenter
+from caudo_ray.networks.bundle import RoundModels
 from caudo_ray.rounds.executor import TrainContext
 from caudo_ray.rounds.steps import BatchStats, label_cases
 from caudo_ray.store import DEFAULT_SCORE_NAMES, PseudoLabelStore, chunk_batches
 from caudo_ray.tracking import names
 from caudo_ray.tracking.tracker import Tracker, flatten, sqlite_tracking_uri
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEMO_CONFIG = REPO_ROOT / "caudo_ray" / "configs" / "demo.yaml"
 # Goals per working size, and for the driver's memory (measured once).
 SIZE_GOALS = {"ratio_pipeline_vs_bare": 0.90, "scaling_2w_vs_1w": 1.7, "noop_ceiling_cases_per_s": 2000.0}
 MEMORY_GOAL = 1.2
@@ -114,7 +110,7 @@ class NoopEngine:
     def label_batch(self, images: np.ndarray, truth: np.ndarray | None = None) -> BatchResult:
         labels = (images > 0.5).astype(np.uint8)
         scores = {name: np.zeros(len(images), np.float32) for name in DEFAULT_SCORE_NAMES}
-        return BatchResult(labels, labels.copy(), scores, {"infer_s": 0.0, "ddim_s": 0.0, "n": len(images)})
+        return BatchResult(labels, labels.copy(), scores, {"infer_s": 0.0, "ddim_s": 0.0, "score_s": 0.0, "n": len(images)})
 
 
 @dataclass
@@ -128,6 +124,7 @@ class StreamRun:
     driver_cpu_s: float  # CPU time of this process (all its threads) during the round
     infer_s: float
     ddim_s: float
+    score_s: float
     store_s: float
     read_s: float
 
@@ -188,43 +185,6 @@ def benchmark_config(work_dir: Path, num_workers: int = 1, batch_size: int | Non
     return load_config(DEMO_CONFIG, overrides)
 
 
-def untrained_models(cfg: RunConfig, num_classes: int) -> RoundModels:
-    """Untrained segmenter and calibrator of the config's sizes (throughput does not depend on the weights)."""
-    torch.manual_seed(cfg.seed)
-    net = build_segmenter(cfg.segmenter, num_classes).eval()
-    feature_channels = feature_channels_of(net, cfg.data.working_size, torch.device("cpu"))
-    calibrator = Calibrator.from_config(cfg.calibrator, num_classes, feature_channels)
-    return RoundModels(
-        round=0,
-        num_classes=num_classes,
-        feature_channels=feature_channels,
-        segmenter={k: v.detach().clone() for k, v in net.state_dict().items()},
-        calibrator={k: v.detach().clone() for k, v in calibrator.state_dict().items()},
-    )
-
-
-def phantom_store(url: Path, num_cases: int, cfg: RunConfig, distinct: int = 64) -> PseudoLabelStore:
-    """A store of ``num_cases`` phantom images with hidden truth, cycling through ``distinct`` rendered frames."""
-    size = tuple(cfg.data.working_size)
-    num_classes = cfg.data.phantom.num_classes
-    frames = [phantom_case(seed, size, num_classes) for seed in range(distinct)]
-    images = np.stack([f[0] for f in frames])
-    masks = np.stack([f[1] for f in frames])
-    store = PseudoLabelStore.create(
-        url,
-        case_ids=[f"case_{i:06d}" for i in range(num_cases)],
-        working_size=size,
-        num_classes=num_classes,
-        config_hash=cfg.method_hash(),
-        provenance={"data": "phantoms (throughput benchmark)"},
-        chunk_size=cfg.runtime.batch_size,
-    )
-    for start in range(0, num_cases, 512):
-        idx = np.arange(start, min(start + 512, num_cases))
-        store.write_cases(idx, images=images[idx % distinct], truth=masks[idx % distinct])
-    return store
-
-
 class Bench:
     """Runs the measurements of one working size on two stores (real models, no-op); keeps each one's round counter."""
 
@@ -256,7 +216,7 @@ class Bench:
         """Streams ``num_cases`` of a new round through ``label_fn`` the way the Coordinator does, timing it."""
         batch_size = batch_size or self.batch_size
         r, todo = self._begin(store, label, num_cases, batch_size)
-        sums = {"infer_s": 0.0, "ddim_s": 0.0, "store_s": 0.0, "read_s": 0.0}
+        sums = {"infer_s": 0.0, "ddim_s": 0.0, "score_s": 0.0, "store_s": 0.0, "read_s": 0.0}
         done, first_t, first_n = 0, None, 0
         cpu0, t0 = time.process_time(), time.perf_counter()
         for stats in label_fn(r, chunk_batches(todo, batch_size)):
@@ -269,7 +229,7 @@ class Bench:
         if done != len(todo) or not store.rounds.done(r)[todo].all():
             raise RuntimeError(f"{label}: {len(todo) - done} of {len(todo)} cases were not labelled")
         steady = (done - first_n) / (end - first_t) if done > first_n and end > first_t else float("nan")
-        return StreamRun(done, end - t0, first_t - t0, steady, cpu, sums["infer_s"], sums["ddim_s"], sums["store_s"], sums["read_s"])
+        return StreamRun(done, end - t0, first_t - t0, steady, cpu, **sums)
 
     def local(self, engine_factory, store: PseudoLabelStore, label: str, num_cases: int, batch_size: int | None = None) -> StreamRun:
         """The loop in this process without Ray: build the engine, then ``rounds.steps.label_cases`` batch by batch."""
@@ -386,6 +346,7 @@ def _stages(runs: list[StreamRun]) -> dict[str, float]:
         "store_read_ms_per_case": _median(1e3 * r.read_s / r.cases for r in runs),
         "infer_ms_per_case": _median(1e3 * r.infer_s / r.cases for r in runs),
         "ddim_ms_per_case": _median(1e3 * r.ddim_s / r.cases for r in runs),
+        "score_ms_per_case": _median(1e3 * r.score_s / r.cases for r in runs),
         "store_write_ms_per_case": _median(1e3 * r.store_s / r.cases for r in runs),
         "wall_ms_per_case": _median(1e3 / r.cases_per_s for r in runs),
     }
@@ -494,8 +455,8 @@ def format_table(res: dict) -> str:
         ))  # fmt: skip
     for name in cols[0]["per_case_ms"]:
         lines.append(row(
-            f"{name}: read / infer / DDIM / write / wall (ms per case)",
-            lambda c, name=name: " / ".join(f"{c['per_case_ms'][name][k]:.1f}" for k in ("store_read_ms_per_case", "infer_ms_per_case", "ddim_ms_per_case", "store_write_ms_per_case", "wall_ms_per_case")),
+            f"{name}: read / infer / DDIM / scores / write / wall (ms per case)",
+            lambda c, name=name: " / ".join(f"{c['per_case_ms'][name][k]:.1f}" for k in ("store_read_ms_per_case", "infer_ms_per_case", "ddim_ms_per_case", "score_ms_per_case", "store_write_ms_per_case", "wall_ms_per_case")),
         ))  # fmt: skip
     for name in cols[0]["cold_first_result_s"]:
         lines.append(row(f"{name}: first batch back, cold pool (s)", lambda c, name=name: f"{c['cold_first_result_s'][name]:.1f}"))
@@ -525,6 +486,7 @@ def log_to_mlflow(res: dict, work_dir: Path, profile_name: str) -> str:
         names.CASES_PER_S: one["pipeline_1w_cases_per_s"],
         names.INFER_S_PER_CASE: stages["infer_ms_per_case"] / 1e3,
         names.DDIM_S_PER_CASE: stages["ddim_ms_per_case"] / 1e3,
+        names.SCORE_S_PER_CASE: stages["score_ms_per_case"] / 1e3,
         names.STORE_S_PER_CASE: stages["store_write_ms_per_case"] / 1e3,
     })
     tracker.log_metrics(metrics, step=0)

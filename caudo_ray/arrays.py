@@ -34,3 +34,17 @@ def check_label_range(name: str, labels: np.ndarray, num_classes: int) -> None:
     top = int(labels.max()) if labels.size else 0
     if top >= num_classes:
         raise DataError(name, f"holds class {top} but the model has {num_classes} classes")
+
+
+def class_map(probs: np.ndarray) -> np.ndarray:
+    """(N, H, W) uint8 argmax over the class axis of (N, C, H, W) maps, the first class winning ties.
+
+    ``probs.argmax(1)`` reduces along a strided axis; these C - 1 elementwise passes take half its time for two
+    classes at the sizes labelling uses (64 maps of 128x128) and about as long for four.
+    """
+    labels = np.zeros((probs.shape[0],) + probs.shape[2:], np.uint8)
+    best = probs[:, 0].copy()
+    for k in range(1, probs.shape[1]):
+        np.copyto(labels, k, where=probs[:, k] > best)
+        np.maximum(best, probs[:, k], out=best)
+    return labels

@@ -36,6 +36,7 @@ ROUND_METRICS = [
     names.CASES_PER_S,
     names.INFER_S_PER_CASE,
     names.DDIM_S_PER_CASE,
+    names.SCORE_S_PER_CASE,
     names.STORE_S_PER_CASE,
     names.TRAIN_S,
 ]

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from conftest import tiny_config
 
-from benchmarks.throughput import untrained_models
+from benchmarks.workload import untrained_models
 from caudo_ray.labelling.engine import LabelingEngine
 
 

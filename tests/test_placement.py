@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import tiny_config
 
-from benchmarks.throughput import untrained_models
+from benchmarks.workload import untrained_models
 from caudo_ray.config import ConfigError
 from caudo_ray.distributed.placement import check_worker_device, worker_device, worker_options, workers_per_gpu
 from caudo_ray.labelling.engine import LabelingEngine

@@ -21,7 +21,8 @@ from conftest import REPO_ROOT, tiny_config
 from PIL import Image
 from test_jobs import ray_cluster  # noqa: F401  (fixture: a real head node with token auth, own ports)
 
-from benchmarks.throughput import NoopEngine, untrained_models
+from benchmarks.throughput import NoopEngine
+from benchmarks.workload import untrained_models
 from caudo_ray.config import save_config
 from caudo_ray.errors import DataError, StoreError
 from caudo_ray.inference import predict_folder

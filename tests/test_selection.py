@@ -5,7 +5,7 @@ import pytest
 from scipy import ndimage
 
 from caudo_ray.errors import DataError
-from caudo_ray.labelling.reliability import ShapePrior, reliability_scores
+from caudo_ray.labelling.reliability import ShapePrior, _shape_features, reliability_scores
 from caudo_ray.labelling.selection import annotation_queries, area_strata, select_top
 from caudo_ray.metrics import dice_per_case, spearman
 
@@ -81,7 +81,7 @@ def test_shape_prior_is_learnt_from_the_exemplars_not_assumed():
     fragmented = ring | ellipse(4, 4, 2.5, 2.5)
     filled = ellipse(16, 16, 8, 6)
     ring_prior = ShapePrior.from_labels(np.stack([ring, ellipse(15, 17, 8, 6) & ~ellipse(15, 17, 5, 3)]).astype(np.uint8), 2)
-    score = lambda prior, m: prior.score(m.astype(np.uint8))
+    score = lambda prior, m: prior.score(m[None].astype(np.uint8))[0]
     # An elliptical exemplar makes ellipses typical and rings not; a ring exemplar the other way round.
     assert score(ellipse_prior(), truth) > 0.95 and score(ellipse_prior(), ring) < 0.5
     assert score(ring_prior, ring) > 0.95 and score(ring_prior, filled) < 0.5
@@ -90,7 +90,50 @@ def test_shape_prior_is_learnt_from_the_exemplars_not_assumed():
     # A structure every exemplar view holds is implausible when missing; round trip through a plain dict.
     assert score(ellipse_prior(), np.zeros(SHAPE, bool)) < 0.05
     again = ShapePrior.from_dict(ellipse_prior().to_dict())
-    assert again.score(truth.astype(np.uint8)) == score(ellipse_prior(), truth)
+    assert again.score(truth[None].astype(np.uint8))[0] == score(ellipse_prior(), truth)
+
+
+def test_a_batch_is_scored_as_its_maps_one_by_one():
+    """Batched scoring (one scipy call per batch) must not let maps touch: components, holes, boundaries and the
+    uncertain band of one map stay its own, also where maps touch the border of the frame."""
+    rng = np.random.default_rng(3)
+    ring = ellipse(16, 16, 8, 6) & ~ellipse(16, 16, 5, 3)
+    maps = [
+        ring,
+        ring | ellipse(4, 4, 2.5, 2.5),  # a ring and a fragment
+        ellipse(0, 16, 10, 12),  # cut by the frame's top edge
+        np.zeros(SHAPE, bool),  # empty
+        np.ones(SHAPE, bool),  # everything
+        ellipse(31, 31, 9, 9) & ~ellipse(31, 31, 4, 4),  # a hole open to the frame's corner: no hole
+    ] + [corrupt(rng, (16, 16, 8, 6), 0.8) for _ in range(6)]
+    p0 = np.stack([soft(m, 0.6) for m in maps])
+    p1 = np.stack([soft(m, 1.2) for m in maps[::-1]])
+    pf = np.stack([soft(np.roll(m, 2, axis=1), 0.6) for m in maps])
+    prior = ShapePrior.from_labels(np.stack([ring, ellipse(15, 17, 8, 6)]).astype(np.uint8), 2)
+    batch = reliability_scores(p0, p1, pf, prior)
+    for i in range(len(maps)):
+        one = reliability_scores(p0[i : i + 1], p1[i : i + 1], pf[i : i + 1], prior)
+        for key, values in batch.items():
+            assert values[i] == one[key][0], (key, i)
+    # Scoring the initial maps as if uncalibrated (the same array twice) takes a shorter path to the same scores.
+    unmoved, copied = reliability_scores(p0, p0, pf, prior), reliability_scores(p0, p0.copy(), pf, prior)
+    for key, values in unmoved.items():
+        np.testing.assert_array_equal(values, copied[key], err_msg=key)
+
+
+def test_shape_features_match_scipys_per_map_measures():
+    """The batched hole filling and components give scipy's 2D answers for each map (4-connectivity)."""
+    ring = ellipse(16, 16, 8, 6) & ~ellipse(16, 16, 5, 3)
+    maps = np.stack([ring, ring | ellipse(4, 4, 2.5, 2.5), ellipse(0, 16, 10, 12), ellipse(31, 31, 9, 9) & ~ellipse(31, 31, 4, 4)])
+    features = _shape_features(maps)
+    for mask, (_, largest, hole, log_area) in zip(maps, features):
+        filled = ndimage.binary_fill_holes(mask).sum()
+        components, _ = ndimage.label(mask)
+        assert hole == pytest.approx((filled - mask.sum()) / filled, abs=1e-12)
+        assert largest == pytest.approx(np.bincount(components.ravel())[1:].max() / mask.sum(), abs=1e-12)
+        assert log_area == pytest.approx(np.log(mask.mean()), abs=1e-12)
+    assert features[0, 2] > 0.2 and features[3, 2] == 0.0  # the closed ring has a hole, the open one none
+    assert features[1, 1] < 1.0 == features[0, 1]  # the fragment is not in the largest component
 
 
 def test_empty_maps():

@@ -44,7 +44,7 @@ def stream_round(cfg: RunConfig, owner, executor: Executor, r: int, models: Roun
     todo = owner.rounds.missing(r)
     log.info("round %d: labelling %d cases, keeping %d already done", r, len(todo), int(owner.usable_mask().sum()) - len(todo))
     t0 = time.perf_counter()
-    sums = {"infer_s": 0.0, "ddim_s": 0.0, "store_s": 0.0}
+    sums = {"infer_s": 0.0, "ddim_s": 0.0, "score_s": 0.0, "store_s": 0.0}
     bar = tqdm(total=len(todo), desc=f"round {r}: labelling", unit="case", disable=not progress)
     for stats in executor.label(r, models, chunk_batches(todo, chunk)):
         for key in sums:
@@ -57,6 +57,7 @@ def stream_round(cfg: RunConfig, owner, executor: Executor, r: int, models: Roun
         "cases_per_s": len(todo) / elapsed if elapsed > 0 and len(todo) else math.nan,
         "infer_s_per_case": sums["infer_s"] / n,
         "ddim_s_per_case": sums["ddim_s"] / n,
+        "score_s_per_case": sums["score_s"] / n,
         "store_write_s_per_case": sums["store_s"] / n,
     }
     return perf, len(todo)

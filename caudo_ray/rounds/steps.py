@@ -53,8 +53,9 @@ class BatchStats:
     """What a worker sends back for a batch: indices and timings; the labels went to the store."""
 
     indices: np.ndarray
-    infer_s: float
-    ddim_s: float
+    infer_s: float  # the segmenter, on the image and its mirror
+    ddim_s: float  # calibration: DDIM inversion and sampling, gate, arbitration
+    score_s: float  # reliability scores and label maps, on the CPU
     store_s: float  # writing labels, scores and done
     read_s: float = 0.0  # reading images and truth
 
@@ -67,7 +68,10 @@ def label_cases(engine: LabelingEngine, store: PseudoLabelStore, r: int, indices
     result = engine.label_batch(images, truth)
     t2 = time.perf_counter()
     store.rounds.write(r, indices, result.initial, result.calibrated, result.scores)
-    return BatchStats(indices, result.timings["infer_s"], result.timings["ddim_s"], time.perf_counter() - t2, t1 - t0)
+    timings = result.timings
+    return BatchStats(
+        indices, timings["infer_s"], timings["ddim_s"], timings["score_s"], time.perf_counter() - t2, t1 - t0
+    )
 
 
 def select_and_commit(cfg: RunConfig, store: PseudoLabelStore, r: int, extra_summary: dict | None = None) -> dict:

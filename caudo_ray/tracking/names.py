@@ -23,6 +23,7 @@ FINAL_VAL_PREFIX = "final/val_"  # the final segmenter's validation metrics, fin
 CASES_PER_S = "perf/cases_per_s"
 INFER_S_PER_CASE = "perf/infer_s_per_case"
 DDIM_S_PER_CASE = "perf/ddim_s_per_case"
+SCORE_S_PER_CASE = "perf/score_s_per_case"
 STORE_S_PER_CASE = "perf/store_write_s_per_case"
 TRAIN_S = "perf/train_s"
 SKIPPED = "data/skipped"
@@ -45,6 +46,7 @@ PERF_METRICS = {
     "cases_per_s": CASES_PER_S,
     "infer_s_per_case": INFER_S_PER_CASE,
     "ddim_s_per_case": DDIM_S_PER_CASE,
+    "score_s_per_case": SCORE_S_PER_CASE,
     "store_write_s_per_case": STORE_S_PER_CASE,
     "train_s": TRAIN_S,
 }

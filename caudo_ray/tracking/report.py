@@ -381,6 +381,7 @@ def _throughput_figure(tr: TrainingRun) -> bytes | None:
     stages = [
         (names.INFER_S_PER_CASE, "segmenter"),
         (names.DDIM_S_PER_CASE, "DDIM"),
+        (names.SCORE_S_PER_CASE, "scores"),
         (names.STORE_S_PER_CASE, "store write"),
     ]
     if not steps and not any(tr.metrics.get(k) for k, _ in stages):
