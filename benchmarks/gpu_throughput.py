@@ -1,12 +1,13 @@
-"""GPU throughput: calibration cases/s on one GPU at 128x128 with 10 DDIM steps, 1 worker and 2 sharing the GPU.
+"""GPU throughput: calibration cases/s on one GPU at 128x128 with 10 DDIM steps, 1 worker and several sharing it.
 
-Needs a CUDA build of torch and a GPU; it refuses to run without one (exit status 2). Measured side by side:
+Needs a CUDA build of torch and a GPU; it refuses to run without one (exit status 2) unless ``--device cpu`` asks
+for a dry run of the same steps on the CPU (no GPU shares; its figures are not GPU figures). Measured side by side:
 
 - **precision**: the bare loop in this process (``rounds.steps.label_cases``) on the GPU in float32, bf16 and fp16
   autocast, and how far bf16/fp16 labels are from float32's (share of pixels that differ, initial and calibrated);
-- **workers**: the same pool streamed by ``RayExecutor.label`` through 1 worker holding the GPU
-  (``runtime.gpus_per_worker: 1``) and 2 workers sharing it (``0.5`` each), in ``runtime.autocast`` (``auto``:
-  bf16 on CUDA).
+- **workers**: the same pool streamed by ``RayExecutor.label`` through each count of ``--workers`` (default 1, 2
+  and 4), ``n`` workers sharing the GPU at ``runtime.gpus_per_worker: 1/n`` each, in ``runtime.autocast``
+  (``auto``: bf16 on CUDA).
 
 Every measurement also gives the per-case time of each stage as the labelling loop reports it (store read,
 segmenter, DDIM, reliability scores on the CPU, store write): on a GPU the CPU-side stages, not DDIM, decide how
@@ -21,6 +22,7 @@ Usage::
 
     python -m benchmarks.gpu_throughput                                   # untrained demo-size networks
     python -m benchmarks.gpu_throughput --config runs/hc18/config.yaml --models runs/hc18/models/round_0.pt
+    python -m benchmarks.gpu_throughput --device cpu --cases 64 --batch-size 16 --workers 1,2   # dry run
 
 Writes ``<work-dir>/gpu_throughput.json`` (``--out``) and prints a table.
 """
@@ -54,16 +56,17 @@ STEPS = 10
 STAGES = ("read_s", "infer_s", "ddim_s", "score_s", "store_s")
 
 
-def gpu_config(work_dir: Path, base: Path, num_workers: int, gpus_per_worker: float, batch_size: int, autocast: str) -> RunConfig:
+def gpu_config(work_dir: Path, base: Path, device: str, num_workers: int, batch_size: int, autocast: str) -> RunConfig:
+    """``num_workers`` workers sharing one GPU equally (none on the CPU)."""
     return load_config(
         base,
         {
             "work_dir": str(work_dir),
-            "device": "cuda",
+            "device": device,
             "data.working_size": [SIZE, SIZE],
             "calibrator.inference_steps": STEPS,
             "runtime.num_workers": num_workers,
-            "runtime.gpus_per_worker": gpus_per_worker,
+            "runtime.gpus_per_worker": 1 / num_workers if device == "cuda" else 0.0,
             "runtime.cpus_per_worker": 1,
             "runtime.threads_per_worker": 1,
             "runtime.trainer_cpus": 0,
@@ -104,15 +107,16 @@ def medians(measured: list[dict]) -> dict:
 
 
 def bare(cfg: RunConfig, models: RoundModels, store: PseudoLabelStore, setting: str):
-    """The labelling loop in this process, on the GPU, under ``setting`` autocast."""
-    device = torch.device("cuda")
+    """The labelling loop in this process, on ``cfg.device``, under ``setting`` autocast."""
+    device = torch.device(cfg.device)
 
     def label_fn(r, batches):
         engine = LabelingEngine(cfg, models, device)
         for indices in batches:
             with labelling_precision(setting, device):
                 stats = label_cases(engine, store, r, indices)
-            torch.cuda.synchronize()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
             yield stats
 
     return label_fn
@@ -130,10 +134,19 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--cases", type=int, default=1024)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--workers", default="1,2,4", help="worker counts to measure, each sharing the GPU equally")
+    parser.add_argument("--skip-bare", action="store_true", help="measure the workers only, not the precisions")
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="cpu: a dry run of the same steps")
     parser.add_argument("--work-dir", type=Path, default=REPO_ROOT / "runs" / "bench-gpu")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default: <work-dir>/gpu_throughput.json)")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
+    try:
+        counts = [int(n) for n in args.workers.split(",")]
+    except ValueError:
+        parser.error(f"--workers: expected worker counts such as 1,2,4, got {args.workers!r}")
+    if not counts or min(counts) < 1:
+        parser.error(f"--workers: counts must be at least 1, got {args.workers!r}")
+    if args.device == "cuda" and not torch.cuda.is_available():
         print("no CUDA device: this benchmark needs a GPU and a CUDA build of torch")
         raise SystemExit(2)
 
@@ -141,7 +154,7 @@ def main(argv: list[str] | None = None) -> dict:
     work = args.work_dir.resolve()
     out = (args.out or work / "gpu_throughput.json").resolve()
     shutil.rmtree(work / "gpu.zarr", ignore_errors=True)
-    cfg = gpu_config(work, args.config, 1, 1.0, args.batch_size, "auto")
+    cfg = gpu_config(work, args.config, args.device, 1, args.batch_size, "auto")
     num_classes = cfg.data.num_classes or cfg.data.phantom.num_classes
     models = RoundModels.load(args.models) if args.models else untrained_models(cfg, num_classes)
     store = phantom_store(work / "gpu.zarr", args.cases, cfg)
@@ -154,7 +167,7 @@ def main(argv: list[str] | None = None) -> dict:
         "repeats": args.repeats,
         "models": str(args.models) if args.models else "untrained networks of the config's sizes",
         "config": str(args.config),
-        "gpu": torch.cuda.get_device_name(0),
+        "device": torch.cuda.get_device_name(0) if args.device == "cuda" else f"CPU dry run ({args.device})",
         "torch": torch.__version__,
         "cpu_count": os.cpu_count(),
         "precision": {},
@@ -165,23 +178,24 @@ def main(argv: list[str] | None = None) -> dict:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(res, indent=2))
 
-    rounds.measure(bare(cfg, models, store, "off"), "warm-up")  # CUDA context, cuDNN autotuning
-    runs: dict[str, list[dict]] = {}
-    for _ in range(args.repeats):
-        for setting in ("off", "bf16", "fp16"):
-            runs.setdefault(setting, []).append(rounds.measure(bare(cfg, models, store, setting), f"bare-{setting}"))
-    reference = runs["off"][-1]["round"]
-    for setting, measured in runs.items():
-        res["precision"][setting] = {
-            **medians(measured),
-            "pixels_differing_from_fp32": disagreement(store, measured[-1]["round"], reference),
-        }
-    save()
+    if not args.skip_bare:
+        rounds.measure(bare(cfg, models, store, "off"), "warm-up")  # CUDA context, cuDNN autotuning
+        runs: dict[str, list[dict]] = {}
+        for _ in range(args.repeats):
+            for setting in ("off", "bf16", "fp16"):
+                runs.setdefault(setting, []).append(rounds.measure(bare(cfg, models, store, setting), f"bare-{setting}"))
+        reference = runs["off"][-1]["round"]
+        for setting, measured in runs.items():
+            res["precision"][setting] = {
+                **medians(measured),
+                "pixels_differing_from_fp32": disagreement(store, measured[-1]["round"], reference),
+            }
+        save()
 
     init_ray(cfg, log_to_driver=False)
     try:
-        for workers, share in ((1, 1.0), (2, 0.5)):
-            wcfg = gpu_config(work, args.config, workers, share, args.batch_size, "auto")
+        for workers in counts:
+            wcfg = gpu_config(work, args.config, args.device, workers, args.batch_size, "auto")
             executor = RayExecutor(TrainContext(wcfg, store.url, num_classes))
             try:
                 label_fn = lambda r, b, ex=executor: ex.label(r, models, b)
@@ -190,12 +204,17 @@ def main(argv: list[str] | None = None) -> dict:
                 where = ray.get([w.where.remote() for w in executor._workers])
             finally:
                 executor.close()
-            res["workers"][f"{workers}w"] = {"gpus_per_worker": share, **medians(measured), "placement": where}
+            rate = medians(measured)
+            first = res["workers"][f"{counts[0]}w"]["cases_per_s"] if res["workers"] else rate["cases_per_s"]
+            res["workers"][f"{workers}w"] = {
+                "gpus_per_worker": wcfg.runtime.gpus_per_worker,
+                **rate,
+                "vs_first": rate["cases_per_s"] / first,
+                "placement": where,
+            }
             save()
     finally:
         shutdown_ray()
-    res["scaling_2w_sharing_vs_1w"] = res["workers"]["2w"]["cases_per_s"] / res["workers"]["1w"]["cases_per_s"]
-    save()
     shutil.rmtree(work / "gpu.zarr", ignore_errors=True)
     print(format_table(res))
     print(f"\nJSON: {out}")
@@ -203,7 +222,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def format_table(res: dict) -> str:
-    lines = [f"GPU {res['gpu']}, {res['working_size']}x{res['working_size']}, {res['ddim_steps']} DDIM steps, batch {res['batch_size']}", ""]
+    lines = [f"{res['device']}, {res['working_size']}x{res['working_size']}, {res['ddim_steps']} DDIM steps, batch {res['batch_size']}", ""]
     stages = " | ".join(f"{k[:-2]} ms/case" for k in STAGES)
     lines += [f"| run | cases/s | {stages} | pixels differing from fp32 (initial / calibrated) |", "|---" * (3 + len(STAGES)) + "|"]
     cells = lambda m: " | ".join(f"{m[f'{k[:-2]}_ms_per_case']:.2f}" for k in STAGES)
@@ -211,8 +230,8 @@ def format_table(res: dict) -> str:
         diff = p["pixels_differing_from_fp32"]
         lines.append(f"| bare loop, {setting} | {p['cases_per_s']:.0f} | {cells(p)} | {diff['initial']:.2e} / {diff['calibrated']:.2e} |")
     for name, w in res["workers"].items():
-        lines.append(f"| Ray, {name} ({w['gpus_per_worker']:g} GPU each), autocast auto | {w['cases_per_s']:.0f} | {cells(w)} | |")
-    lines.append(f"| 2 workers sharing / 1 worker | {res['scaling_2w_sharing_vs_1w']:.2f} |" + " |" * (len(STAGES) + 1))
+        share = f"{w['gpus_per_worker']:.2g} GPU each, " if w["gpus_per_worker"] else ""
+        lines.append(f"| Ray, {name} ({share}x{w['vs_first']:.2f} the first), autocast auto | {w['cases_per_s']:.0f} | {cells(w)} | |")
     return "\n".join(lines)
 
 
