@@ -19,7 +19,10 @@ round r's models, exactly as that round's calibration workers did, and compares 
   per class how far calibration moves the predicted area against the true one (a calibrator with a wrong prior
   shows as a class drift);
 - **reliability factors**: for every committed round, the Spearman correlation of each factor of the reliability
-  score (and of the combinations considered) with the true Dice of the stored labels.
+  score (and of the combinations considered) with the true Dice of the stored labels; and on the sampled cases'
+  initial labels, each factor's and two candidates': the label's *self-Dice* (its soft Dice with the segmenter's
+  own probabilities, the Dice it would score if the truth were drawn from them: low where much probability mass
+  sits off the label, relative to the label's size) and the reliability times it.
 
 Usage::
 
@@ -138,6 +141,7 @@ def main(argv=None) -> dict:
         "cases": len(cases),
         "initial_dice": float(initial.mean()),
         "initial_reliability_spearman": spearman(initial_scores["reliability"], initial),
+        "initial_signals": initial_signals(p0, initial_scores, initial),
         "gates": rows,
         "label_rules": rules,
         "disputed": disputed,
@@ -171,6 +175,7 @@ def main(argv=None) -> dict:
             f"{row['gain_from_flips']:+.4f} from these cases, {row['gain_from_others']:+.4f} from the rest"
         )
     print(f"all classes: {flips['gain_from_flips']:+.4f} from presence flips, {flips['gain_from_others']:+.4f} from reshaping")
+    print(f"round {r} initial labels, Spearman with true Dice: " + ", ".join(f"{k} {v:.3f}" for k, v in report["initial_signals"].items()))
     for row in report["reliability"]:
         print(f"round {row['round']} Spearman with true Dice: " + ", ".join(f"{k} {v:.3f}" for k, v in row["spearman"].items()))
     if args.out:
@@ -281,6 +286,27 @@ def _presence_flips(probs, calibrated, truth, num_classes) -> dict[str, Any]:
         from_flips += classes[str(k)]["gain_from_flips"]
         from_others += classes[str(k)]["gain_from_others"]
     return {"classes": classes, "gain_from_flips": from_flips, "gain_from_others": from_others}
+
+
+def self_dice(probs: np.ndarray) -> np.ndarray:
+    """(N,) soft Dice of each (N, C, H, W) map's argmax label with its own probabilities, mean over foreground
+    classes (a class absent from both counts 1)."""
+    labels = probs.argmax(1)
+    out = np.zeros((len(probs), probs.shape[1] - 1))
+    for k in range(1, probs.shape[1]):
+        mask = labels == k
+        overlap = (probs[:, k] * mask).sum(axis=(1, 2))
+        total = probs[:, k].sum(axis=(1, 2)) + mask.sum(axis=(1, 2))
+        out[:, k - 1] = np.where(total > 0, 2 * overlap / np.maximum(total, 1e-8), 1.0)
+    return out.mean(axis=1)
+
+
+def initial_signals(probs: np.ndarray, scores: dict[str, np.ndarray], dice: np.ndarray) -> dict[str, float]:
+    """Spearman(signal, true Dice) of the initial labels: the reliability, its factors, self-Dice, their product."""
+    own = self_dice(probs)
+    signals = {k: scores[k] for k in ("reliability", "confidence", "shape", "consistency")}
+    signals |= {"self-Dice": own, "reliability x self-Dice": scores["reliability"] * own}
+    return {k: spearman(v, dice) for k, v in signals.items()}
 
 
 def reliability_factors(store: PseudoLabelStore) -> list[dict]:

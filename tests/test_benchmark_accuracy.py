@@ -82,7 +82,19 @@ def test_fast_smoke_on_hc18_writes_every_field(tmp_path, capsys):
     disputed = ablations["disputed"]
     assert all(0.0 <= disputed[k] <= 1.0 for k in ("share", "right_initial", "right_mirrored", "right_calibrated"))
     assert [row["round"] for row in ablations["reliability"]] == list(range(rounds))
+    signals = ablations["initial_signals"]
+    assert set(signals) >= {"reliability", "self-Dice", "reliability x self-Dice"}
+    assert signals["reliability"] == pytest.approx(ablations["initial_reliability_spearman"], nan_ok=True)
     assert json.loads((tmp_path / "ablations.json").read_text())["cases"] == ablations["cases"] == 4
+
+
+def test_self_dice_is_one_for_certain_labels_and_lower_for_unsure_ones():
+    probs = np.zeros((3, 2, 8, 8), np.float32)
+    probs[:, 0] = 1.0
+    probs[0, :, 2:6, 2:6] = np.array([0.0, 1.0])[:, None, None]  # a certain square
+    probs[2, :, 2:6, 2:6] = np.array([0.4, 0.6])[:, None, None]  # the same square at 0.6: 2 * 9.6 / (9.6 + 16)
+    got = _load_benchmark("ablations").self_dice(probs)
+    np.testing.assert_allclose(got, [1.0, 1.0, 0.75], atol=1e-6)  # case 1: no foreground in label or probabilities
 
 
 def ablations_bounds() -> list:
