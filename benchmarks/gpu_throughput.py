@@ -10,8 +10,9 @@ for a dry run of the same steps on the CPU (no GPU shares; its figures are not G
   (``auto``: bf16 on CUDA).
 
 Every measurement also gives the per-case time of each stage as the labelling loop reports it (store read,
-segmenter, DDIM, reliability scores on the CPU, store write): on a GPU the CPU-side stages, not DDIM, decide how
-many workers one GPU needs. Each line is printed, and the JSON rewritten, as soon as it is measured, so a run cut
+segmenter, DDIM, reliability scores on the CPU, store write): a worker's CPU-side stages decide how many workers
+one GPU needs, and DDIM's time per case, growing as workers take turns on the GPU, shows where the GPU saturates
+(docs/benchmarks.md, "GPU"). Each line is printed, and the JSON rewritten, as soon as it is measured, so a run cut
 short by a time limit keeps what it measured.
 
 Models are untrained networks of the demo's sizes unless ``--models`` names a finished run's ``round_<r>.pt``
