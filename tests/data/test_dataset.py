@@ -223,7 +223,8 @@ def test_inspect_reports_counts_classes_groups(tmp_path):
 def test_hc18_smoke():
     start = time.perf_counter()
     index = index_dataset(HC18, group_column="exam_id")
-    assert time.perf_counter() - start < 5.0
+    # Indexing reads headers, not pixels: about a second here. The bound catches reading every image, not speed.
+    assert time.perf_counter() - start < 30.0
     assert len(index.labelled) == 999 and len(index.unlabelled) == 335
     assert index.group_column == "exam_id" and index.problems == []
     by_id = index.by_id()
