@@ -17,6 +17,8 @@ Test metrics: per slice (Dice and HD95 at the working size, mean over foreground
 names each slice's volume and position (ACDC), per volume as ACDC results are published (the volume's slices
 stacked in order at their original size; 3D Dice and HD95 per class, then the mean over classes and volumes).
 Pseudo-label quality comes from the runs' stores, where the pool's hidden masks are kept apart from the method.
+Each round's row also gives the test Dice of the segmenter that made its labels (``round_model_test_dice``, per
+volume where there are volumes), so a table shows where along the rounds a method gains or loses.
 
 A labelled set is ``cases:K`` (K cases, e.g. one slice: the one-shot setting) or ``groups:K`` (every labelled
 case of K groups: "1 case" of the ACDC tables is one patient's slices). On ACDC the first draw is the published
@@ -207,7 +209,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             test = test or _test_set(prepared, index)
             scores = _score(cfg, RoundModels.load(prepared.workspace.final_model_path), test, num_classes)
             results[method].append({"draw": name, "labelled": labelled, "wall_s": wall, **scores})
-            pseudo += _pseudo_label_rows(prepared.store, name, method, run.rounds)
+            rows = _pseudo_label_rows(prepared.store, name, method, run.rounds)
+            for row in rows:  # where along the rounds a method gains or loses on the test set
+                row["round_model_test_dice"] = _headline(_score(cfg, RoundModels.load(prepared.workspace.model_path(row["round"])), test, num_classes))
+            pseudo += rows
             _print_scores(method, scores, wall)
         # Exemplar-only, consistency and supervised need the labelled set and the pool, not a run: a run's work
         # dir, or a data-only one, gives both (the pool's images and hidden truth in a store, the labelled set).
@@ -477,6 +482,11 @@ def _score(cfg: RunConfig, models: RoundModels, test: TestSet, num_classes: int)
     return out
 
 
+def _headline(scores: dict[str, Any]) -> float:
+    """The Dice a data set's results are published in: per volume where it has volumes, else per slice."""
+    return scores["volume"]["dice"] if "volume" in scores else scores["slice"]["dice"]
+
+
 def _print_scores(method: str, scores: dict[str, Any], wall: float) -> None:
     line = f"   {method:14s} slice Dice {scores['slice']['dice']:.4f} HD95 {scores['slice']['hd95']:.2f}"
     if "volume" in scores:
@@ -587,11 +597,12 @@ def format_table(report: dict[str, Any]) -> str:
     classes = sorted({k for m in report["methods"].values() for k in m[level]["per_class_mean"] if k.startswith("dice_class")})
     if len(classes) > 1:
         lines.append(f"{level} Dice per class: " + "  ".join(f"{name} " + "/".join(f"{m[level]['per_class_mean'][c]:.3f}" for c in classes) for name, m in report["methods"].items()))
-    lines.append(f"{'method':15s} {'draw':>6s} {'round':>5s} {'initial':>8s} {'calibr.':>8s} {'gain':>7s} {'accepted':>8s} {'rel.rho':>8s} {'ent.rho':>8s}")
+    lines.append(f"{'method':15s} {'draw':>6s} {'round':>5s} {'initial':>8s} {'calibr.':>8s} {'gain':>7s} {'accepted':>8s} {'rel.rho':>8s} {'ent.rho':>8s} {'test':>7s}")
     for row in report["pseudo_labels"]:
         lines.append(
             f"{row['method']:15s} {row['draw']:>6s} {row['round']:>5d} {row['initial_dice']:>8.4f} {row['calibrated_dice']:>8.4f} "
-            f"{row['calibration_gain']:>+7.4f} {row['accepted_fraction']:>8.2f} {row['reliability_spearman']:>8.3f} {row['entropy_spearman']:>8.3f}"
+            f"{row['calibration_gain']:>+7.4f} {row['accepted_fraction']:>8.2f} {row['reliability_spearman']:>8.3f} {row['entropy_spearman']:>8.3f} "
+            f"{row['round_model_test_dice']:>7.4f}"
         )
     lines.append(f"reliability Spearman (caudo, mean over rounds): {report['reliability_spearman']:.3f}")
     if report["separates_methods"] is False:

@@ -60,6 +60,7 @@ def test_fast_smoke_on_hc18_writes_every_field(tmp_path, capsys):
     assert [row["round"] for row in caudo_rows] == list(range(rounds))
     for row in report["pseudo_labels"]:
         assert row["calibration_gain"] == pytest.approx(row["calibrated_dice"] - row["initial_dice"], abs=1e-6)
+        assert 0.0 <= row["round_model_test_dice"] <= 1.0
     plain = [row for row in report["pseudo_labels"] if row["method"] == "self_training"]
     assert all(row["initial_dice"] == row["calibrated_dice"] for row in plain)  # no calibration, no change
     assert isinstance(report["reliability_spearman"], float)
