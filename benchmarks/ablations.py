@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from caudo_ray.arrays import class_map
 from caudo_ray.calibration.sampling import arbitrate, calibrate, gate_calibration, keep_class_presence
 from caudo_ray.calibration.schedule import CalibrationSchedule
 from caudo_ray.calibration.training import train_calibrator
@@ -291,7 +292,7 @@ def _presence_flips(probs, calibrated, truth, num_classes) -> dict[str, Any]:
 def self_dice(probs: np.ndarray) -> np.ndarray:
     """(N,) soft Dice of each (N, C, H, W) map's argmax label with its own probabilities, mean over foreground
     classes (a class absent from both counts 1)."""
-    labels = probs.argmax(1)
+    labels = class_map(probs)
     out = np.zeros((len(probs), probs.shape[1] - 1))
     for k in range(1, probs.shape[1]):
         mask = labels == k
