@@ -55,9 +55,11 @@ Loss and mask choices, and where we depart from UniMatch (and why):
   are reproducible and resumable.
 * An optional ramp-up of the pool terms (``cfg.rampup``, off by default as in UniMatch), because at the
   project's short budgets an untrained teacher can lock the network into predicting background on the pool.
-* Two optional guards, off by default (docs/method.md measures both): per-class thresholds
-  (``cfg.class_thresholds``, :func:`class_thresholds`) and, in caudo's rounds, anchoring (``cfg.anchored``): a
-  pixel teaches only where the teacher agrees with the previous round's calibrated label of the image.
+* Three optional guards, off by default (docs/method.md measures them): per-class thresholds
+  (``cfg.class_thresholds``, :func:`class_thresholds`); in caudo's rounds, anchoring (``cfg.anchored``): a
+  pixel teaches only where the teacher agrees with the previous round's calibrated label of the image; and
+  class balance (``cfg.class_balance``, :func:`class_balance_weights`): the CE's weight is shared among classes
+  as the anchor labels share the pixels, so the confident background cannot outvote a thin class.
 
 Measured on phantoms (48x48, network channels 8-64, four labelled frames, 40 pool frames, 500 iterations, test Dice
 on 24 frames against exemplar-only training from the same start; tests/training/test_consistency.py), six seeds:
@@ -102,6 +104,9 @@ from caudo_ray.transforms.augment import (
 _WEAK_TRANSLATE = 0.1  # weak views shift by up to this fraction of each side
 _CUTMIX_AREA = (0.02, 0.4)  # box area as a fraction of the frame, UniMatch's range
 _CUTMIX_RATIO = (0.3, 1 / 0.3)  # box height / width
+# A class with a handful of teaching pixels would otherwise have their CE multiplied by hundreds: one noisy
+# batch would then steer the whole step.
+_MAX_CLASS_WEIGHT = 10.0
 
 
 def weak_profile(cfg: ConsistencyConfig) -> AugmentProfile:
@@ -144,6 +149,8 @@ class UnlabelledViews:
         boxes: the two (U, H, W) bool CutMix boxes (all False where a view is not mixed).
         thresholds: (C,) float32 tensor, the confidence each class's pseudo labels need to teach
             (:func:`class_thresholds`).
+        class_weights: (C,) float32 weights of each class's pixels in the pool CE (:func:`class_balance_weights`),
+            or None without ``cfg.class_balance``.
     """
 
     weak: np.ndarray
@@ -159,6 +166,7 @@ class UnlabelledViews:
     confidences: tuple[torch.Tensor, torch.Tensor]
     boxes: tuple[np.ndarray, np.ndarray]
     thresholds: torch.Tensor
+    class_weights: torch.Tensor | None = None
 
 
 def cutmix_boxes(n: int, shape: tuple[int, int], prob: float, rng: np.random.Generator) -> np.ndarray:
@@ -226,6 +234,35 @@ def class_thresholds(target: torch.Tensor, confidence: torch.Tensor, cfg: Consis
     return tau
 
 
+def class_balance_weights(kept_target: torch.Tensor, reference: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Per-class CE weights that give each class the share of the teaching weight it has in ``reference``.
+
+    ``w_c = (r_c / R) / (k_c / K)``, capped at ``_MAX_CLASS_WEIGHT``: ``r_c`` counts the reference labels' pixels of
+    class ``c`` and ``k_c`` the teaching pixels labelled ``c``; ``R`` and ``K`` sum them over the classes that
+    have a teaching pixel, so the weights only redistribute the CE among those classes (with no cap hit, the
+    weighted teaching pixels add up to their unweighted count). Balancing the loss by a reference class
+    distribution is the idea of distribution alignment in semi-supervised learning (Berthelot et al.,
+    ReMixMatch, ICLR 2020), applied here to the pixels the confidence mask lets through. A class with no
+    teaching pixel keeps weight 1 (it weighs nothing).
+
+    Args:
+        kept_target: the labels of the teaching pixels, any shape (flattened).
+        reference: the labels whose class shares the CE should follow, any shape.
+        num_classes: C, background included.
+
+    Returns:
+        (C,) float32 tensor on ``kept_target``'s device.
+    """
+    kept = torch.bincount(kept_target.flatten(), minlength=num_classes).to(torch.float32)
+    ref = torch.bincount(reference.flatten().to(kept_target.device).long(), minlength=num_classes).to(torch.float32)
+    weights = torch.ones(num_classes, dtype=torch.float32, device=kept.device)
+    taught = kept > 0
+    if ref[taught].sum() > 0:
+        share = ref[taught] / ref[taught].sum()
+        weights[taught] = (share / (kept[taught] / kept[taught].sum())).clamp(max=_MAX_CLASS_WEIGHT)
+    return weights
+
+
 def consistency_views(
     model: nn.Module,
     pool_images: np.ndarray,
@@ -247,7 +284,8 @@ def consistency_views(
         seeds: seeds of the pool draw, the weak views, the two strong views and the CutMix boxes.
         device: where the teacher runs and its labels live.
         anchor_labels: (N, H, W) uint8 labels of ``pool_images`` (anchored consistency): warped with the weak
-            views, and a pixel where the teacher's label differs gets confidence 0, so it teaches nothing.
+            views, and a pixel where the teacher's label differs gets confidence 0, so it teaches nothing. With
+            ``cfg.class_balance`` they are also the reference class shares (else the teacher's argmax is).
     """
     sample_seed, weak_seed, strong1_seed, strong2_seed, box_seed = (int(s) for s in seeds)
     u, n = cfg.unlabelled_batch_size, len(pool_images)
@@ -259,9 +297,13 @@ def consistency_views(
     probs, _ = predict_tensor(model, torch.from_numpy(both).unsqueeze(1).to(device))
     confidence, target = probs.max(dim=1)
     thresholds = class_thresholds(target, confidence, cfg, probs.shape[1])
+    reference = target
     if anchor is not None:
-        agree = target == torch.from_numpy(anchor).to(target.device).long()
-        confidence = torch.where(agree, confidence, torch.zeros_like(confidence))
+        reference = torch.from_numpy(anchor).to(target.device).long()
+        confidence = torch.where(target == reference, confidence, torch.zeros_like(confidence))
+    class_weights = None
+    if cfg.class_balance:
+        class_weights = class_balance_weights(target[confidence >= thresholds[target]], reference, probs.shape[1])
 
     # One intensity draw per image and per strong view; the second batch's strong views are what gets pasted,
     # as UniMatch pastes img_u_s1_mix into img_u_s1.
@@ -290,6 +332,7 @@ def consistency_views(
         confidences=(confidences[0], confidences[1]),
         boxes=boxes,
         thresholds=thresholds,
+        class_weights=class_weights,
     )
 
 
@@ -396,9 +439,10 @@ def unlabelled_loss(
         cfg: the weights.
     """
     tau = views.thresholds
+    w = views.class_weights
     loss_s = sum(
-        masked_dice_ce(pred, target, confidence >= tau[target])
+        masked_dice_ce(pred, target, confidence >= tau[target], w)
         for pred, target, confidence in zip((pred_s1, pred_s2), views.targets, views.confidences)
     ) / 2.0
-    loss_fp = masked_dice_ce(pred_fp, views.weak_target, views.weak_confidence >= tau[views.weak_target])
+    loss_fp = masked_dice_ce(pred_fp, views.weak_target, views.weak_confidence >= tau[views.weak_target], w)
     return cfg.strong_weight * loss_s + cfg.feature_weight * loss_fp

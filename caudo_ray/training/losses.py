@@ -36,20 +36,24 @@ def weighted_dice_ce(logits: torch.Tensor, target: torch.Tensor, weights: torch.
     return ce + dice.mean()
 
 
-def masked_dice_ce(logits: torch.Tensor, target: torch.Tensor, confident: torch.Tensor) -> torch.Tensor:
+def masked_dice_ce(
+    logits: torch.Tensor, target: torch.Tensor, confident: torch.Tensor, class_weights: torch.Tensor | None = None
+) -> torch.Tensor:
     """CE and foreground soft Dice restricted to confident pixels (see the module doc for the reductions).
 
     Args:
         logits: (U, C, H, W).
         target: (U, H, W) int64 pseudo labels.
         confident: (U, H, W) bool, the pixels that teach.
+        class_weights: optional (C,) weight of each class's pixels in the CE; None weights every pixel 1.
 
     Returns:
-        A scalar: sum of the confident pixels' CE over *all* pixels, plus the mean over foreground classes of
-        the soft Dice loss over the batch's confident pixels.
+        A scalar: sum of the confident pixels' (weighted) CE over *all* pixels, plus the mean over foreground
+        classes of the soft Dice loss over the batch's confident pixels.
     """
     keep = confident.to(logits.dtype)
-    ce = (F.cross_entropy(logits, target, reduction="none") * keep).sum() / keep.numel()
+    pixel_weight = keep if class_weights is None else keep * class_weights.to(logits.dtype)[target]
+    ce = (F.cross_entropy(logits, target, reduction="none") * pixel_weight).sum() / keep.numel()
     num_classes = logits.shape[1]
     probs = torch.softmax(logits, dim=1)[:, 1:]
     onehot = F.one_hot(target, num_classes).permute(0, 3, 1, 2)[:, 1:].to(logits.dtype)

@@ -15,6 +15,7 @@ from caudo_ray.metrics import dice_per_case
 from caudo_ray.networks.segmenter import build_segmenter, predict, predict_tensor
 from caudo_ray.training.consistency import (
     check_anchor,
+    class_balance_weights,
     class_thresholds,
     consistency_views,
     cutmix,
@@ -244,6 +245,47 @@ def test_masked_loss_ignores_unconfident_pixels():
     agree = torch.nn.functional.one_hot(target, 3).permute(0, 3, 1, 2).float() * 10
     conf = torch.ones(2, 8, 8, dtype=torch.bool)
     assert float(masked_dice_ce(agree, target, conf)) < 0.01 < float(masked_dice_ce(-agree, target, conf))
+
+
+def test_class_balance_gives_each_class_its_reference_share_of_the_teaching_weight():
+    # Reference: 60 background, 30 class 1, 10 class 2 pixels; the teaching pixels: 50 background, 5 class 1, none
+    # of class 2 (the teacher is eroding class 1).
+    reference = torch.tensor([0] * 60 + [1] * 30 + [2] * 10)
+    kept = torch.tensor([0] * 50 + [1] * 5)
+    w = class_balance_weights(kept, reference, 4)
+    # Shares among the taught classes: reference 60/90 and 30/90, kept 50/55 and 5/55.
+    torch.testing.assert_close(w, torch.tensor([(60 / 90) / (50 / 55), (30 / 90) / (5 / 55), 1.0, 1.0]), rtol=1e-6, atol=0)
+    assert float((w[kept]).sum()) == pytest.approx(len(kept))  # redistributed, not added
+    assert float(class_balance_weights(torch.tensor([0] * 999 + [1]), torch.tensor([0, 1]), 2)[1]) == 10.0  # capped
+
+    # In the loss, the weights scale each class's pixels' CE; the Dice term and the mask stay as they were.
+    logits = torch.randn(2, 3, 8, 8)
+    target = torch.randint(0, 3, (2, 8, 8))
+    conf = torch.rand(2, 8, 8) > 0.3
+    ones = masked_dice_ce(logits, target, conf, torch.ones(3))
+    torch.testing.assert_close(ones, masked_dice_ce(logits, target, conf))
+    ce = torch.nn.functional.cross_entropy(logits, target, reduction="none")
+    only_1 = (ce * conf * (target == 1)).sum() / conf.numel()
+    torch.testing.assert_close(masked_dice_ce(logits, target, conf, torch.tensor([1.0, 3.0, 1.0])) - ones, 2 * only_1)
+
+
+def test_class_balanced_views_weigh_by_the_anchor_labels_or_the_teacher(data):
+    _, pool = data
+    net = build_segmenter(SEG, 2, seed=1)
+    seeds = (1, 2, 3, 4, 5)
+    anchor = (pool > np.median(pool)).astype(np.uint8)
+    assert consistency_views(net, pool, cfg=ConsistencyConfig(unlabelled_batch_size=4, anchored=True), seg_cfg=SEG, seeds=seeds).class_weights is None
+    cfg = ConsistencyConfig(unlabelled_batch_size=4, anchored=True, class_balance=True, threshold=0.5)
+    for labels in (anchor, None):
+        v = consistency_views(net, pool, cfg=cfg, seg_cfg=SEG, seeds=seeds, anchor_labels=labels)
+        target, conf = torch.cat([v.weak_target, v.mix_target]), torch.cat([v.weak_confidence, v.mix_confidence])
+        if labels is None:
+            reference = target
+        else:
+            rng = np.random.default_rng(seeds[0])
+            idx = np.concatenate([rng.choice(len(pool), 4, replace=False), rng.choice(len(pool), 4, replace=False)])
+            reference = torch.from_numpy(spatial_views(pool, idx, weak_profile(cfg), seeds[1], labels)[1]).long()
+        torch.testing.assert_close(v.class_weights, class_balance_weights(target[conf >= 0.5], reference, 2))
 
 
 def test_rampup_weights_the_pool_terms_in_gradually():
