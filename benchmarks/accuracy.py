@@ -5,10 +5,10 @@ does; else a seeded group-wise split), the same labelled set, working size and s
 ``iterations + rounds * finetune_iterations``), and the project's own code paths:
 
 - ``exemplar_only``: the segmenter trained on the labelled set alone (``rounds.train.train_round_models``);
-- ``self_training``: the round loop (``run.coordinator.Coordinator``) with the calibrator off: offline rounds of
-  pseudo labels, plain self-training;
-- ``consistency``: online weak-to-strong consistency on the pool, UniMatch-style (``training.consistency``), the
-  strongest semi-supervised recipe at this budget;
+- ``self_training``: the round loop (``run.coordinator.Coordinator``) with the calibrator and online consistency
+  off: offline rounds of pseudo labels, plain self-training;
+- ``consistency``: online weak-to-strong consistency on the pool, UniMatch as published (``training.consistency``
+  without caudo's guards), the strongest semi-supervised recipe at this budget;
 - ``caudo``: the round loop with its defaults;
 - ``supervised``: every labelled training case, same budget, zoomed as pseudo-labelled cases are;
   ``supervised_3x``: the same at three times the budget, to show how far the budget limits every method.
@@ -62,6 +62,7 @@ from caudo_ray.metrics import segmentation_metrics, spearman, volume_metrics
 from caudo_ray.networks.bundle import RoundModels, build_models
 from caudo_ray.networks.segmenter import predict
 from caudo_ray.rounds.train import train_round_models
+from caudo_ray.run.baseline import plain_config
 from caudo_ray.run.coordinator import Coordinator
 from caudo_ray.run.prepare import PreparedRun, load_case, prepare_run
 from caudo_ray.store import NO_TRUTH
@@ -200,7 +201,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for method, calibrated in (("caudo", True), ("self_training", False)):
             if method not in methods:
                 continue
-            cfg = _config(work / name / method, data_root, group_column, args.seed, {**overrides, "calibrator.enabled": calibrated})
+            # Plain self-training is the offline loop: its rounds train on the pool only through its pseudo labels.
+            switches = {"calibrator.enabled": calibrated} if calibrated else {"calibrator.enabled": False, "consistency.enabled": False}
+            cfg = _config(work / name / method, data_root, group_column, args.seed, {**overrides, **switches})
             _make_work_dir(cfg, split)
             t0 = time.perf_counter()
             run = Coordinator(cfg, progress=False).run()
@@ -460,11 +463,7 @@ def _timed(fn, *args):
 def _train_plain(cfg: RunConfig, inputs: RoundInputs, iterations: int, num_classes: int) -> RoundModels:
     """One segmenter trained for ``iterations`` (exemplar-only, supervised; consistency when ``inputs`` holds the
     pool's images), with the round-0 seed and initial weights of a run."""
-    plain = load_config(
-        cfg.to_dict(),
-        {"calibrator.enabled": False, "segmenter.iterations": iterations, "consistency.enabled": inputs.pool_images is not None},
-    )
-    return train_round_models(plain, 0, inputs, num_classes=num_classes)
+    return train_round_models(plain_config(cfg, iterations, pool=inputs.pool_images is not None), 0, inputs, num_classes=num_classes)
 
 
 

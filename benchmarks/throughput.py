@@ -21,9 +21,9 @@ round pays once (actor start, model build); steady rates time from the first fin
 
 Usage::
 
-    python benchmarks/throughput.py                 # docs profile, 64x64 and 128x128 (about 20 minutes on 2 cores)
-    python benchmarks/throughput.py --sizes 128     # one size
-    python benchmarks/throughput.py --quick         # CI smoke profile (small counts, 64x64)
+    python -m benchmarks.throughput               # docs profile, 64x64 and 128x128 (about 20 minutes on 2 cores)
+    python -m benchmarks.throughput --sizes 128     # one size
+    python -m benchmarks.throughput --quick         # CI smoke profile (small counts, 64x64)
 
 Writes ``<work-dir>/throughput.json``, prints a table and logs everything to MLflow
 (``sqlite:///<work-dir>/mlflow.db``, experiment ``caudo-ray-benchmarks``).
@@ -68,7 +68,8 @@ class Profile:
 
     Attributes:
         sizes: working sizes (H = W) measured, one after the other.
-        model_cases: pool streamed through the real models (bare, 1 worker, 2 workers), per size.
+        model_cases: pool streamed through the real models (bare, 1 worker, 2 workers), per size; a multiple of
+            two batches, so two workers can split a round evenly (48 cases in batches of 16 capped 2w / 1w at 1.5).
         repeats: repetitions of every timed measurement (medians are quoted).
         memory_counts: (small, large) pools streamed through no-op workers for the driver's peak memory.
         ceiling_cases: pool streamed through no-op workers for the ceiling.
@@ -87,7 +88,7 @@ class Profile:
 
 PROFILES = {
     "default": Profile(
-        sizes=(64, 128), model_cases=(192, 48), repeats=3, memory_counts=(1000, 10000), ceiling_cases=4096,
+        sizes=(64, 128), model_cases=(192, 64), repeats=3, memory_counts=(1000, 10000), ceiling_cases=4096,
         ceiling_batch_sizes=(64, 16, 256), warmup=True,
     ),
     "quick": Profile(

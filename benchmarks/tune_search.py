@@ -8,8 +8,8 @@ configs. The shared round-0 weights are trained once; the saving is what trainin
 
 Usage::
 
-    python benchmarks/tune_search.py --fast --out runs/tune-fast.json
-    python benchmarks/tune_search.py --out runs/tune-full.json
+    python -m benchmarks.tune_search --fast --out runs/tune-fast.json
+    python -m benchmarks.tune_search --out runs/tune-full.json
 
 Prints a table and writes JSON (see ``docs/benchmarks.md``, section Tune).
 """

@@ -14,7 +14,7 @@ from PIL import Image
 from caudo_ray.cli import EXIT_FAILED, EXIT_OK, EXIT_REFUSED, main
 from caudo_ray.config import save_config
 from caudo_ray.networks.bundle import RoundModels
-from caudo_ray.run.baseline import budget, train_baseline
+from caudo_ray.run.baseline import budget, plain_config, train_baseline
 
 # Enough iterations that the segmenter marks the phantoms' targets; the pool batch is kept small for speed.
 SETTINGS = {"rounds": 1, "segmenter.iterations": 40, "segmenter.finetune_iterations": 20, "consistency.unlabelled_batch_size": 4}
@@ -68,6 +68,16 @@ def test_other_baselines_train_for_the_whole_budget(tmp_path, method):
     assert set(result["val_metrics"]) >= {"dice"}
     models = RoundModels.load(result["model_path"])
     assert models.calibrator is None and models.round == cfg.rounds
+
+
+def test_a_baseline_trains_as_round_0_for_its_budget_with_the_peer_or_without_the_pool(tmp_path):
+    cfg = tiny_config(tmp_path / "run", **SETTINGS)
+    peer, alone = plain_config(cfg, 60, pool=True), plain_config(cfg, 60, pool=False)
+    for plain in (peer, alone):
+        assert plain.segmenter.iterations == 60 and not plain.calibrator.enabled
+        assert plain.seed == cfg.seed and plain.segmenter.channels == cfg.segmenter.channels
+    assert peer.consistency == cfg.consistency.peer() and peer.consistency.online_in_round(0)
+    assert not alone.consistency.online_in_round(0)
 
 
 def test_bad_method_or_config_is_refused_before_any_work(tmp_path, capsys):

@@ -1,13 +1,24 @@
 import pytest
 
 from caudo_ray.cli import demo_config_path
-from caudo_ray.config import ConfigError, load_config
+from caudo_ray.config import ConfigError, ConsistencyConfig, load_config
 
 
 def test_defaults_and_demo_config_validate():
     assert load_config().rounds >= 1
     demo = load_config(demo_config_path())
     assert demo.data.path is None and demo.runtime.use_ray
+
+
+def test_caudo_trains_online_from_round_1_and_the_peer_is_unimatch_from_the_start():
+    caudo = ConsistencyConfig()
+    assert caudo.anchored and caudo.class_balance and caudo.class_thresholds
+    # Round 0 has no calibrated labels to anchor to: it learns from the exemplar alone.
+    assert [caudo.online_in_round(r) for r in range(3)] == [False, True, True]
+    peer = ConsistencyConfig(threshold=0.9, unlabelled_batch_size=4).peer()
+    assert peer.online_in_round(0) and not (peer.anchored or peer.class_balance or peer.class_thresholds)
+    assert (peer.threshold, peer.unlabelled_batch_size) == (0.9, 4)  # the user's other settings carry over
+    assert not ConsistencyConfig(enabled=False).online_in_round(1)
 
 
 @pytest.mark.parametrize(

@@ -48,6 +48,18 @@ def budget(cfg: RunConfig) -> int:
     return cfg.segmenter.iterations + cfg.rounds * cfg.segmenter.finetune_iterations
 
 
+def plain_config(cfg: RunConfig, iterations: int, *, pool: bool) -> RunConfig:
+    """The config of one baseline segmenter: caudo-ray's round 0 for ``iterations``, without the calibrator (the
+    same seed, initial weights and views), trained on the pool by the consistency peer's settings
+    (:meth:`~caudo_ray.config.ConsistencyConfig.peer`) when ``pool``, else on the labelled cases alone."""
+    return dataclasses.replace(
+        cfg,
+        segmenter=dataclasses.replace(cfg.segmenter, iterations=iterations),
+        calibrator=dataclasses.replace(cfg.calibrator, enabled=False),
+        consistency=cfg.consistency.peer() if pool else dataclasses.replace(cfg.consistency, enabled=False),
+    )
+
+
 def train_baseline(cfg: RunConfig, method: str, *, progress: bool = True) -> dict[str, Any]:
     """Train, score and save one baseline segmenter in ``cfg.work_dir``.
 
@@ -143,13 +155,7 @@ def _train(
             np.concatenate([ex_images, store.read_images(usable[known])]),
             np.concatenate([ex_labels, truth[known]]),
         )
-    # caudo-ray's round 0 for the whole budget, without the calibrator: the same seed, initial weights and views.
-    run_cfg = dataclasses.replace(
-        cfg,
-        segmenter=dataclasses.replace(cfg.segmenter, iterations=budget(cfg)),
-        calibrator=dataclasses.replace(cfg.calibrator, enabled=False),
-        consistency=dataclasses.replace(cfg.consistency, enabled=consistency),
-    )
+    run_cfg = plain_config(cfg, budget(cfg), pool=consistency)
     models = train_round_models(run_cfg, 0, inputs, num_classes=num_classes, val=val, device=device, hooks=hooks)
     models.round = cfg.rounds  # the final model of the work dir, as a run's final segmenter is
     return models

@@ -2,8 +2,9 @@
 
 :func:`~caudo_ray.training.segmenter.train_segmenter` adds it to its labelled batches when given a
 ``ConsistencyConfig``: that is the ``consistency`` method (the semi-supervised peer caudo-ray's rounds must beat,
-with the same segmenter, labelled set, working size and iterations as the other methods), and caudo-ray's rounds
-train with it when ``consistency.enabled``. Each iteration
+with the same segmenter, labelled set, working size and iterations as the other methods, trained with
+``ConsistencyConfig.peer()``), and caudo-ray's rounds from round 1 train with it, guarded (below), by default.
+Each iteration
 
 1. draws the labelled batch as training without the pool does (exemplar views, and pseudo labels when a round
    has them);
@@ -55,7 +56,7 @@ Loss and mask choices, and where we depart from UniMatch (and why):
   are reproducible and resumable.
 * An optional ramp-up of the pool terms (``cfg.rampup``, off by default as in UniMatch), because at the
   project's short budgets an untrained teacher can lock the network into predicting background on the pool.
-* Three optional guards, off by default (docs/method.md measures them): per-class thresholds
+* Three guards, on in caudo's rounds and off in the peer (docs/method.md measures them): per-class thresholds
   (``cfg.class_thresholds``, :func:`class_thresholds`); in caudo's rounds, anchoring (``cfg.anchored``): a
   pixel teaches only where the teacher agrees with the previous round's calibrated label of the image; and
   class balance (``cfg.class_balance``, :func:`class_balance_weights`): the CE's weight is shared among classes

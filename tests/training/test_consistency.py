@@ -36,7 +36,8 @@ torch.set_num_threads(1)
 
 SIZE = 32
 SEG = SegmenterConfig(channels=(4, 8, 16), strides=(2, 2), num_res_units=1, batch_size=4, learning_rate=5e-3)
-CONS = ConsistencyConfig(unlabelled_batch_size=3)
+# UniMatch as published (caudo's guards off), as the ``consistency`` peer trains.
+CONS = ConsistencyConfig(unlabelled_batch_size=3).peer()
 
 
 def phantoms(seeds, size=SIZE):
@@ -91,7 +92,7 @@ def test_labelled_views_are_exemplar_only_trainings(data):
     """Iteration i draws the very exemplar views train_segmenter draws: the methods differ only by the pool terms."""
     inputs, pool = data
     net = build_segmenter(SEG, 2, seed=0)
-    zero = ConsistencyConfig(unlabelled_batch_size=2, strong_weight=0.0, feature_weight=0.0)
+    zero = ConsistencyConfig(unlabelled_batch_size=2, strong_weight=0.0, feature_weight=0.0).peer()
     ours = train_consistency(net, inputs, pool, iterations=3, seg_cfg=SEG, cfg=zero, seed=5)
     plain = build_segmenter(SEG, 2, seed=0)
     theirs = train_segmenter(plain, inputs, iterations=3, cfg=SEG, seed=5)
@@ -129,18 +130,18 @@ def test_cutmix_pastes_image_and_target_from_the_same_source():
 def test_class_thresholds_scale_with_each_class_mean_confidence():
     target = torch.tensor([[0, 0, 0, 1], [1, 2, 2, 0]])
     confidence = torch.tensor([[1.0, 0.9, 0.8, 0.6], [0.4, 0.3, 0.5, 0.9]])
-    fixed = class_thresholds(target, confidence, ConsistencyConfig(threshold=0.9), 4)
+    fixed = class_thresholds(target, confidence, ConsistencyConfig(threshold=0.9, class_thresholds=False), 4)
     torch.testing.assert_close(fixed, torch.full((4,), 0.9))
     # Mean confidence: background 0.9, class 1 0.5, class 2 0.4; class 3 has no pixel and keeps the threshold.
-    tau = class_thresholds(target, confidence, ConsistencyConfig(threshold=0.9, class_thresholds=True), 4)
+    tau = class_thresholds(target, confidence, ConsistencyConfig(threshold=0.9), 4)
     torch.testing.assert_close(tau, torch.tensor([0.9, 0.5, 0.4, 0.9]), rtol=0, atol=1e-6)
-    assert load_config({"consistency": {"class_thresholds": True}}).consistency.class_thresholds
+    assert not load_config({"consistency": {"class_thresholds": False}}).consistency.class_thresholds
 
 
 def test_views_of_an_iteration_are_aligned_with_their_targets(data):
     _, pool = data
     net = build_segmenter(SEG, 2, seed=1)
-    cfg = ConsistencyConfig(unlabelled_batch_size=4, cutmix_prob=1.0)
+    cfg = ConsistencyConfig(unlabelled_batch_size=4, cutmix_prob=1.0).peer()
     v = consistency_views(net, pool, cfg=cfg, seg_cfg=SEG, seeds=(1, 2, 3, 4, 5))
 
     # The teacher labels are the model's own argmax / max softmax on the weak views.
@@ -195,7 +196,7 @@ def test_anchored_views_teach_only_where_the_teacher_agrees_with_the_anchor(data
         train_segmenter(net, inputs, iterations=1, cfg=SEG, seed=0, consistency=cfg)
     on = ConsistencyConfig(enabled=True, anchored=True)
     assert not on.online_in_round(0) and on.online_in_round(1)
-    assert ConsistencyConfig(enabled=True).online_in_round(0) and not ConsistencyConfig().online_in_round(1)
+    assert ConsistencyConfig(anchored=False).online_in_round(0) and not ConsistencyConfig(enabled=False).online_in_round(1)
 
 
 def test_intensity_views_keep_the_geometry_and_spatial_views_are_augments_geometry():
@@ -274,8 +275,8 @@ def test_class_balanced_views_weigh_by_the_anchor_labels_or_the_teacher(data):
     net = build_segmenter(SEG, 2, seed=1)
     seeds = (1, 2, 3, 4, 5)
     anchor = (pool > np.median(pool)).astype(np.uint8)
-    assert consistency_views(net, pool, cfg=ConsistencyConfig(unlabelled_batch_size=4, anchored=True), seg_cfg=SEG, seeds=seeds).class_weights is None
-    cfg = ConsistencyConfig(unlabelled_batch_size=4, anchored=True, class_balance=True, threshold=0.5)
+    assert consistency_views(net, pool, cfg=ConsistencyConfig(unlabelled_batch_size=4, class_balance=False), seg_cfg=SEG, seeds=seeds).class_weights is None
+    cfg = ConsistencyConfig(unlabelled_batch_size=4, threshold=0.5, class_thresholds=False)  # a fixed 0.5 mask, counted below
     for labels in (anchor, None):
         v = consistency_views(net, pool, cfg=cfg, seg_cfg=SEG, seeds=seeds, anchor_labels=labels)
         target, conf = torch.cat([v.weak_target, v.mix_target]), torch.cat([v.weak_confidence, v.mix_confidence])
@@ -317,7 +318,7 @@ def test_bad_inputs_name_the_argument(data):
 
 def test_config_section_is_validated_naming_the_key():
     cfg = load_config({"consistency": {"threshold": 0.9, "weak_zoom": [0.9, 1.1]}})
-    assert cfg.consistency.threshold == 0.9 and cfg.consistency.enabled is False
+    assert cfg.consistency.threshold == 0.9 and cfg.consistency.weak_zoom == (0.9, 1.1) and cfg.consistency.enabled
     for key, value in [("threshold", 1.5), ("feature_dropout", 1.0), ("unlabelled_batch_size", 0), ("weak_zoom", [1.2, 0.8])]:
         with pytest.raises(ConfigError, match=f"consistency.{key}"):
             load_config({"consistency": {key: value}})
@@ -346,7 +347,7 @@ def test_beats_exemplar_only_training_on_phantoms():
     exemplar_only = build_segmenter(seg, 2, seed=0)
     train_segmenter(exemplar_only, labelled, iterations=500, cfg=seg, seed=0)
     consistency = build_segmenter(seg, 2, seed=0)
-    train_consistency(consistency, labelled, pool, iterations=500, seg_cfg=seg, cfg=ConsistencyConfig(), seed=0)
+    train_consistency(consistency, labelled, pool, iterations=500, seg_cfg=seg, cfg=ConsistencyConfig().peer(), seed=0)
     base, ours = test_dice(exemplar_only), test_dice(consistency)
     assert base > 0.5, base  # a working exemplar-only segmenter is the bar, not a broken one
     assert ours > base, (base, ours)
