@@ -21,7 +21,7 @@ round pays once (actor start, model build); steady rates time from the first fin
 
 Usage::
 
-    python -m benchmarks.throughput               # docs profile, 64x64 and 128x128 (about 20 minutes on 2 cores)
+    python -m benchmarks.throughput                 # docs profile, 64x64 and 128x128 (3-6 minutes on 2 cores)
     python -m benchmarks.throughput --sizes 128     # one size
     python -m benchmarks.throughput --quick         # CI smoke profile (small counts, 64x64)
 
