@@ -198,11 +198,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"== {name}: {kind} {', '.join(labelled[:4])}{' ...' if len(labelled) > 4 else ''}", flush=True)
         split = _split(index, base, kind, labelled)
         data_run = None
-        for method, calibrated in (("caudo", True), ("self_training", False)):
+        # Plain self-training is the offline loop: its rounds train on the pool only through its pseudo labels.
+        offline = {"calibrator.enabled": False, "consistency.enabled": False}
+        for method, switches in (("caudo", {"calibrator.enabled": True}), ("self_training", offline)):
             if method not in methods:
                 continue
-            # Plain self-training is the offline loop: its rounds train on the pool only through its pseudo labels.
-            switches = {"calibrator.enabled": calibrated} if calibrated else {"calibrator.enabled": False, "consistency.enabled": False}
             cfg = _config(work / name / method, data_root, group_column, args.seed, {**overrides, **switches})
             _make_work_dir(cfg, split)
             t0 = time.perf_counter()

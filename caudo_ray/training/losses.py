@@ -52,8 +52,8 @@ def masked_dice_ce(
         classes of the soft Dice loss over the batch's confident pixels.
     """
     keep = confident.to(logits.dtype)
-    pixel_weight = keep if class_weights is None else keep * class_weights.to(logits.dtype)[target]
-    ce = (F.cross_entropy(logits, target, reduction="none") * pixel_weight).sum() / keep.numel()
+    weight = None if class_weights is None else class_weights.to(logits.dtype)
+    ce = (F.cross_entropy(logits, target, weight=weight, reduction="none") * keep).sum() / keep.numel()
     num_classes = logits.shape[1]
     probs = torch.softmax(logits, dim=1)[:, 1:]
     onehot = F.one_hot(target, num_classes).permute(0, 3, 1, 2)[:, 1:].to(logits.dtype)
