@@ -135,6 +135,7 @@ def main(argv=None) -> dict:
             labels = _rule_labels(probs, calibrated, flipped, initial_scores, c.gate, prior)
             rules = [{"rule": rule, **_change(_dice(maps, truth, store.num_classes), initial)} for rule, maps in labels.items()]
             disputed = _disputed_pixels(probs, calibrated, flipped, truth, store.num_classes)
+            veto = _veto_pixels(probs, calibrated, flipped, truth)
             flips = _presence_flips(probs, labels[GATE_AND_ARBITRATION], truth, store.num_classes)
     report = {
         "run_dir": str(args.run_dir),
@@ -146,6 +147,7 @@ def main(argv=None) -> dict:
         "gates": rows,
         "label_rules": rules,
         "disputed": disputed,
+        "veto": veto,
         "presence_flips": flips,
         "reliability": reliability_factors(store),
     }
@@ -166,6 +168,11 @@ def main(argv=None) -> dict:
         f"\ndisputed pixels ({disputed['share']:.2%} of all): right in the initial label {disputed['right_initial']:.3f}, "
         f"the mirrored view {disputed['right_mirrored']:.3f}, the calibrated map {disputed['right_calibrated']:.3f}"
     )
+    for name, row in veto.items():
+        print(
+            f"pixels where {name}: {row['share']:.2%} of all; the initial label is wrong on {row['initial_wrong']:.3f} of them "
+            f"(elsewhere {row['initial_wrong_elsewhere']:.4f}); they hold {row['errors_held']:.3f} of the initial label's errors"
+        )
     for k, row in disputed["classes"].items():
         print(f"class {k}: predicted area, calibrated / initial {row['calibrated_over_initial']:.3f}, truth / initial {row['truth_over_initial']:.3f}")
     print("\ngate + arbitration, classes it adds to or erases from a label (what the class-presence rule undoes):")
@@ -259,6 +266,27 @@ def _disputed_pixels(probs, calibrated, flipped, truth, num_classes) -> dict[str
         "right_calibrated": float((q == t)[disputed].sum() / n),
         "classes": classes,
     }
+
+
+def _veto_pixels(probs, calibrated, flipped, truth) -> dict[str, dict[str, float]]:
+    """How wrong the initial label is where the raw (unguarded) calibration disagrees with it: what a label would
+    lose in errors, and in right pixels, if those pixels taught nothing instead of being relabelled."""
+    a, f, q = (m.argmax(1).numpy() for m in (probs, flipped, calibrated))
+    wrong = a != np.asarray(truth)
+    masks = {
+        "the calibration moves the label": q != a,
+        "the calibration moves it and the views dispute": (q != a) & (a != f),
+        "the views dispute": a != f,
+    }
+    out = {}
+    for name, m in masks.items():
+        out[name] = {
+            "share": float(m.mean()),
+            "initial_wrong": float(wrong[m].mean()) if m.any() else float("nan"),
+            "initial_wrong_elsewhere": float(wrong[~m].mean()) if (~m).any() else float("nan"),
+            "errors_held": float((wrong & m).sum() / max(int(wrong.sum()), 1)),
+        }
+    return out
 
 
 def _presence_flips(probs, calibrated, truth, num_classes) -> dict[str, Any]:

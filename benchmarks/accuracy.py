@@ -57,6 +57,7 @@ import torch
 import yaml
 
 from caudo_ray import data as D
+from caudo_ray.arrays import finite_mean
 from caudo_ray.config import RunConfig, load_config
 from caudo_ray.metrics import segmentation_metrics, spearman, volume_metrics
 from caudo_ray.networks.bundle import RoundModels, build_models
@@ -71,7 +72,15 @@ from caudo_ray.transforms.augment import pseudo_profile
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "hc18"
-METHODS = ("exemplar_only", "self_training", "consistency", "caudo", "supervised", "supervised_3x")
+METHODS = ("exemplar_only", "self_training", "consistency", "caudo", "caudo_uncalibrated", "supervised", "supervised_3x")
+# The round loops and the switches that make each one; everything else is the run's config.
+LOOPS = {
+    "caudo": {"calibrator.enabled": True},
+    # The ablation of calibration: caudo's loop, every other switch the same.
+    "caudo_uncalibrated": {"calibrator.enabled": False},
+    # Plain self-training is the offline loop: its rounds train on the pool only through its pseudo labels.
+    "self_training": {"calibrator.enabled": False, "consistency.enabled": False},
+}
 MARKER = ".accuracy-benchmark"  # a work dir holding this file was made by this script and may be wiped
 GROUP_COLUMNS = ("patient", "exam_id", "group")  # the first one meta.csv has is the group column
 # ACDC's published labelled sets (UniMatch's splits; ../shared/data/acdc/SOURCE.md): the first draw uses them.
@@ -198,9 +207,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"== {name}: {kind} {', '.join(labelled[:4])}{' ...' if len(labelled) > 4 else ''}", flush=True)
         split = _split(index, base, kind, labelled)
         data_run = None
-        # Plain self-training is the offline loop: its rounds train on the pool only through its pseudo labels.
-        offline = {"calibrator.enabled": False, "consistency.enabled": False}
-        for method, switches in (("caudo", {"calibrator.enabled": True}), ("self_training", offline)):
+        for method, switches in LOOPS.items():
             if method not in methods:
                 continue
             cfg = _config(work / name / method, data_root, group_column, args.seed, {**overrides, **switches})
@@ -211,10 +218,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             prepared = data_run = _reopen(cfg)
             test = test or _test_set(prepared, index)
             scores = _score(cfg, RoundModels.load(prepared.workspace.final_model_path), test, num_classes)
-            results[method].append({"draw": name, "labelled": labelled, "wall_s": wall, **scores})
+            kept = {"guard_kept": run.guard.get("kept"), "guard_stopped_at": run.guard.get("regressed_at")}
+            results[method].append({"draw": name, "labelled": labelled, "wall_s": wall, **kept, **scores})
             rows = _pseudo_label_rows(prepared.store, name, method, run.rounds)
-            for row in rows:  # where along the rounds a method gains or loses on the test set
-                row["round_model_test_dice"] = _headline(_score(cfg, RoundModels.load(prepared.workspace.model_path(row["round"])), test, num_classes))
+            for row in rows:  # where along the rounds a method gains or loses on the test set, and what the guard saw
+                models = RoundModels.load(prepared.workspace.model_path(row["round"]))
+                row["round_model_test_dice"] = _headline(_score(cfg, models, test, num_classes))
+                row["exemplar_view_dice"] = models.exemplar_metrics.get("dice", math.nan)
             pseudo += rows
             _print_scores(method, scores, wall)
         # Exemplar-only, consistency and supervised need the labelled set and the pool, not a run: a run's work
@@ -511,14 +521,25 @@ def _pseudo_label_rows(store, draw: str, method: str, summaries: list[dict]) -> 
             "calibration_gain": float(cal.mean() - init.mean()),
             "initial_below_0_5": float((init < 0.5).mean()),
             "calibrated_below_0_5": float((cal < 0.5).mean()),
-            "accepted_fraction": float(np.nanmean(scores["accepted"][has])) if method == "caudo" else math.nan,
+            "accepted_fraction": finite_mean(scores["accepted"][has]) if "accepted" in scores else math.nan,
             "selected": int(sel.sum()),
             "selected_calibrated_dice": float(cal[sel].mean()) if sel.any() else math.nan,
             "reliability_spearman": spearman(scores["reliability"][has], cal),
             "entropy_spearman": spearman(-scores["entropy"][has], init),
             "val_dice": summary.get("val", {}).get("dice", math.nan),
+            **_stage_seconds(summary.get("perf", {}), int(store.usable_mask().sum())),
         })
     return rows
+
+
+def _stage_seconds(perf: dict[str, float], cases: int) -> dict[str, float]:
+    """Where a round's time went, in seconds: segmenter and calibrator training, inference, DDIM, scoring."""
+    train, calib = perf.get("train_s", math.nan), perf.get("calibrator_train_s", 0.0)
+    return {
+        "segmenter_train_s": train - calib,
+        "calibrator_train_s": calib,
+        **{f"{stage}_s": perf.get(f"{stage}_s_per_case", math.nan) * cases for stage in ("infer", "ddim", "score")},
+    }
 
 
 # ----------------------------------------------------------------------------------------------- the report
@@ -574,8 +595,39 @@ def _report(args, profile, limit, dataset, base: RunConfig, data_root, group_col
         "separates_methods": None if gap is None else bool(gap >= SEPARATION),
         "pseudo_labels": pseudo,
         "reliability_spearman": float(np.mean(rel)) if rel else math.nan,
+        "calibration_ablation": _calibration_ablation(methods, pseudo, level),
         "machine": {"threads": args.threads, "platform": platform.platform(), "python": sys.version.split()[0], "torch": torch.__version__},
     }
+
+
+def _calibration_ablation(methods: dict[str, Any], pseudo: list[dict[str, Any]], level: str) -> dict[str, Any] | None:
+    """What calibration buys: caudo against the same loop without it, per draw, and what it costs in time.
+
+    The time share is the calibrator's training plus DDIM (with the scoring that only calibration needs, the
+    revert's second reliability pass, inside ``score_s``) over the whole run's wall time.
+    """
+    if not {"caudo", "caudo_uncalibrated"} <= set(methods):
+        return None
+    with_cal = {e["draw"]: e for e in methods["caudo"]["draws"]}
+    without = {e["draw"]: e for e in methods["caudo_uncalibrated"]["draws"]}
+    draws = []
+    for draw in sorted(set(with_cal) & set(without)):
+        rows = {m: [r for r in pseudo if r["draw"] == draw and r["method"] == m] for m in ("caudo", "caudo_uncalibrated")}
+        stage = {m: {k: float(sum(r[k] for r in rs)) for k in ("segmenter_train_s", "calibrator_train_s", "infer_s", "ddim_s", "score_s")} for m, rs in rows.items()}
+        wall = with_cal[draw]["wall_s"]
+        calibration_s = stage["caudo"]["calibrator_train_s"] + stage["caudo"]["ddim_s"] + stage["caudo"]["score_s"] - stage["caudo_uncalibrated"]["score_s"]
+        draws.append({
+            "draw": draw,
+            "dice_caudo": with_cal[draw][level]["dice"],
+            "dice_uncalibrated": without[draw][level]["dice"],
+            "difference": with_cal[draw][level]["dice"] - without[draw][level]["dice"],
+            "wall_s_caudo": wall,
+            "wall_s_uncalibrated": without[draw]["wall_s"],
+            "stage_s": stage,
+            "calibration_s": calibration_s,
+            "calibration_share_of_wall": calibration_s / wall if wall > 0 else math.nan,
+        })
+    return {"draws": draws, "mean_difference": float(np.mean([d["difference"] for d in draws])) if draws else math.nan}
 
 
 def format_table(report: dict[str, Any]) -> str:
@@ -586,24 +638,33 @@ def format_table(report: dict[str, Any]) -> str:
             f"accuracy ({report['profile']}{' smoke' if report['smoke'] else ''}) on {report['dataset']}, "
             f"{report['working_size'][0]}x{report['working_size'][1]}, budget {report['training_budget_iterations']} iterations, labelled: {sets}"
         ),
-        f"{'method':15s} {'slice Dice':>16s} {'slice HD95':>10s} {'volume Dice':>16s} {'volume HD95':>11s} {'wall s':>8s}",
+        f"{'method':18s} {'slice Dice':>16s} {'slice HD95':>10s} {'volume Dice':>16s} {'volume HD95':>11s} {'wall s':>8s}",
     ]
     for name, m in report["methods"].items():
         s, v = m["slice"], m.get("volume")
         vol = f"{v['dice_mean']:.4f} ± {v['dice_std']:.4f}" if v else "-"
         vol_hd = f"{v['hd95_mean']:.2f}" if v else "-"
-        lines.append(f"{name:15s} {s['dice_mean']:.4f} ± {s['dice_std']:.4f} {s['hd95_mean']:>10.2f} {vol:>16s} {vol_hd:>11s} {m['wall_s']:>8.0f}")
+        lines.append(f"{name:18s} {s['dice_mean']:.4f} ± {s['dice_std']:.4f} {s['hd95_mean']:>10.2f} {vol:>16s} {vol_hd:>11s} {m['wall_s']:>8.0f}")
     classes = sorted({k for m in report["methods"].values() for k in m[level]["per_class_mean"] if k.startswith("dice_class")})
     if len(classes) > 1:
         lines.append(f"{level} Dice per class: " + "  ".join(f"{name} " + "/".join(f"{m[level]['per_class_mean'][c]:.3f}" for c in classes) for name, m in report["methods"].items()))
-    lines.append(f"{'method':15s} {'draw':>6s} {'round':>5s} {'initial':>8s} {'calibr.':>8s} {'gain':>7s} {'accepted':>8s} {'rel.rho':>8s} {'ent.rho':>8s} {'test':>7s}")
+    lines.append(f"{'method':18s} {'draw':>6s} {'round':>5s} {'initial':>8s} {'calibr.':>8s} {'gain':>7s} {'accepted':>8s} {'rel.rho':>8s} {'ent.rho':>8s} {'test':>7s}")
     for row in report["pseudo_labels"]:
         lines.append(
-            f"{row['method']:15s} {row['draw']:>6s} {row['round']:>5d} {row['initial_dice']:>8.4f} {row['calibrated_dice']:>8.4f} "
+            f"{row['method']:18s} {row['draw']:>6s} {row['round']:>5d} {row['initial_dice']:>8.4f} {row['calibrated_dice']:>8.4f} "
             f"{row['calibration_gain']:>+7.4f} {row['accepted_fraction']:>8.2f} {row['reliability_spearman']:>8.3f} {row['entropy_spearman']:>8.3f} "
             f"{row['round_model_test_dice']:>7.4f}"
         )
     lines.append(f"reliability Spearman (caudo, mean over rounds): {report['reliability_spearman']:.3f}")
+    ablation = report.get("calibration_ablation")
+    for d in (ablation or {}).get("draws", []):
+        st = d["stage_s"]["caudo"]
+        lines.append(
+            f"calibration on {d['draw']}: caudo {d['dice_caudo']:.4f} - uncalibrated {d['dice_uncalibrated']:.4f} = {d['difference']:+.4f}; "
+            f"wall {d['wall_s_caudo']:.0f} s against {d['wall_s_uncalibrated']:.0f} s; calibration {d['calibration_s']:.0f} s "
+            f"({100 * d['calibration_share_of_wall']:.0f}%: calibrator training {st['calibrator_train_s']:.0f} s, DDIM {st['ddim_s']:.0f} s, "
+            f"scoring {st['score_s'] - d['stage_s']['caudo_uncalibrated']['score_s']:.0f} s more)"
+        )
     if report["separates_methods"] is False:
         lines.append(
             f"WARNING: this profile is too small to separate the methods: supervised beats exemplar-only by only "

@@ -30,8 +30,14 @@ def check_pair(name: str, images: np.ndarray, labels: np.ndarray) -> tuple[np.nd
     return images, labels.astype(np.uint8)
 
 
-def check_label_range(name: str, labels: np.ndarray, num_classes: int) -> None:
-    top = int(labels.max()) if labels.size else 0
+# A training label's pixel that teaches nothing (a pseudo label's pixel its calibration disputes).
+IGNORE = 255
+
+
+def check_label_range(name: str, labels: np.ndarray, num_classes: int, *, allow_ignore: bool = False) -> None:
+    """Refuse class indices the model does not have; with ``allow_ignore``, :data:`IGNORE` pixels are allowed."""
+    values = labels[labels != IGNORE] if allow_ignore else labels
+    top = int(values.max()) if values.size else 0
     if top >= num_classes:
         raise DataError(name, f"holds class {top} but the model has {num_classes} classes")
 
@@ -48,3 +54,10 @@ def class_map(probs: np.ndarray) -> np.ndarray:
         np.copyto(labels, k, where=probs[:, k] > best)
         np.maximum(best, probs[:, k], out=best)
     return labels
+
+
+def finite_mean(a: np.ndarray) -> float:
+    """Mean of the finite entries (scores are NaN where a case has no value); NaN when there are none."""
+    a = np.asarray(a)
+    a = a[np.isfinite(a)]
+    return float(a.mean()) if len(a) else float("nan")

@@ -260,13 +260,26 @@ def _round_line(summary: dict) -> str:
     return f"round {summary['round']}: " + ", ".join(parts)
 
 
+def _guard_line(guard: dict, rounds: int) -> str:
+    """What the drift guard read on each segmenter (its mean exemplar-view Dice), and which one the run serves."""
+
+    def name(i: int) -> str:
+        return "the final segmenter" if i == rounds else f"round {i}"
+
+    readings = ", ".join(f"{sum(r.values()) / max(len(r), 1):.3f}" for r in guard["readings"])
+    stopped = "" if guard["regressed_at"] is None else f"; {name(guard['regressed_at'])} regressed, so the rounds stopped"
+    return f"drift guard: exemplar-view Dice {readings} (rounds 0.., then the final segmenter){stopped}; serving {name(guard['kept'])}"
+
+
 def _run(cfg: RunConfig, progress: bool) -> int:
     factory = RayExecutor if cfg.runtime.use_ray else None
     result = Coordinator(cfg, executor_factory=factory, progress=progress).run()
     for summary in result.rounds:
         print(_round_line(summary))
+    if result.guard:
+        print(_guard_line(result.guard, cfg.rounds))
     if result.final_metrics:
-        print("final segmenter on validation:", {k: round(v, 4) for k, v in result.final_metrics.items()})
+        print("served segmenter on validation:", {k: round(v, 4) for k, v in result.final_metrics.items()})
     print(f"MLflow run {result.run_id} in {result.tracking_uri}")
     if result.dashboard is not None:
         print(f"dashboard: {result.dashboard}")

@@ -29,6 +29,9 @@ class ConfigError(ValueError):
         super().__init__(f"{key}: {problem}" if key else problem)
 
 
+TARGET_LABELS = ("filled", "ring")  # what of a phantom's target is labelled
+
+
 @dataclass
 class PhantomConfig:
     """Embedded default data: ultrasound-like phantoms written as a dataset folder."""
@@ -42,6 +45,12 @@ class PhantomConfig:
     speckle: float = 1.0  # share of the intensity modulated by speckle: 1 raw coherent speckle, 0 none
     rim_width: float = 0.08  # the target's bright rim, least width as a fraction of its radius
     target_width: tuple[float, float] = (0.15, 0.60)  # range of the target's long axis, fraction of the frame width
+    # Unlabelled look-alikes per frame (a range): rings shaped like the target with a rim decoy_contrast times as
+    # bright. Phantoms where self-training drifts, for testing what guards against it.
+    decoys: tuple[int, int] = (0, 0)
+    decoy_contrast: float = 1.3
+    decoy_size: tuple[float, float] = (0.5, 1.0)  # a decoy's long axis relative to the target's
+    target_label: str = "filled"  # filled: the whole target is class 1; ring: only its rim (a thin structure)
 
     def validate(self, key: str) -> None:
         _positive(f"{key}.num_labelled", self.num_labelled)
@@ -57,6 +66,13 @@ class PhantomConfig:
         _size(f"{key}.size", self.size, minimum=16)
         if self.num_classes not in (2, 3):
             raise ConfigError(f"{key}.num_classes", "phantoms have 2 (binary) or 3 (head + inner structure) classes")
+        if not 0 <= self.decoys[0] <= self.decoys[1]:
+            raise ConfigError(f"{key}.decoys", f"needs 0 <= low <= high, got {list(self.decoys)}")
+        _positive_float(f"{key}.decoy_contrast", self.decoy_contrast)
+        if not 0 < self.decoy_size[0] <= self.decoy_size[1]:
+            raise ConfigError(f"{key}.decoy_size", f"needs 0 < low <= high, got {list(self.decoy_size)}")
+        if self.target_label not in TARGET_LABELS:
+            raise ConfigError(f"{key}.target_label", f"must be one of {', '.join(TARGET_LABELS)}, got {self.target_label!r}")
 
 
 @dataclass
@@ -238,6 +254,10 @@ class CalibratorConfig:
     # rules that kept every ACDC round's calibration from lowering its labels (docs/benchmarks.md, "Where
     # calibration loses on ACDC"); HC18 is unchanged.
     revert_if_less_reliable: bool = True
+    # Pixels where the calibrator's unguarded proposal differs from the label a round keeps teach the next round
+    # nothing (rounds.steps.training_inputs): the rules above stop a one-exemplar prior from rewriting a label, and
+    # the veto still lets it say where the label is doubtful.
+    veto: bool = False
 
     def validate(self, key: str) -> None:
         _positive(f"{key}.latent_channels", self.latent_channels)
@@ -426,6 +446,9 @@ class ConsistencyConfig:
     # alone, decide what the pool teaches, so the teacher cannot reinforce what calibration disputes. Round 0
     # has no such labels and trains without the pool.
     anchored: bool = True
+    # Round 0 also learns from the pool (unanchored: it has no calibrated labels yet, but with the class guards),
+    # as the peer does from its first iteration, instead of from the exemplars alone.
+    round0_pool: bool = False
     # Share the pool CE's weight among classes as the reference labels share the pixels (the anchor labels when
     # anchored, else the teacher's argmax over every pixel), not as the confident pixels do: a class the teacher
     # is eroding keeps few confident pixels, and without this the background's confident pixels outvote it
@@ -454,8 +477,13 @@ class ConsistencyConfig:
         return dataclasses.replace(self, enabled=True, anchored=False, class_balance=False, class_thresholds=False)
 
     def online_in_round(self, r: int) -> bool:
-        """Whether caudo's round ``r`` trains by online consistency: every round, or from round 1 when anchored."""
-        return self.enabled and (r > 0 or not self.anchored)
+        """Whether caudo's round ``r`` trains by online consistency: every round, or from round 1 when anchored
+        (unless ``round0_pool``)."""
+        return self.enabled and (r > 0 or not self.anchored or self.round0_pool)
+
+    def in_round(self, r: int) -> ConsistencyConfig:
+        """The settings round ``r`` trains with: round 0 has no calibrated labels to anchor to."""
+        return dataclasses.replace(self, anchored=False) if r == 0 else self
 
     def validate(self, key: str) -> None:
         _positive(f"{key}.unlabelled_batch_size", self.unlabelled_batch_size)
@@ -475,6 +503,19 @@ class ConsistencyConfig:
 
 
 @dataclass
+class GuardConfig:
+    """The label-free drift guard (``caudo_ray.rounds.guard``): stop at a segmenter that does worse on augmented
+    exemplar views than the best one before it, and keep that one."""
+
+    enabled: bool = True
+    # How much lower, on its worst class, a segmenter's exemplar-view Dice may be than the best earlier one's.
+    tolerance: float = 0.05
+
+    def validate(self, key: str) -> None:
+        _fraction(f"{key}.tolerance", self.tolerance, allow_zero=True)
+
+
+@dataclass
 class RunConfig:
     """A whole self-training run."""
 
@@ -491,6 +532,7 @@ class RunConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
     consistency: ConsistencyConfig = field(default_factory=ConsistencyConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
 
     def validate(self, key: str = "") -> None:
         _positive("rounds", self.rounds)

@@ -6,7 +6,9 @@ Layout::
       config.yaml        the validated config the run uses
       split.json         exemplars / pool / val / test case ids
       store.zarr/        PseudoLabelStore (unless runtime.store_url points elsewhere)
-      models/round_<r>.pt, models/final.pt   weights of each round and of the final segmenter
+      models/round_<r>.pt, models/final.pt   weights of each round and of the segmenter the run serves
+      models/final_trained.pt                the final segmenter as trained (final.pt unless the drift guard
+                                             kept an earlier round's)
       checkpoints/train_<r>.pt               training checkpoints (round ``rounds`` is the final segmenter)
       annotations/       masks a person adds between rounds, named <case_id>.png; they join the exemplars
       mlflow.db, mlartifacts/   default MLflow tracking store
@@ -69,7 +71,13 @@ class Workspace:
 
     @property
     def final_model_path(self) -> Path:
+        """The segmenter the run serves (``predict``, the MLflow model)."""
         return self.models_dir / "final.pt"
+
+    @property
+    def trained_final_path(self) -> Path:
+        """The final segmenter as trained, which the drift guard may set aside for an earlier round's."""
+        return self.models_dir / "final_trained.pt"
 
     def checkpoint_path(self, r: int) -> Path:
         """Round ``r``'s training checkpoint; the final segmenter's is round ``rounds``."""

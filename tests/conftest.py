@@ -43,6 +43,8 @@ def tiny_config(work_dir: Path, **overrides) -> RunConfig:
         "selection": {"fractions": [0.5, 0.75], "num_queries": 5},
         "runtime": {"use_ray": False, "num_workers": 2, "batch_size": 8, "max_in_flight": 2},
         "tracking": {"num_overlays": 2},
+        # 20 iterations leave the exemplar-view reading noise; tests/test_guard.py turns the guard on.
+        "guard": {"enabled": False},
     }
     return load_config(raw, overrides)
 

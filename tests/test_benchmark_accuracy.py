@@ -64,6 +64,18 @@ def test_fast_smoke_on_hc18_writes_every_field(tmp_path, capsys):
     plain = [row for row in report["pseudo_labels"] if row["method"] == "self_training"]
     assert all(row["initial_dice"] == row["calibrated_dice"] for row in plain)  # no calibration, no change
     assert isinstance(report["reliability_spearman"], float)
+    # The ablation of calibration: the same loop without it, its labels untouched, compared draw by draw.
+    uncalibrated = [row for row in report["pseudo_labels"] if row["method"] == "caudo_uncalibrated"]
+    assert [row["round"] for row in uncalibrated] == list(range(rounds))
+    assert all(row["initial_dice"] == row["calibrated_dice"] and row["calibrator_train_s"] == 0.0 for row in uncalibrated)
+    assert caudo_rows[0]["calibrator_train_s"] > 0.0  # trained once, in round 0; later rounds reuse it by default
+    assert all(0.0 <= row["exemplar_view_dice"] <= 1.0 for row in caudo_rows)
+    (ablation,) = report["calibration_ablation"]["draws"]
+    assert ablation["difference"] == pytest.approx(
+        report["methods"]["caudo"]["slice"]["dice_mean"] - report["methods"]["caudo_uncalibrated"]["slice"]["dice_mean"], abs=1e-9
+    )
+    assert ablation["stage_s"]["caudo"]["calibrator_train_s"] == pytest.approx(sum(r["calibrator_train_s"] for r in caudo_rows), rel=1e-9)
+    assert 0.0 < ablation["calibration_share_of_wall"] < 1.0
 
     # The ablations label pool cases with the caudo run's round-1 models and compare the gates on them.
     ablations = _load_benchmark("ablations").main(
@@ -86,6 +98,8 @@ def test_fast_smoke_on_hc18_writes_every_field(tmp_path, capsys):
     signals = ablations["initial_signals"]
     assert set(signals) >= {"reliability", "self-Dice", "reliability x self-Dice"}
     assert signals["reliability"] == pytest.approx(ablations["initial_reliability_spearman"], nan_ok=True)
+    moved = ablations["veto"]["the calibration moves the label"]
+    assert 0.0 <= moved["share"] <= 1.0 and 0.0 <= moved["errors_held"] <= 1.0
     assert json.loads((tmp_path / "ablations.json").read_text())["cases"] == ablations["cases"] == 4
 
 

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+import zarr
 from conftest import assert_labels_close, assert_selection_close, tiny_config
 from mlflow import MlflowClient
 
+from caudo_ray.arrays import IGNORE
 from caudo_ray.labelling.selection import area_strata
 from caudo_ray.rounds.executor import LocalExecutor
 from caudo_ray.rounds.steps import training_inputs
@@ -207,3 +210,26 @@ def test_resume_recomputes_only_missing_cases(local_run, tmp_path):
         assert_labels_close(a["initial"], b["initial"])
         assert_labels_close(a["calibrated"], b["calibrated"])
         assert_selection_close(store.rounds.selected(r), ref.rounds.selected(r), b["scores"]["reliability"])
+
+
+def test_veto_ignores_the_pixels_the_calibrator_disputes(local_run, tmp_path):
+    """With ``calibrator.veto``, round 1 trains on round 0's kept labels except where the calibrator proposed
+    another class: those pixels are IGNORE, in the selected labels and in the pool's anchor labels alike."""
+    _, plain, _ = local_run
+    url = tmp_path / "store.zarr"
+    shutil.copytree(plain.store_url, url)
+    arrays = zarr.open_group(str(url), mode="r+")["rounds/0/labels"]
+    kept = arrays[:, 1]
+    proposed = kept.copy()
+    proposed[:, :4] = 1 - proposed[:, :4]  # the calibrator disputes the top four rows of every label
+    arrays[:, 2] = proposed
+    store = PseudoLabelStore.open(url)
+    usable = np.flatnonzero(store.usable_mask())
+    selected = np.flatnonzero(store.rounds.selected(0))
+
+    vetoed = training_inputs(store, 1, with_pool=True, veto=True)
+    assert (vetoed.pseudo_labels[:, :4] == IGNORE).all() and (vetoed.pool_labels[:, :4] == IGNORE).all()
+    np.testing.assert_array_equal(vetoed.pseudo_labels[:, 4:], kept[selected][:, 4:])
+    np.testing.assert_array_equal(vetoed.pool_labels[:, 4:], kept[usable][:, 4:])
+    plain_inputs = training_inputs(store, 1, with_pool=True)
+    np.testing.assert_array_equal(plain_inputs.pseudo_labels, kept[selected])

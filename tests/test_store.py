@@ -146,6 +146,9 @@ def test_schema_and_config_hash_mismatch_refused_and_store_intact(tmp_path):
     zarr.open_group(str(url), mode="r+").attrs.update({"schema_version": 1})
     with pytest.raises(StoreError, match=r"schema_version 1 \(one chunk per case\).*new store location"):
         PseudoLabelStore.open(url)
+    zarr.open_group(str(url), mode="r+").attrs.update({"schema_version": 2})
+    with pytest.raises(StoreError, match=r"schema_version 2 \(no calibrator proposals beside the labels\).*new store location"):
+        PseudoLabelStore.open(url)
 
     zarr.open_group(str(url), mode="r+").attrs.update({"schema_version": SCHEMA_VERSION})
     intact = PseudoLabelStore.open(url, config_hash="hash-a", mode="r")
@@ -153,6 +156,20 @@ def test_schema_and_config_hash_mismatch_refused_and_store_intact(tmp_path):
     _assert_intact(intact, 0, [0, 1])
     with pytest.raises(StoreError, match="read-only"):
         _write(intact, 0, [2])
+
+
+def test_proposed_labels_read_back_and_default_to_the_calibrated(tmp_path):
+    store = _create(tmp_path / "store.zarr")
+    store.rounds.begin(0, {})
+    initial, calibrated, scores = _results([0, 1])
+    proposed = (calibrated + 1) % CLASSES
+    store.rounds.write(0, [0, 1], initial, calibrated, scores, proposed)
+    _write(store, 0, [2])  # no proposal: nothing disputed
+    got = store.rounds.read(0, [0, 1, 2])
+    np.testing.assert_array_equal(got["proposed"][:2], proposed)
+    np.testing.assert_array_equal(got["proposed"][2], got["calibrated"][2])
+    with pytest.raises(DataError, match="proposed label"):
+        store.rounds.write(0, [3], *_results([3])[:2], _results([3])[2], np.full((1, *SIZE), CLASSES, np.uint8))
 
 
 def test_write_results_read_back_and_commit(tmp_path):

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from caudo_ray.arrays import IGNORE
 from caudo_ray.calibration.corruptions import corrupt_labels, match_features, one_hot
 from caudo_ray.calibration.schedule import CalibrationSchedule
 from caudo_ray.config import CalibratorConfig, SegmenterConfig
@@ -71,10 +72,14 @@ def _predict_bank(
             probs.append(p.float().cpu())
             # Only the latent-sized features are ever used, so pool now and keep the bank small.
             feats.append(F.adaptive_avg_pool2d(f.float(), latent_hw).cpu())
+    probs_all = torch.cat(probs)
+    targets = torch.from_numpy(np.ascontiguousarray(labels)).long()
+    # A disputed pseudo-label pixel (IGNORE) teaches no correction: its target is the segmenter's own answer.
+    targets = torch.where(targets == IGNORE, probs_all.argmax(1), targets)
     return _PairBank(
         x_all,
-        torch.from_numpy(np.ascontiguousarray(labels)).long(),
-        torch.cat(probs),
+        targets,
+        probs_all,
         torch.cat(feats),
         torch.from_numpy(np.asarray(weights, dtype=np.float32)),
     )

@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 from scipy.ndimage import gaussian_filter
 
-from caudo_ray.config import PhantomConfig
+from caudo_ray.config import TARGET_LABELS, PhantomConfig
 from caudo_ray.errors import DataError
 
 
@@ -58,6 +58,10 @@ def phantom_case(
     speckle: float = 1.0,
     rim_width: float = 0.08,
     target_width: tuple[float, float] = (0.15, 0.60),
+    decoys: tuple[int, int] = (0, 0),
+    decoy_contrast: float = 1.3,
+    decoy_size: tuple[float, float] = (0.5, 1.0),
+    target_label: str = "filled",
 ) -> tuple[np.ndarray, np.ndarray]:
     """One phantom frame, deterministic from ``seed``.
 
@@ -68,12 +72,20 @@ def phantom_case(
         speckle: share of the intensity modulated by fully developed speckle (1: all of it; 0: none).
         rim_width: the bright rim's least width as a fraction of the target's radius (at least 1.5 pixels).
         target_width: range of the target's long axis as a fraction of the frame's width.
+        decoys: range of the number of decoys per frame: unlabelled rings shaped like the target, their rim
+            ``decoy_contrast`` times as bright (phantoms on which self-training drifts: a one-shot segmenter
+            takes decoys for targets, and rounds that learn from its labels take more of them).
+        decoy_contrast: a decoy's rim brightness relative to the target's.
+        decoy_size: range of a decoy's long axis relative to the target's.
+        target_label: ``filled`` labels the whole target; ``ring`` only its rim (a thin ring-shaped structure).
 
     Returns:
         image (H, W) float32 in [0, 1] and mask (H, W) uint8 class indices.
     """
     rng = np.random.default_rng(seed)
-    return _render(_draw_anatomy(rng, target_width), rng, size, num_classes, speckle, rim_width)
+    return _render(
+        _draw_anatomy(rng, target_width), rng, size, num_classes, speckle, rim_width, decoys, decoy_contrast, decoy_size, target_label
+    )
 
 
 def _render(
@@ -83,9 +95,15 @@ def _render(
     num_classes: int,
     speckle_share: float = 1.0,
     min_rim: float = 0.08,
+    decoys: tuple[int, int] = (0, 0),
+    decoy_contrast: float = 1.3,
+    decoy_size: tuple[float, float] = (0.5, 1.0),
+    target_label: str = "filled",
 ) -> tuple[np.ndarray, np.ndarray]:
     if num_classes not in (2, 3):
         raise ValueError(f"phantoms have 2 or 3 classes, got {num_classes}")
+    if target_label not in TARGET_LABELS:
+        raise ValueError(f"target_label must be one of {TARGET_LABELS}, got {target_label!r}")
     h, w = int(size[0]), int(size[1])
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
 
@@ -116,7 +134,7 @@ def _render(
     image = np.where(head, anatomy.interior_level + 0.08 * _smooth_noise(rng, (h, w), sigma=max(h, w) / 30), tissue)
     image = np.where(rim, anatomy.rim_brightness, image)
 
-    mask = head.astype(np.uint8)
+    mask = (rim if target_label == "ring" else head).astype(np.uint8)
     if num_classes == 3:
         ia, ib = a * anatomy.inner_scale, b * anatomy.inner_scale * rng.uniform(0.8, 1.1)
         offset = rng.uniform(-0.25, 0.25, size=2) * np.array([a, b])
@@ -126,6 +144,11 @@ def _render(
         inner &= rho <= 1.0 - rim_width
         image = np.where(inner, anatomy.inner_level, image)
         mask[inner] = 2
+    if decoys[1] > 0:
+        # Drawn from a generator of their own, so frames without decoys stay those of earlier versions.
+        image = _add_decoys(
+            np.random.default_rng(rng.integers(2**32)), image, head, anatomy, (xx, yy), decoys, decoy_contrast, decoy_size, num_classes
+        )
 
     # Clutter: bright blobs in tissue (and occasionally over the target, as real reverberations are).
     for _ in range(int(rng.integers(2, 7))):
@@ -156,6 +179,39 @@ def _render(
     hi = np.percentile(image[fov], 99.5) if fov.any() else 1.0
     image = np.clip(image / max(hi, 1e-6), 0.0, 1.0).astype(np.float32)
     return image, mask
+
+
+def _add_decoys(
+    rng: np.random.Generator,
+    image: np.ndarray,
+    head: np.ndarray,
+    anatomy: _Anatomy,
+    grid: tuple[np.ndarray, np.ndarray],
+    count: tuple[int, int],
+    contrast: float,
+    size: tuple[float, float],
+    num_classes: int,
+) -> np.ndarray:
+    """Unlabelled rings like the target (rim, dark interior, an inner blob with three classes), kept off it."""
+    xx, yy = grid
+    h, w = image.shape
+    for _ in range(int(rng.integers(count[0], count[1] + 1))):
+        a = anatomy.width_frac * w / 2 * rng.uniform(*size)
+        b = a * rng.uniform(0.65, 0.95)
+        angle = rng.uniform(0, np.pi)
+        for _attempt in range(20):  # a free spot: a decoy never covers the labelled target
+            cx, cy = rng.uniform(a, w - a), rng.uniform(0.15 * h + b, h - b) if h - b > 0.15 * h + b else h / 2
+            rho = _ellipse_radius(xx, yy, cx, cy, a, b, angle)
+            if not (head & (rho <= 1.15)).any():
+                break
+        else:
+            continue
+        ring = (rho <= 1.0) & (rho >= 1.0 - max(1.5 / b, 0.1))
+        image = np.where(rho <= 1.0, anatomy.interior_level, image)
+        if num_classes == 3:
+            image = np.where(rho <= 0.4, anatomy.inner_level, image)
+        image = np.where(ring, min(1.0, anatomy.rim_brightness * contrast), image)
+    return image
 
 
 def write_phantom_dataset(root: str | Path, cfg: PhantomConfig) -> Path:
@@ -193,7 +249,9 @@ def write_phantom_dataset(root: str | Path, cfg: PhantomConfig) -> Path:
             group = f"{prefix}{g:03d}"
             anatomy = _draw_anatomy(np.random.default_rng([cfg.seed, ord(prefix), g]), cfg.target_width)
             frame_rng = np.random.default_rng([cfg.seed, ord(prefix), g, k + 1])
-            image, mask = _render(anatomy, frame_rng, size, cfg.num_classes, cfg.speckle, cfg.rim_width)
+            image, mask = _render(
+                anatomy, frame_rng, size, cfg.num_classes, cfg.speckle, cfg.rim_width, cfg.decoys, cfg.decoy_contrast, cfg.decoy_size, cfg.target_label
+            )
             out.append((f"{group}_f{k:02d}.png", group, image, mask))
         return out
 

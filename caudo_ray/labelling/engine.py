@@ -29,9 +29,10 @@ class BatchResult:
     """Labels and per-case scores of one batch, plus where its time went."""
 
     initial: np.ndarray  # (B, H, W) u8
-    calibrated: np.ndarray  # (B, H, W) u8
+    calibrated: np.ndarray  # (B, H, W) u8, what the round keeps
     scores: dict[str, np.ndarray]  # name -> (B,) f32
     timings: dict[str, float]
+    proposed: np.ndarray | None = None  # (B, H, W) u8, the calibrator's label before the rules; None: calibrated
 
 
 class LabelingEngine:
@@ -70,6 +71,7 @@ class LabelingEngine:
             calibrated = calibrate(
                 self.calibrator, self.schedule, x, probs, feats, w=c.guidance_strength, s=c.calibration_strength
             )
+            proposed = class_map(calibrated.float().cpu().numpy())
             kept = torch.ones(len(x))
             ts = time.perf_counter()
             before = reliability_scores(p0, p0, pf, self.prior) if c.gate is not None or c.revert_if_less_reliable else None
@@ -84,7 +86,7 @@ class LabelingEngine:
                 calibrated = keep_class_presence(probs, calibrated)
             p1 = calibrated.float().cpu().numpy()
         else:
-            p1 = p0
+            p1, proposed = p0, None
         t2 = time.perf_counter()
         scores = reliability_scores(p0, p1, pf, self.prior)
         if self.calibrator is not None:
@@ -99,7 +101,7 @@ class LabelingEngine:
             scores["calibrated_dice"] = _dice_or_nan(final, truth, self.models.num_classes)
         t3 = time.perf_counter()
         timings = {"infer_s": t1 - t0, "ddim_s": t2 - t1 - score_s, "score_s": t3 - t2 + score_s, "n": len(images)}
-        return BatchResult(initial, final, scores, timings)
+        return BatchResult(initial, final, scores, timings, proposed)
 
 
 def revert_less_reliable(

@@ -24,7 +24,10 @@ class RoundModels:
     segmenter: dict[str, torch.Tensor]
     calibrator: dict[str, torch.Tensor] | None
     val_metrics: dict[str, float] = field(default_factory=dict)
-    train_s: float = 0.0
+    # The segmenter on augmented exemplar views drawn alike for every round (rounds.train.exemplar_view_dice).
+    exemplar_metrics: dict[str, float] = field(default_factory=dict)
+    train_s: float = 0.0  # the whole round's training, calibrator included
+    calibrator_train_s: float = 0.0  # of which the calibrator's (autoencoder and denoiser)
     shape_prior: dict[str, list] | None = None  # labelling.reliability.ShapePrior of the round's exemplars
 
     @property

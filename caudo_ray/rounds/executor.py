@@ -80,7 +80,8 @@ class TrainContext:
         return train_round_models(
             cfg,
             r,
-            training_inputs(store, r, with_pool=cfg.consistency.online_in_round(r)),
+            # The veto is the labels', so it holds for the final segmenter too, which trains without a calibrator.
+            training_inputs(store, r, with_pool=cfg.consistency.online_in_round(r), veto=self.cfg.calibrator.enabled and self.cfg.calibrator.veto),
             num_classes=self.num_classes,
             previous=previous,
             val=val,

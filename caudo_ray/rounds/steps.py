@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from caudo_ray.arrays import IGNORE, finite_mean
 from caudo_ray.config import RunConfig
 from caudo_ray.labelling import selection
 from caudo_ray.labelling.engine import LabelingEngine
@@ -22,17 +23,18 @@ from caudo_ray.store import PseudoLabelStore
 from caudo_ray.training.inputs import RoundInputs
 
 
-def training_inputs(store: PseudoLabelStore, r: int, *, with_pool: bool = False) -> RoundInputs:
+def training_inputs(store: PseudoLabelStore, r: int, *, with_pool: bool = False, veto: bool = False) -> RoundInputs:
     """Exemplars plus, from round 1, the selected calibrated labels of round r-1 weighted by reliability; with
     ``with_pool``, every usable pool image too (online consistency training) and, from round 1, round r-1's
-    calibrated label of each."""
+    calibrated label of each. With ``veto``, a label's pixels where the calibrator's proposal differs from the
+    kept label are :data:`~caudo_ray.arrays.IGNORE`: a pixel the calibration disputes teaches nothing."""
     _, ex_images, ex_labels = store.exemplars()
     usable = np.flatnonzero(store.usable_mask())
     pool = store.read_images(usable) if with_pool else None
     if r == 0:
         return RoundInputs(ex_images, ex_labels, pool_images=pool)
     prev = r - 1
-    pool_labels = store.rounds.read(prev, usable)["calibrated"] if with_pool else None
+    pool_labels = _taught(store.rounds.read(prev, usable), veto) if with_pool else None
     selected = np.flatnonzero(store.rounds.selected(prev))
     if not len(selected):
         return RoundInputs(ex_images, ex_labels, pool_images=pool, pool_labels=pool_labels)
@@ -41,11 +43,17 @@ def training_inputs(store: PseudoLabelStore, r: int, *, with_pool: bool = False)
         ex_images,
         ex_labels,
         store.read_images(selected),
-        labels["calibrated"],
+        _taught(labels, veto),
         labels["scores"]["reliability"].astype(np.float32),
         pool,
         pool_labels,
     )
+
+
+def _taught(labels: dict, veto: bool) -> np.ndarray:
+    """The calibrated labels a round trains on, IGNORE where the calibrator's proposal disputes them (``veto``)."""
+    kept = labels["calibrated"]
+    return np.where(labels["proposed"] != kept, IGNORE, kept).astype(np.uint8) if veto else kept
 
 
 @dataclass
@@ -67,7 +75,7 @@ def label_cases(engine: LabelingEngine, store: PseudoLabelStore, r: int, indices
     t1 = time.perf_counter()
     result = engine.label_batch(images, truth)
     t2 = time.perf_counter()
-    store.rounds.write(r, indices, result.initial, result.calibrated, result.scores)
+    store.rounds.write(r, indices, result.initial, result.calibrated, result.scores, result.proposed)
     timings = result.timings
     return BatchStats(
         indices, timings["infer_s"], timings["ddim_s"], timings["score_s"], time.perf_counter() - t2, t1 - t0
@@ -97,11 +105,11 @@ def select_and_commit(cfg: RunConfig, store: PseudoLabelStore, r: int, extra_sum
         "cases": n_usable,
         "selected": int(selected.sum()),
         "selected_fraction": float(selected.sum() / max(n_usable, 1)),
-        "reliability_mean": _finite_mean(rel),
+        "reliability_mean": finite_mean(rel),
         "reliability_p10": float(np.quantile(rel, 0.1)) if len(rel) else math.nan,
         "reliability_p50": float(np.quantile(rel, 0.5)) if len(rel) else math.nan,
-        "agreement_mean": _finite_mean(scores["agreement"][usable]),
-        "accepted_fraction": _finite_mean(scores["accepted"][usable]) if "accepted" in scores else math.nan,
+        "agreement_mean": finite_mean(scores["agreement"][usable]),
+        "accepted_fraction": finite_mean(scores["accepted"][usable]) if "accepted" in scores else math.nan,
     }
     if "initial_dice" in scores:
         init, calib = scores["initial_dice"][usable], scores["calibrated_dice"][usable]
@@ -110,7 +118,7 @@ def select_and_commit(cfg: RunConfig, store: PseudoLabelStore, r: int, extra_sum
             summary["pseudo_dice_initial"] = float(init[has].mean())
             summary["pseudo_dice_calibrated"] = float(calib[has].mean())
             summary["calibration_gain"] = summary["pseudo_dice_calibrated"] - summary["pseudo_dice_initial"]
-            summary["selected_pseudo_dice"] = _finite_mean(calib[has & selected[usable]])
+            summary["selected_pseudo_dice"] = finite_mean(calib[has & selected[usable]])
             summary["reliability_spearman"] = spearman(rel[has], calib[has]) if has.sum() > 2 else math.nan
     summary.update(extra_summary or {})
     store.rounds.commit(r, selected, summary)
@@ -123,8 +131,3 @@ def annotation_queries(store: PseudoLabelStore, r: int, k: int) -> list[tuple[st
     usable = store.usable_mask()
     ids = [cid for cid, ok in zip(store.case_ids, usable) if ok]
     return selection.annotation_queries(ids, scores["reliability"][usable], k)
-
-
-def _finite_mean(a: np.ndarray) -> float:
-    a = a[np.isfinite(a)]
-    return float(a.mean()) if len(a) else math.nan

@@ -12,7 +12,7 @@ import torch
 from caudo_ray.calibration.training import train_calibrator
 from caudo_ray.config import RunConfig
 from caudo_ray.labelling.reliability import ShapePrior
-from caudo_ray.metrics import segmentation_metrics
+from caudo_ray.metrics import dice_per_case, segmentation_metrics
 from caudo_ray.networks.bundle import RoundModels, feature_channels_of
 from caudo_ray.networks.calibrator import Calibrator
 from caudo_ray.networks.device import resolve_device
@@ -23,6 +23,10 @@ from caudo_ray.training.segmenter import train_segmenter
 from caudo_ray.transforms.augment import augment_views
 
 PRIOR_VIEWS = 64  # augmented exemplar views the shape prior is learnt from
+# Augmented exemplar views every round's segmenter is scored on, drawn with one seed for all rounds (a round's
+# training views come from its own seed): how well a round still segments the only labelled images it has.
+EXEMPLAR_CHECK_VIEWS = 64
+EXEMPLAR_CHECK_SEED = 104729
 
 
 def train_round_models(
@@ -87,7 +91,7 @@ def train_round_models(
             device=device,
             hooks=hooks,
             resume=state,
-            consistency=cfg.consistency if cfg.consistency.online_in_round(r) else None,
+            consistency=cfg.consistency.in_round(r) if cfg.consistency.online_in_round(r) else None,
         )
     if hooks.rank != 0:
         return None
@@ -95,6 +99,7 @@ def train_round_models(
     feature_channels = feature_channels_of(net, cfg.data.working_size, device)
 
     calibrator_state = None
+    calibrator_s = 0.0
     warm = previous is not None and previous.calibrator is not None
     c = cfg.calibrator
     if c.enabled and warm and c.denoiser_finetune_iterations == 0:
@@ -103,6 +108,7 @@ def train_round_models(
         # the selected pseudo labels, whose own errors it then learns to reproduce).
         calibrator_state = previous.calibrator
     elif c.enabled:
+        tc = time.perf_counter()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             calib = Calibrator.from_config(c, num_classes, feature_channels)
@@ -122,10 +128,14 @@ def train_round_models(
             warm_start=warm,
         )
         calibrator_state = {k: v.detach().cpu() for k, v in calib.state_dict().items()}
+        calibrator_s = time.perf_counter() - tc
 
     val_metrics: dict[str, Any] = {}
     if val is not None and len(val[0]):
         val_metrics = evaluate(net, *val, num_classes, device=device)
+    check_images, check_labels = augment_views(
+        inputs.exemplar_images, inputs.exemplar_labels, EXEMPLAR_CHECK_VIEWS, cfg=cfg.segmenter, rng_seed=cfg.seed * 1000 + EXEMPLAR_CHECK_SEED
+    )
     # The shape prior of the reliability score: the exemplars' labels over the views the segmenter trained on.
     _, views = augment_views(inputs.exemplar_images, inputs.exemplar_labels, PRIOR_VIEWS, cfg=cfg.segmenter, rng_seed=seed)
     return RoundModels(
@@ -135,9 +145,25 @@ def train_round_models(
         segmenter={k: v.detach().cpu() for k, v in net.state_dict().items()},
         calibrator=calibrator_state,
         val_metrics=val_metrics,
+        exemplar_metrics=exemplar_view_dice(net, check_images, check_labels, num_classes, device=device),
         train_s=time.perf_counter() - t0,
+        calibrator_train_s=calibrator_s,
         shape_prior=ShapePrior.from_labels(views, num_classes).to_dict(),
     )
+
+
+def exemplar_view_dice(
+    net: torch.nn.Module, images: np.ndarray, labels: np.ndarray, num_classes: int, *, device: torch.device | None = None
+) -> dict[str, float]:
+    """Mean Dice of a segmenter over augmented exemplar views, overall (``dice``) and per foreground class
+    (``dice_class<c>``; a class absent from a view and its prediction counts 1, so a view without it neither
+    helps nor hurts)."""
+    device = device or next(net.parameters()).device
+    pred = predict(net, images, device=str(device), return_features=False).probs.argmax(1).astype(np.uint8)
+    out = {"dice": float(dice_per_case(pred, labels, num_classes).mean())}
+    for c in range(1, num_classes):
+        out[f"dice_class{c}"] = float(dice_per_case((pred == c).astype(np.uint8), (labels == c).astype(np.uint8), 2).mean())
+    return out
 
 
 def evaluate(

@@ -10,13 +10,17 @@ and nothing per-pixel, so its footprint does not grow with the images in the poo
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from caudo_ray.config import RunConfig
 from caudo_ray.networks.bundle import RoundModels
+from caudo_ray.rounds import guard
 from caudo_ray.rounds.executor import Executor, LocalExecutor, TrainContext
 from caudo_ray.rounds.loop import load_or_train, repair_round, stream_round
 from caudo_ray.rounds.steps import select_and_commit
@@ -45,6 +49,9 @@ class RunResult:
     skipped: dict[str, str] = field(default_factory=dict)
     recomputed: int = 0  # cases labelled by this invocation (0 for rounds already complete)
     dashboard: Path | None = None  # the run's dashboard page, when it could be built
+    # The drift guard: each segmenter's exemplar-view reading, the one kept (index in training order; rounds, then
+    # the final one), and where the rounds stopped (None: they did not).
+    guard: dict = field(default_factory=dict)
 
 
 class Coordinator:
@@ -79,10 +86,14 @@ class Coordinator:
             executor = self.executor_factory(ctx)
             try:
                 owner = executor.owner(store)
-                previous: RoundModels | None = None
+                trained: list[RoundModels] = []  # every segmenter trained so far, in order; the guard keeps one
                 for r in range(cfg.rounds):
-                    previous = self._round(r, previous, executor, owner, prepared, tracker, result)
-                result.final_metrics = self._final(previous, executor, prepared, tracker)
+                    models = load_or_train(ws.model_path(r), lambda: executor.train(r, trained[-1] if trained else None), ws.checkpoint_path(r))  # noqa: B023
+                    trained.append(models)
+                    if self._regressed(trained, tracker, result):
+                        break
+                    self._round(r, models, executor, owner, prepared, tracker, result)
+                result.final_metrics = self._final(trained, executor, prepared, tracker, result)
                 tracker.finish("FINISHED")
             except KeyboardInterrupt:
                 # Ctrl-C, or SIGTERM turned into an interrupt by the command line: stopped, not failed.
@@ -98,17 +109,33 @@ class Coordinator:
         result.dashboard = build_and_link(result.tracking_uri, result.run_id, ws.dashboard_path)
         return result
 
-    def _round(
-        self, r: int, previous: RoundModels | None, executor: Executor, owner, prepared: PreparedRun, tracker: Tracker, result: RunResult
-    ) -> RoundModels:
+    def _regressed(self, trained: list[RoundModels], tracker: Tracker, result: RunResult) -> bool:
+        """Judge the latest segmenter (``rounds.guard``); log its reading, and the stop when it regressed."""
+        readings = [guard.reading(m) for m in trained]
+        verdict = guard.judge(readings, self.cfg.guard)
+        step = len(trained) - 1
+        tracker.log_metrics({names.GUARD_EXEMPLAR_DICE: float(np.mean(list(readings[-1].values())))}, step=step)
+        result.guard = {"readings": readings, "kept": verdict.best, "regressed_at": step if verdict.regressed else None}
+        if verdict.regressed:
+            what = "the final segmenter" if step == self.cfg.rounds else f"round {step}"
+            log.warning(
+                "%s does worse on the exemplars' views than round %d (by %.3f Dice on its worst class, tolerance %.3f): "
+                "the rounds stop and the run keeps round %d's segmenter",
+                what, verdict.best, verdict.drop, self.cfg.guard.tolerance, verdict.best,
+            )  # fmt: skip
+            tracker.set_tags({names.TAG_GUARD_STOPPED: str(step)})
+        tracker.set_tags({names.TAG_GUARD_KEPT: str(verdict.best)})
+        return verdict.regressed
+
+    def _round(self, r: int, models: RoundModels, executor: Executor, owner, prepared: PreparedRun, tracker: Tracker, result: RunResult) -> None:
         cfg, ws = self.cfg, prepared.workspace
-        models = load_or_train(ws.model_path(r), lambda: executor.train(r, previous), ws.checkpoint_path(r))
         if owner.rounds.is_committed(r):
             result.recomputed += repair_round(cfg, owner, executor, r, models)
             result.rounds.append(owner.rounds.summary(r))
-            return models
+            return
         perf, labelled = stream_round(cfg, owner, executor, r, models, self.progress)
         perf["train_s"] = models.train_s
+        perf["calibrator_train_s"] = models.calibrator_train_s
         result.recomputed += labelled
         prepared.lock.check()  # a run that lost its lock to another must not commit over it
         summary = select_and_commit(cfg, owner, r, {"perf": perf, "val": _scalars(models.val_metrics)})
@@ -120,16 +147,24 @@ class Coordinator:
         log_round_views(tracker, reader, r, cfg.tracking.num_overlays)
         tracker.log_artifact(round_curves_png(tracker, ws.root / "round_curves.png"), names.CURVES_DIR)
         log.info("round %d committed: %s", r, {k: v for k, v in summary.items() if not isinstance(v, dict)})
-        return models
 
-    def _final(self, previous: RoundModels | None, executor: Executor, prepared: PreparedRun, tracker: Tracker) -> dict:
-        """Train the final segmenter on the exemplars plus the last round's selection, log it, report validation."""
+    def _final(self, trained: list[RoundModels], executor: Executor, prepared: PreparedRun, tracker: Tracker, result: RunResult) -> dict:
+        """The segmenter the run serves: the final one, trained on the exemplars plus the last round's selection,
+        unless the guard stopped the rounds or finds it worse; then the best segmenter before. Logged, with its
+        validation metrics."""
         ws, rounds = prepared.workspace, self.cfg.rounds
-        final = load_or_train(
-            ws.final_model_path,
-            lambda: executor.train(rounds, previous, with_calibrator=False),
-            ws.checkpoint_path(rounds),
-        )
+        if result.guard.get("regressed_at") is None:
+            trained.append(
+                load_or_train(
+                    ws.trained_final_path,
+                    lambda: executor.train(rounds, trained[-1], with_calibrator=False),
+                    ws.checkpoint_path(rounds),
+                )
+            )
+            self._regressed(trained, tracker, result)
+        # What predict and the MLflow model use is always models/final.pt: the kept segmenter, without calibrator.
+        final = dataclasses.replace(trained[result.guard["kept"]], calibrator=None)
+        final.save(ws.final_model_path)
         tracker.log_artifact(ws.final_model_path, names.MODEL_DIR)
         tracker.log_artifact(ws.config_path)
         tracker.log_artifact(ws.split_path)

@@ -50,7 +50,7 @@ from caudo_ray.errors import DataError, StoreError
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # Scores a round may record; a batch may leave any of them out (they then read NaN, e.g. Dice without truth).
 DEFAULT_SCORE_NAMES = (
     "reliability",
@@ -65,7 +65,9 @@ DEFAULT_SCORE_NAMES = (
     "calibrated_dice",
 )
 NO_TRUTH = 255  # truth value of a case without hidden labels
-LABEL_KINDS = ("initial", "calibrated")  # the label maps of ``rounds/<r>/labels``, in axis-1 order
+# The label maps of ``rounds/<r>/labels``, in axis-1 order: the segmenter's, the kept (calibrated) one, and what the
+# calibrator proposed before the rules that guard the kept one (where the two differ, the label is disputed).
+LABEL_KINDS = ("initial", "calibrated", "proposed")
 RESULT_ARRAYS = ("labels", "scores")  # what a batch writes before its ``done`` flags
 ROUND_ARRAYS = (*RESULT_ARRAYS, "done", "selected")
 DEFAULT_CHUNK_SIZE = 16

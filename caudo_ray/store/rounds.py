@@ -149,6 +149,7 @@ class RoundRecords:
         initial: np.ndarray,
         calibrated: np.ndarray,
         scores: Mapping[str, np.ndarray],
+        proposed: np.ndarray | None = None,
     ) -> None:
         """Stores the label maps and scores of a batch of cases, then marks them done.
 
@@ -161,9 +162,10 @@ class RoundRecords:
             r: a begun round.
             indices: case indices of the batch (any order, no repeats).
             initial: (n, H, W) integer label maps of the segmenter.
-            calibrated: (n, H, W) integer calibrated label maps.
+            calibrated: (n, H, W) integer calibrated label maps (what the round keeps).
             scores: (n,) float arrays keyed by score names of the store; a score left out, or NaN, means not
                 available for these cases (e.g. Dice without hidden truth) and reads NaN.
+            proposed: (n, H, W) the calibrator's unguarded labels; None: the calibrated ones (nothing disputed).
 
         Raises:
             StoreError: the round was not begun, or is committed and the cases are done.
@@ -174,11 +176,11 @@ class RoundRecords:
         arrays = self._arrays(r)
         idx = check_indices(indices, store.num_cases, f"round {r} results")
         ids = [store.case_ids[i] for i in idx]
-        initial, calibrated = np.asarray(initial), np.asarray(calibrated)
-        store._check_block(initial, idx, "initial")
-        store._check_block(calibrated, idx, "calibrated")
-        store._check_labels(initial, ids, "initial label")
-        store._check_labels(calibrated, ids, "calibrated label")
+        maps = {"initial": np.asarray(initial), "calibrated": np.asarray(calibrated)}
+        maps["proposed"] = maps["calibrated"] if proposed is None else np.asarray(proposed)
+        for kind, block in maps.items():
+            store._check_block(block, idx, kind)
+            store._check_labels(block, ids, f"{kind} label")
         names = store.score_names
         unknown = sorted(set(scores) - set(names))
         if unknown:
@@ -194,7 +196,7 @@ class RoundRecords:
             score_block[:, column] = values
         order = np.argsort(idx, kind="stable")
         sidx = idx[order]
-        labels = np.stack([initial[order], calibrated[order]], axis=1).astype(np.uint8)
+        labels = np.stack([maps[kind][order] for kind in LABEL_KINDS], axis=1).astype(np.uint8)
         steps = [[(arrays["labels"], labels), (arrays["scores"], score_block[order])], [(arrays["done"], np.ones(len(sidx), bool))]]
         # A committed round takes writes only for cases it lost (see invalidate): results never change once done.
         # The usual batch has none of its cases done, so the round's attributes are read only when one is.

@@ -49,6 +49,10 @@ class StoreNotFoundError(StoreError, FileNotFoundError):
     """Nothing is stored at the URL (also a FileNotFoundError, so callers can create the store instead)."""
 
 
+# What earlier schemas lacked, for the message that refuses them.
+OLD_SCHEMAS = {1: "one chunk per case", 2: "no calibrator proposals beside the labels"}
+
+
 class PseudoLabelStore:
     """Zarr v3 store of one self-training run: images, exemplars and the pseudo labels of every round.
 
@@ -203,10 +207,10 @@ class PseudoLabelStore:
                 f"{url}: not a caudo-ray pseudo-label store, or its creation was interrupted (no schema_version); "
                 "delete it or choose another location"
             )
-        if found == 1:
+        if found in OLD_SCHEMAS:
             raise StoreError(
-                f"{url}: written by an earlier caudo-ray in schema_version 1 (one chunk per case); this caudo-ray "
-                f"reads schema_version {SCHEMA_VERSION} (one chunk per batch) and does not convert it. Start the run on "
+                f"{url}: written by an earlier caudo-ray in schema_version {found} ({OLD_SCHEMAS[found]}); this caudo-ray "
+                f"reads schema_version {SCHEMA_VERSION} and does not convert it. Start the run on "
                 "a new store location (a new work_dir or runtime.store_url); the old store stays readable by the "
                 "caudo-ray that wrote it"
             )

@@ -26,7 +26,10 @@ DDIM_S_PER_CASE = "perf/ddim_s_per_case"
 SCORE_S_PER_CASE = "perf/score_s_per_case"
 STORE_S_PER_CASE = "perf/store_write_s_per_case"
 TRAIN_S = "perf/train_s"
+CALIBRATOR_TRAIN_S = "perf/calibrator_train_s"  # the part of train_s spent on the calibrator
 SKIPPED = "data/skipped"
+# The drift guard (rounds.guard): each segmenter's mean exemplar-view Dice, step = its round (rounds: the final one).
+GUARD_EXEMPLAR_DICE = "guard/exemplar_dice"
 
 # Round summary keys (rounds.steps.select_and_commit) -> metric names.
 SUMMARY_METRICS = {
@@ -49,6 +52,7 @@ PERF_METRICS = {
     "score_s_per_case": SCORE_S_PER_CASE,
     "store_write_s_per_case": STORE_S_PER_CASE,
     "train_s": TRAIN_S,
+    "calibrator_train_s": CALIBRATOR_TRAIN_S,
 }
 
 # Tags.
@@ -58,6 +62,8 @@ KIND_TRIAL = "tune_trial"  # each nested child run
 KIND_DASHBOARD = "dashboard"
 TAG_WORK_DIR = "caudo_ray.work_dir"
 TAG_METHOD_HASH = "caudo_ray.method_hash"
+TAG_GUARD_KEPT = "caudo_ray.guard.kept"  # the segmenter the run serves: its round (rounds: the final one)
+TAG_GUARD_STOPPED = "caudo_ray.guard.stopped_at"  # the segmenter the guard found worse, where the rounds stopped
 TAG_OBJECTIVE = "caudo_ray.objective"
 TAG_STOPPED_EARLY = "caudo_ray.tune.stopped_early"
 TAG_PARENT = "mlflow.parentRunId"

@@ -255,7 +255,8 @@ def class_balance_weights(kept_target: torch.Tensor, reference: torch.Tensor, nu
         (C,) float32 tensor on ``kept_target``'s device.
     """
     kept = torch.bincount(kept_target.flatten(), minlength=num_classes).to(torch.float32)
-    ref = torch.bincount(reference.flatten().to(kept_target.device).long(), minlength=num_classes).to(torch.float32)
+    reference = reference.flatten().to(kept_target.device).long()
+    ref = torch.bincount(reference[reference < num_classes], minlength=num_classes).to(torch.float32)  # IGNORE left out
     weights = torch.ones(num_classes, dtype=torch.float32, device=kept.device)
     taught = kept > 0
     if ref[taught].sum() > 0:
@@ -285,8 +286,9 @@ def consistency_views(
         seeds: seeds of the pool draw, the weak views, the two strong views and the CutMix boxes.
         device: where the teacher runs and its labels live.
         anchor_labels: (N, H, W) uint8 labels of ``pool_images`` (anchored consistency): warped with the weak
-            views, and a pixel where the teacher's label differs gets confidence 0, so it teaches nothing. With
-            ``cfg.class_balance`` they are also the reference class shares (else the teacher's argmax is).
+            views, and a pixel where the teacher's label differs, or the anchor is ``IGNORE``, gets confidence 0, so
+            it teaches nothing. With ``cfg.class_balance`` they are also the reference class shares (else the
+            teacher's argmax is).
     """
     sample_seed, weak_seed, strong1_seed, strong2_seed, box_seed = (int(s) for s in seeds)
     u, n = cfg.unlabelled_batch_size, len(pool_images)
@@ -416,7 +418,8 @@ def check_pool(pool_images: np.ndarray | None, size: tuple[int, ...]) -> np.ndar
 
 
 def check_anchor(pool_labels: np.ndarray | None, pool_shape: tuple[int, ...], num_classes: int) -> np.ndarray:
-    """The labels anchored consistency teaches within, checked: one (H, W) label per pool image, values < C."""
+    """The labels anchored consistency teaches within, checked: one (H, W) label per pool image, values < C or
+    ``IGNORE`` (a pixel that teaches nothing)."""
     if pool_labels is None:
         raise DataError(
             "pool_labels", "anchored consistency needs the previous round's calibrated label of every pool image (caudo's rounds from round 1)"
@@ -424,7 +427,7 @@ def check_anchor(pool_labels: np.ndarray | None, pool_shape: tuple[int, ...], nu
     labels = np.asarray(pool_labels)
     if labels.shape != tuple(pool_shape):
         raise DataError("pool_labels", f"shape {labels.shape} differs from the pool images' {tuple(pool_shape)}")
-    check_label_range("pool_labels", labels, num_classes)
+    check_label_range("pool_labels", labels, num_classes, allow_ignore=True)
     return labels.astype(np.uint8, copy=False)
 
 

@@ -5,11 +5,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from caudo_ray.arrays import IGNORE
+
 _SMOOTH = 1e-5  # Dice smoothing, as MONAI's DiceLoss
 
 
 def weighted_dice_ce(logits: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Weighted cross entropy plus soft Dice over the whole batch, each sample counted by its weight.
+
+    Pixels labelled :data:`~caudo_ray.arrays.IGNORE` teach nothing: they add no CE (each sample's CE stays a mean
+    over all its pixels, so a sample's weight does not grow as its taught pixels shrink) and take no part in
+    the Dice.
 
     The Dice of each foreground class is taken over the batch (weighted sums of intersections and volumes), then
     averaged over the classes. A Dice per sample instead punishes any pixel of a class on a sample that lacks it
@@ -26,10 +32,14 @@ def weighted_dice_ce(logits: torch.Tensor, target: torch.Tensor, weights: torch.
         classes of ``1 - Dice``.
     """
     total = weights.sum().clamp_min(1e-8)
-    ce = (F.cross_entropy(logits, target.long(), reduction="none").flatten(1).mean(1) * weights).sum() / total
+    target = target.long()
+    taught = target != IGNORE
+    target = torch.where(taught, target, torch.zeros_like(target))
+    ce_pixels = F.cross_entropy(logits, target, reduction="none") * taught
+    ce = (ce_pixels.flatten(1).mean(1) * weights).sum() / total
     probs = torch.softmax(logits, dim=1)[:, 1:]
-    onehot = F.one_hot(target.long(), logits.shape[1]).permute(0, 3, 1, 2)[:, 1:].to(probs.dtype)
-    w = weights[:, None, None, None]
+    onehot = F.one_hot(target, logits.shape[1]).permute(0, 3, 1, 2)[:, 1:].to(probs.dtype)
+    w = weights[:, None, None, None] * taught[:, None].to(probs.dtype)
     inter = (w * probs * onehot).sum(dim=(0, 2, 3))
     volume = (w * (probs + onehot)).sum(dim=(0, 2, 3))
     dice = 1.0 - (2.0 * inter + _SMOOTH) / (volume + _SMOOTH)

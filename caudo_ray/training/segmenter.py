@@ -184,7 +184,7 @@ def _pseudo_set(
     images, labels = check_pair("pseudo", images, labels)
     if images.shape[1:] != tuple(shape):
         raise DataError("pseudo_images", f"size {images.shape[1:]} differs from the exemplars' {tuple(shape)}")
-    check_label_range("pseudo_labels", labels, num_classes)
+    check_label_range("pseudo_labels", labels, num_classes, allow_ignore=True)
     w = np.ones(len(images), np.float32) if weights is None else np.asarray(weights, dtype=np.float32)
     if w.shape != (len(images),):
         raise DataError("pseudo_weights", f"expected shape ({len(images)},), got {w.shape}")

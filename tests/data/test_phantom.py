@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from caudo_ray.config import PhantomConfig
+from caudo_ray.config import ConfigError, PhantomConfig
 from caudo_ray.data import index_dataset, load_case, make_split, phantom_case, write_phantom_dataset
 from caudo_ray.errors import DataError
 
@@ -70,3 +70,34 @@ def test_dataset_folder_is_deterministic_and_grouped(tmp_path):
     assert write_phantom_dataset(root, cfg) == root  # same settings: reused
     with pytest.raises(DataError, match="not empty"):
         write_phantom_dataset(root, PhantomConfig(num_labelled=9, size=(32, 32)))
+
+
+def test_decoys_are_bright_unlabelled_rings_off_the_target():
+    """Decoys change the image only: the label is the target's, and the decoys' bright rims lie off it."""
+    bright_with, bright_without = 0, 0
+    for seed in range(10, 20):
+        plain_img, plain_mask = phantom_case(seed, (96, 96), 2, speckle=0.0)
+        img, mask = phantom_case(seed, (96, 96), 2, speckle=0.0, decoys=(2, 2), decoy_contrast=1.5)
+        np.testing.assert_array_equal(mask, plain_mask)
+        # Without speckle, near-white pixels off the target are rims (the frame is scaled to [0, 1]).
+        bright_with += int((img[mask == 0] >= 0.95).sum())
+        bright_without += int((plain_img[plain_mask == 0] >= 0.95).sum())
+    assert bright_with > 4 * bright_without  # 989 against 159 when written
+
+
+def test_ring_labels_only_the_rim():
+    _, filled = phantom_case(5, (96, 96), 2)
+    _, ring = phantom_case(5, (96, 96), 2, target_label="ring")
+    assert ring.any() and not (ring & (filled == 0)).any()  # the rim lies within the filled target
+    assert ring.sum() < 0.5 * filled.sum()
+    _, ring3 = phantom_case(5, (96, 96), 3, target_label="ring")
+    assert set(np.unique(ring3)) == {0, 1, 2}
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "problem"),
+    [("decoys", (3, 1), "low <= high"), ("decoy_size", (0.0, 1.0), "0 < low"), ("target_label", "hollow", "one of filled, ring")],
+)
+def test_decoy_and_target_label_config_is_validated(field, value, problem):
+    with pytest.raises(ConfigError, match=f"phantom.{field}.*{problem}"):
+        PhantomConfig(**{field: value}).validate("phantom")
