@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from caudo_ray.data.readers import (
     SUPPORTED_EXTENSIONS,
@@ -41,6 +40,7 @@ from caudo_ray.data.readers import (
     read_mask,
 )
 from caudo_ray.errors import DataError
+from caudo_ray.transforms.preprocess import normalize_intensity, resize_image, resize_mask
 
 _SAFE_ID = re.compile(r"[A-Za-z0-9._-]+")
 UNLABELLED_DIRS = ("unlabeled", "unlabelled")
@@ -414,37 +414,6 @@ def iter_cases(
             on_error(ref, exc)
             continue
         yield case
-
-
-def normalize_intensity(image: np.ndarray) -> np.ndarray:
-    """Clip to the 1st-99th percentile and scale to [0, 1]; a constant image gives zeros."""
-    image = np.asarray(image, dtype=np.float32)
-    lo, hi = np.percentile(image, [1.0, 99.0])
-    if hi <= lo:
-        # A mostly-constant image (tiny bright target) would be erased by the percentiles; use the full range.
-        lo, hi = float(image.min()), float(image.max())
-    if hi <= lo:
-        return np.zeros_like(image, dtype=np.float32)
-    return ((np.clip(image, lo, hi) - lo) / (hi - lo)).astype(np.float32)
-
-
-def resize_image(image: np.ndarray, size: Sequence[int]) -> np.ndarray:
-    """Antialiased bilinear resize of a float image to (H, W)."""
-    h, w = int(size[0]), int(size[1])
-    if image.shape == (h, w):
-        return image.astype(np.float32, copy=False)
-    # PIL's bilinear widens its kernel when shrinking (area-like, no aliasing) and never overshoots the input range.
-    out = Image.fromarray(np.ascontiguousarray(image, dtype=np.float32), mode="F").resize((w, h), Image.BILINEAR)
-    return np.asarray(out, dtype=np.float32)
-
-
-def resize_mask(mask: np.ndarray, size: Sequence[int]) -> np.ndarray:
-    """Nearest-neighbour resize of a class map to (H, W)."""
-    h, w = int(size[0]), int(size[1])
-    if mask.shape == (h, w):
-        return mask.astype(np.uint8, copy=False)
-    out = Image.fromarray(np.ascontiguousarray(mask, dtype=np.uint8), mode="L").resize((w, h), Image.NEAREST)
-    return np.asarray(out, dtype=np.uint8)
 
 
 def restore_mask(mask_working: np.ndarray, geometry: Geometry) -> np.ndarray:
