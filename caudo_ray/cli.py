@@ -31,7 +31,7 @@ from caudo_ray.rounds.steps import annotation_queries
 from caudo_ray.run.baseline import METHODS as BASELINE_METHODS
 from caudo_ray.run.baseline import train_baseline
 from caudo_ray.run.calibrate_dataset import calibrate_dataset
-from caudo_ray.run.coordinator import Coordinator
+from caudo_ray.run.coordinator import Coordinator, RunResult
 from caudo_ray.store import PseudoLabelStore, export_round
 from caudo_ray.tracking.report import DashboardError, build_dashboard
 from caudo_ray.tracking.tracker import sqlite_tracking_uri
@@ -199,7 +199,7 @@ def demo_config_path() -> Path:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    return _run(config_from_args(args), progress=not args.quiet)
+    return _run(config_from_args(args), progress=not args.quiet)[0]
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
@@ -230,17 +230,26 @@ def cmd_baseline(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     cfg = config_from_args(args, base=demo_config_path())
-    code = _run(cfg, progress=not args.quiet)
+    code, result = _run(cfg, progress=not args.quiet)
     if code in (EXIT_OK, EXIT_SKIPPED):
         ws = Workspace.of(cfg)
+        uri = sqlite_tracking_uri(ws.mlflow_db)
         print(
             "\nDemo finished.\n"
             f"  pseudo-label store (Zarr): {ws.store_url}\n"
             f"  MLflow store:              {ws.mlflow_db.resolve()}\n"
-            f"  open the MLflow UI:        .venv/bin/mlflow ui --backend-store-uri {sqlite_tracking_uri(ws.mlflow_db)} --host 127.0.0.1\n"
+            f"  open the MLflow UI:        .venv/bin/mlflow ui --backend-store-uri {uri} --host 127.0.0.1\n"
             f"  annotation queries:        .venv/bin/caudo-ray queries --work-dir {cfg.work_dir}\n"
-            f"  export calibrated labels:  .venv/bin/caudo-ray export --work-dir {cfg.work_dir} labels_out/"
+            f"  export calibrated labels:  .venv/bin/caudo-ray export --work-dir {cfg.work_dir} labels_out/\n"
+            f"  segment new images:        .venv/bin/caudo-ray predict --work-dir {cfg.work_dir} images/ masks_out/"
         )
+        if result.model is not None:
+            model = result.model.registry_uri or result.model.model_uri
+            print(
+                f"  registered MLflow model:   {model}\n"
+                f"  serve it:                  MLFLOW_TRACKING_URI={uri} .venv/bin/mlflow models serve -m {model} "
+                "--env-manager local -h 127.0.0.1 -p 5001"
+            )
     return code
 
 
@@ -260,7 +269,8 @@ def _round_line(summary: dict) -> str:
     return f"round {summary['round']}: " + ", ".join(parts)
 
 
-def _run(cfg: RunConfig, progress: bool) -> int:
+def _run(cfg: RunConfig, progress: bool) -> tuple[int, RunResult]:
+    """Run ``cfg``, print its rounds, final metrics and where its results are; the exit status and the result."""
     factory = RayExecutor if cfg.runtime.use_ray else None
     result = Coordinator(cfg, executor_factory=factory, progress=progress).run()
     for summary in result.rounds:
@@ -268,14 +278,16 @@ def _run(cfg: RunConfig, progress: bool) -> int:
     if result.final_metrics:
         print("final segmenter on validation:", {k: round(v, 4) for k, v in result.final_metrics.items()})
     print(f"MLflow run {result.run_id} in {result.tracking_uri}")
+    if result.model is not None:
+        print(f"MLflow model: {result.model.registry_uri or result.model.model_uri}")
     if result.dashboard is not None:
         print(f"dashboard: {result.dashboard}")
     if result.skipped:
         print(f"completed with {len(result.skipped)} skipped input(s); see {Workspace.of(cfg).log_path}:", file=sys.stderr)
         for source, reason in sorted(result.skipped.items()):
             print(f"  {source}: {reason}", file=sys.stderr)
-        return EXIT_SKIPPED
-    return EXIT_OK
+        return EXIT_SKIPPED, result
+    return EXIT_OK, result
 
 
 def _saved_config(work_dir: str) -> RunConfig:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from caudo_ray.config import RunConfig
+from caudo_ray.deploy.mlflow_model import LoggedSegmenter, log_final_model
 from caudo_ray.networks.bundle import RoundModels
 from caudo_ray.rounds.executor import Executor, LocalExecutor, TrainContext
 from caudo_ray.rounds.loop import load_or_train, repair_round, stream_round
@@ -45,6 +46,7 @@ class RunResult:
     skipped: dict[str, str] = field(default_factory=dict)
     recomputed: int = 0  # cases labelled by this invocation (0 for rounds already complete)
     dashboard: Path | None = None  # the run's dashboard page, when it could be built
+    model: LoggedSegmenter | None = None  # the final segmenter's MLflow Model and registered version
 
 
 class Coordinator:
@@ -83,6 +85,7 @@ class Coordinator:
                 for r in range(cfg.rounds):
                     previous = self._round(r, previous, executor, owner, prepared, tracker, result)
                 result.final_metrics = self._final(previous, executor, prepared, tracker)
+                result.model = log_final_model(cfg, tracker, ws.final_model_path, store.exemplars()[0], result.final_metrics.get("dice"))
                 tracker.finish("FINISHED")
             except KeyboardInterrupt:
                 # Ctrl-C, or SIGTERM turned into an interrupt by the command line: stopped, not failed.

@@ -1,0 +1,125 @@
+"""Logging a run's final segmenter as an MLflow Model and registering it under ``tracking.model_name``.
+
+The model is the ``python_function`` of :mod:`caudo_ray.deploy.pyfunc`, logged from code with the caudo-ray
+package as its code path and exact pip requirements, so ``mlflow models serve`` and ``mlflow.pyfunc.load_model``
+run it where caudo-ray is not installed. Its registered version carries the run's validation Dice, exemplar ids
+and config hash as tags.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import mlflow.pyfunc
+from mlflow import MlflowClient
+from mlflow.models import Model
+from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+from packaging.version import Version
+
+import caudo_ray
+from caudo_ray.config import RunConfig
+from caudo_ray.deploy import pyfunc
+from caudo_ray.deploy.from_run import segmenter_of
+from caudo_ray.networks.bundle import RoundModels
+from caudo_ray.tracking import names
+from caudo_ray.tracking.tracker import Tracker
+
+log = logging.getLogger(__name__)
+
+# Passed to MLflow as a path, never imported here: running it registers the model object (set_model).
+MODEL_CODE = Path(__file__).with_name("model_code.py")
+MODEL_NAME = "segmenter"  # the logged model's name within the run
+# What the model imports when it runs (caudo_ray.deploy.pyfunc and what it needs); pinned to this environment's
+# versions so a served model behaves as the run's own code did.
+REQUIREMENTS = ("mlflow", "torch", "monai", "numpy", "pillow", "pyyaml", "safetensors")
+
+
+@dataclass(frozen=True)
+class LoggedSegmenter:
+    """Where a run's segmenter went: its logged model and, when registered, its registry version.
+
+    Attributes:
+        model_uri: ``models:/<model_id>``, loadable with ``mlflow.pyfunc.load_model``.
+        registered_name: ``tracking.model_name``, or None when not registered.
+        version: the registered version, or None.
+    """
+
+    model_uri: str
+    registered_name: str | None = None
+    version: str | None = None
+
+    @property
+    def registry_uri(self) -> str | None:
+        """``models:/<name>/<version>``: what ``mlflow models serve -m`` takes."""
+        return f"models:/{self.registered_name}/{self.version}" if self.version is not None else None
+
+
+def pip_requirements() -> list[str]:
+    """:data:`REQUIREMENTS` at this environment's public versions (a local tag such as torch's ``+cpu`` is dropped:
+    no index serves it)."""
+    return [f"{name}=={Version(importlib.metadata.version(name)).public}" for name in REQUIREMENTS]
+
+
+def log_final_model(
+    cfg: RunConfig, tracker: Tracker, model_path: Path, exemplar_ids: list[str], val_dice: float | None
+) -> LoggedSegmenter:
+    """Log the final segmenter as the run's MLflow Model and register it, once per run.
+
+    A resumed run whose model is already logged (run tag :data:`names.TAG_MODEL_URI`) logs nothing again.
+
+    Args:
+        cfg: the run's config (network shape, working size, label names, ``tracking.model_name``).
+        tracker: the run's MLflow run.
+        model_path: the final segmenter's weights (``models/final.pt``).
+        exemplar_ids: the case ids the segmenter was trained from (a tag of the registered version).
+        val_dice: the final segmenter's validation Dice, when the run has a validation split.
+
+    Returns:
+        Where the model was logged and registered.
+    """
+    done = tracker.client.get_run(tracker.run_id).data.tags
+    if names.TAG_MODEL_URI in done:
+        return LoggedSegmenter(done[names.TAG_MODEL_URI], done.get(names.TAG_MODEL_NAME), done.get(names.TAG_MODEL_VERSION))
+    tags = {
+        names.TAG_METHOD_HASH: cfg.method_hash(),
+        names.TAG_EXEMPLARS: json.dumps(list(exemplar_ids)),
+        names.TAG_VAL_DICE: "none" if val_dice is None else f"{val_dice:.6f}",
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        models = RoundModels.load(model_path)
+        folder = segmenter_of(cfg, models, source=str(model_path)).save(Path(tmp) / pyfunc.ARTIFACT)
+        # Model.log is MLflow's model API with an explicit run id; it resolves the store from the global tracking
+        # URI, which is pointed at this run's store only for the call (the coordinator is one thread here).
+        with _use_tracking_uri(tracker.tracking_uri):
+            info = Model.log(
+                artifact_path=None,  # deprecated in favour of name, but still a required positional argument
+                name=MODEL_NAME,
+                flavor=mlflow.pyfunc,
+                run_id=tracker.run_id,
+                python_model=str(MODEL_CODE),
+                artifacts={pyfunc.ARTIFACT: str(folder)},
+                code_paths=[str(Path(caudo_ray.__file__).parent)],
+                signature=pyfunc.signature(),
+                input_example=pyfunc.input_example(),
+                pip_requirements=pip_requirements(),
+                registered_model_name=cfg.tracking.model_name,
+                tags=tags,
+            )
+    logged = LoggedSegmenter(info.model_uri)
+    client = MlflowClient(tracker.tracking_uri)
+    run_tags = {names.TAG_MODEL_URI: info.model_uri}
+    if info.registered_model_version is not None:
+        version = str(info.registered_model_version)
+        for key, value in tags.items():
+            client.set_model_version_tag(cfg.tracking.model_name, version, key, value)
+        logged = LoggedSegmenter(info.model_uri, cfg.tracking.model_name, version)
+        run_tags |= {names.TAG_MODEL_NAME: cfg.tracking.model_name, names.TAG_MODEL_VERSION: version}
+    tracker.set_tags(run_tags)
+    log.info("final segmenter logged as %s%s", info.model_uri, f", registered as {logged.registry_uri}" if logged.version else "")
+    return logged
