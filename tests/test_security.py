@@ -25,6 +25,8 @@ from test_jobs import ray_cluster  # noqa: F401  (fixture: a real head node with
 from benchmarks.throughput import NoopEngine
 from benchmarks.workload import untrained_models
 from caudo_ray.config import save_config
+from caudo_ray.deploy.from_run import segmenter_of
+from caudo_ray.deploy.segmenter import SPEC_FILE, WEIGHTS_FILE, Segmenter
 from caudo_ray.errors import DataError, ModelFileError, StoreError
 from caudo_ray.inference import predict_folder
 from caudo_ray.networks.bundle import RoundModels
@@ -297,3 +299,24 @@ def test_mlflow_artifact_paths_are_sanitised_through_a_real_tracker(tmp_path):
     listed = [a.path for a in tracker.client.list_artifacts(tracker.run_id)]
     assert all(".." not in p and not p.startswith("/") for p in listed)
     assert {"escape.json", "etc"} <= set(listed)
+
+
+@pytest.mark.parametrize("tamper", ["weights_garbage", "weights_truncated", "weights_other_shape", "spec_format", "spec_not_json"])
+def test_exported_segmenter_refuses_tampered_files_naming_them(tmp_path, tamper):
+    cfg = tiny_config(tmp_path / "run")
+    folder = segmenter_of(cfg, untrained_models(cfg, 2)).save(tmp_path / "segmenter")
+    weights, spec = folder / WEIGHTS_FILE, folder / SPEC_FILE
+    if tamper == "weights_garbage":
+        weights.write_bytes(os.urandom(256))
+    elif tamper == "weights_truncated":
+        weights.write_bytes(weights.read_bytes()[:-64])
+    elif tamper == "weights_other_shape":  # a readable file of another network's weights
+        segmenter_of(cfg, untrained_models(cfg, 3)).save(tmp_path / "other")
+        weights.write_bytes((tmp_path / "other" / WEIGHTS_FILE).read_bytes())
+    elif tamper == "spec_format":
+        spec.write_text(json.dumps({**json.loads(spec.read_text()), "format": "pickle"}))
+    else:
+        spec.write_text("{not json")
+    with pytest.raises(ModelFileError) as err:
+        Segmenter.load(folder)
+    assert err.value.source == str(spec if tamper.startswith("spec") else weights)
