@@ -1,4 +1,4 @@
-"""``caudo-ray`` command line: run, tune, demo, predict, export, queries, data inspect, dashboard.
+"""``caudo-ray`` command line: run, tune, demo, predict, export, export-model, queries, data inspect, dashboard.
 
 Exit status: 0 done; 3 done, but some input files were skipped (listed in the log and in MLflow); 2 the config
 or the command line was refused before any work started; 1 the run failed; 130 stopped by Ctrl-C (SIGINT), 143
@@ -22,6 +22,9 @@ import yaml
 
 from caudo_ray.config import ConfigError, RunConfig, load_config
 from caudo_ray.data import format_report, inspect_dataset
+from caudo_ray.deploy.from_run import final_provenance, final_segmenter
+from caudo_ray.deploy.mlflow_model import save_mlflow_model
+from caudo_ray.deploy.monai_bundle import write_monai_bundle
 from caudo_ray.distributed.cluster import shutdown_ray
 from caudo_ray.distributed.executor import RayExecutor
 from caudo_ray.distributed.tune import format_trials, run_tune
@@ -38,6 +41,7 @@ from caudo_ray.tracking.tracker import sqlite_tracking_uri
 from caudo_ray.workspace import Workspace
 
 EXIT_OK, EXIT_FAILED, EXIT_REFUSED, EXIT_SKIPPED = 0, 1, 2, 3
+EXPORT_FORMATS = ("monai-bundle", "mlflow")
 
 
 class Stopped(KeyboardInterrupt):
@@ -119,6 +123,12 @@ def _parser() -> argparse.ArgumentParser:
     pred.add_argument("inputs", type=Path, help="folder of images (PNG, JPEG, NIfTI, DICOM)")
     pred.add_argument("output", type=Path, help="folder for the masks (same names and formats)")
     pred.set_defaults(func=cmd_predict)
+
+    model = sub.add_parser("export-model", help="write a finished run's final segmenter as a MONAI bundle or an MLflow Model")
+    model.add_argument("--work-dir", required=True, help="work dir of a finished run")
+    model.add_argument("--format", choices=EXPORT_FORMATS, default="monai-bundle")
+    model.add_argument("output", type=Path, help="folder to write (an MLflow Model needs a new or empty one)")
+    model.set_defaults(func=cmd_export_model)
 
     exp = sub.add_parser("export", help="write a round's labels as files at each case's original geometry")
     exp.add_argument("--work-dir", required=True)
@@ -317,6 +327,23 @@ def cmd_export(args: argparse.Namespace) -> int:
     r = _last_round(store, args.round)
     written = export_round(store, r, args.output, which=args.which, fmt=args.format, selected_only=args.selected_only)
     print(f"wrote {len(written)} {args.which} label files of round {r} to {args.output}")
+    return EXIT_OK
+
+
+def cmd_export_model(args: argparse.Namespace) -> int:
+    segmenter, cfg = final_segmenter(Path(args.work_dir))
+    name = cfg.tracking.model_name or "caudo-ray-segmenter"
+    if args.format == "monai-bundle":
+        write_monai_bundle(segmenter, args.output, name, final_provenance(Path(args.work_dir)))
+        print(f"wrote MONAI bundle {name} to {args.output}; run it with:")
+        print(
+            f"  python -m monai.bundle run --config_file {args.output}/configs/inference.json --bundle_root {args.output} "
+            "--dataset_dir IMAGES/ --output_dir MASKS/"
+        )
+    else:
+        save_mlflow_model(segmenter, args.output)
+        print(f"wrote MLflow Model to {args.output}; serve it with:")
+        print(f"  mlflow models serve -m {args.output} --env-manager local -h 127.0.0.1 -p 5001")
     return EXIT_OK
 
 

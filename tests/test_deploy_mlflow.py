@@ -84,8 +84,9 @@ def test_run_registers_its_final_segmenter_with_tags(clean_one_round, monkeypatc
     assert (files / "artifacts" / "segmenter" / "segmenter.safetensors").is_file()
 
     # A resumed run finds its model logged and registers no second version.
-    again = log_final_model(cfg, Tracker(result.tracking_uri, cfg.tracking.experiment, run_id=result.run_id),
-                            Workspace.of(cfg).final_model_path, exemplars, result.final_metrics["dice"])
+    tracker = Tracker(result.tracking_uri, cfg.tracking.experiment, run_id=result.run_id)
+    again = log_final_model(cfg, tracker, Workspace.of(cfg).final_model_path, exemplars)
+    tracker.finish("FINISHED")  # opening the run by id marked it running again
     assert again == result.model
     assert len(client.search_model_versions(f"name='{cfg.tracking.model_name}'")) == 1
 

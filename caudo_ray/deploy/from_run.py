@@ -11,6 +11,7 @@ from caudo_ray.deploy.segmenter import Segmenter, SegmenterSpec, default_label_n
 from caudo_ray.errors import DataError
 from caudo_ray.networks.bundle import RoundModels
 from caudo_ray.networks.device import resolve_device
+from caudo_ray.store import PseudoLabelStore
 from caudo_ray.workspace import Workspace
 
 
@@ -38,6 +39,13 @@ def segmenter_of(cfg: RunConfig, models: RoundModels, device: str | torch.device
     return Segmenter(segmenter_spec(cfg, models.num_classes), models.segmenter, device, source=source)
 
 
+def provenance(cfg: RunConfig, models: RoundModels, exemplar_ids: list[str]) -> dict:
+    """What an exported model records of its run: config hash, exemplar ids, validation Dice (None without a
+    validation split)."""
+    dice = models.val_metrics.get("dice")
+    return {"method_hash": cfg.method_hash(), "exemplars": list(exemplar_ids), "val_dice": None if dice is None else float(dice)}
+
+
 def final_segmenter(work_dir: Path) -> tuple[Segmenter, RunConfig]:
     """The final segmenter of the finished run in ``work_dir``, on the run's device, and the run's config.
 
@@ -52,3 +60,11 @@ def final_segmenter(work_dir: Path) -> tuple[Segmenter, RunConfig]:
         raise DataError(str(ws.final_model_path), "no final model: the run in this work dir has not finished")
     models = RoundModels.load(ws.final_model_path)
     return segmenter_of(cfg, models, resolve_device(cfg.device), source=str(ws.final_model_path)), cfg
+
+
+def final_provenance(work_dir: Path) -> dict:
+    """:func:`provenance` of the finished run in ``work_dir``, its exemplars read from its store."""
+    ws = Workspace(Path(work_dir))
+    cfg = load_config(ws.config_path)
+    exemplar_ids = PseudoLabelStore.open(Workspace.of(cfg).store_url, mode="r").exemplars()[0]
+    return {**provenance(cfg, RoundModels.load(ws.final_model_path), exemplar_ids), "work_dir": str(ws.root.resolve())}

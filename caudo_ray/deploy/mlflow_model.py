@@ -25,7 +25,8 @@ from packaging.version import Version
 import caudo_ray
 from caudo_ray.config import RunConfig
 from caudo_ray.deploy import pyfunc
-from caudo_ray.deploy.from_run import segmenter_of
+from caudo_ray.deploy.from_run import provenance, segmenter_of
+from caudo_ray.deploy.segmenter import Segmenter
 from caudo_ray.networks.bundle import RoundModels
 from caudo_ray.tracking import names
 from caudo_ray.tracking.tracker import Tracker
@@ -66,9 +67,26 @@ def pip_requirements() -> list[str]:
     return [f"{name}=={Version(importlib.metadata.version(name)).public}" for name in REQUIREMENTS]
 
 
-def log_final_model(
-    cfg: RunConfig, tracker: Tracker, model_path: Path, exemplar_ids: list[str], val_dice: float | None
-) -> LoggedSegmenter:
+def pyfunc_model_args(segmenter_folder: Path) -> dict:
+    """The arguments of MLflow's pyfunc ``log_model`` / ``save_model`` for a segmenter saved in ``segmenter_folder``."""
+    return {
+        "python_model": str(MODEL_CODE),
+        "artifacts": {pyfunc.ARTIFACT: str(segmenter_folder)},
+        "code_paths": [str(Path(caudo_ray.__file__).parent)],
+        "signature": pyfunc.signature(),
+        "input_example": pyfunc.input_example(),
+        "pip_requirements": pip_requirements(),
+    }
+
+
+def save_mlflow_model(segmenter: Segmenter, out: Path) -> Path:
+    """Write ``segmenter`` as an MLflow Model folder (``MLmodel`` and its files) at ``out``, outside any run."""
+    with tempfile.TemporaryDirectory() as tmp:
+        mlflow.pyfunc.save_model(path=str(out), **pyfunc_model_args(segmenter.save(Path(tmp) / pyfunc.ARTIFACT)))
+    return Path(out)
+
+
+def log_final_model(cfg: RunConfig, tracker: Tracker, model_path: Path, exemplar_ids: list[str]) -> LoggedSegmenter:
     """Log the final segmenter as the run's MLflow Model and register it, once per run.
 
     A resumed run whose model is already logged (run tag :data:`names.TAG_MODEL_URI`) logs nothing again.
@@ -76,9 +94,8 @@ def log_final_model(
     Args:
         cfg: the run's config (network shape, working size, label names, ``tracking.model_name``).
         tracker: the run's MLflow run.
-        model_path: the final segmenter's weights (``models/final.pt``).
+        model_path: the final segmenter's weights (``models/final.pt``), with its validation metrics.
         exemplar_ids: the case ids the segmenter was trained from (a tag of the registered version).
-        val_dice: the final segmenter's validation Dice, when the run has a validation split.
 
     Returns:
         Where the model was logged and registered.
@@ -86,13 +103,14 @@ def log_final_model(
     done = tracker.client.get_run(tracker.run_id).data.tags
     if names.TAG_MODEL_URI in done:
         return LoggedSegmenter(done[names.TAG_MODEL_URI], done.get(names.TAG_MODEL_NAME), done.get(names.TAG_MODEL_VERSION))
+    models = RoundModels.load(model_path)
+    origin = provenance(cfg, models, exemplar_ids)
     tags = {
-        names.TAG_METHOD_HASH: cfg.method_hash(),
-        names.TAG_EXEMPLARS: json.dumps(list(exemplar_ids)),
-        names.TAG_VAL_DICE: "none" if val_dice is None else f"{val_dice:.6f}",
+        names.TAG_METHOD_HASH: origin["method_hash"],
+        names.TAG_EXEMPLARS: json.dumps(origin["exemplars"]),
+        names.TAG_VAL_DICE: "none" if origin["val_dice"] is None else f"{origin['val_dice']:.6f}",
     }
     with tempfile.TemporaryDirectory() as tmp:
-        models = RoundModels.load(model_path)
         folder = segmenter_of(cfg, models, source=str(model_path)).save(Path(tmp) / pyfunc.ARTIFACT)
         # Model.log is MLflow's model API with an explicit run id; it resolves the store from the global tracking
         # URI, which is pointed at this run's store only for the call (the coordinator is one thread here).
@@ -102,20 +120,15 @@ def log_final_model(
                 name=MODEL_NAME,
                 flavor=mlflow.pyfunc,
                 run_id=tracker.run_id,
-                python_model=str(MODEL_CODE),
-                artifacts={pyfunc.ARTIFACT: str(folder)},
-                code_paths=[str(Path(caudo_ray.__file__).parent)],
-                signature=pyfunc.signature(),
-                input_example=pyfunc.input_example(),
-                pip_requirements=pip_requirements(),
                 registered_model_name=cfg.tracking.model_name,
                 tags=tags,
+                **pyfunc_model_args(folder),
             )
     logged = LoggedSegmenter(info.model_uri)
-    client = MlflowClient(tracker.tracking_uri)
     run_tags = {names.TAG_MODEL_URI: info.model_uri}
     if info.registered_model_version is not None:
         version = str(info.registered_model_version)
+        client = MlflowClient(tracker.tracking_uri)
         for key, value in tags.items():
             client.set_model_version_tag(cfg.tracking.model_name, version, key, value)
         logged = LoggedSegmenter(info.model_uri, cfg.tracking.model_name, version)

@@ -85,7 +85,7 @@ class Coordinator:
                 for r in range(cfg.rounds):
                     previous = self._round(r, previous, executor, owner, prepared, tracker, result)
                 result.final_metrics = self._final(previous, executor, prepared, tracker)
-                result.model = log_final_model(cfg, tracker, ws.final_model_path, store.exemplars()[0], result.final_metrics.get("dice"))
+                result.model = log_final_model(cfg, tracker, ws.final_model_path, store.exemplars()[0])
                 tracker.finish("FINISHED")
             except KeyboardInterrupt:
                 # Ctrl-C, or SIGTERM turned into an interrupt by the command line: stopped, not failed.
