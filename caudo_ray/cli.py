@@ -120,8 +120,11 @@ def _parser() -> argparse.ArgumentParser:
 
     pred = sub.add_parser("predict", help="segment a folder of images with a finished run's final model")
     pred.add_argument("--work-dir", required=True, help="work dir of a finished run")
-    pred.add_argument("inputs", type=Path, help="folder of images (PNG, JPEG, NIfTI, DICOM)")
+    pred.add_argument("inputs", type=Path, help="folder of images (PNG, JPEG, NIfTI, DICOM) and DICOM series subfolders")
     pred.add_argument("output", type=Path, help="folder for the masks (same names and formats)")
+    pred.add_argument(
+        "--dicom-seg", action="store_true", help="also write each DICOM series' mask as a DICOM SEG (<folder>.seg.dcm)"
+    )
     pred.set_defaults(func=cmd_predict)
 
     model = sub.add_parser("export-model", help="write a finished run's final segmenter as a MONAI bundle or an MLflow Model")
@@ -376,7 +379,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    written, skipped = predict_folder(Path(args.work_dir), args.inputs, args.output)
+    written, skipped = predict_folder(Path(args.work_dir), args.inputs, args.output, dicom_seg=args.dicom_seg)
     print(f"wrote {len(written)} masks to {args.output}")
     for source, reason in skipped.items():
         print(f"  skipped {source}: {reason}", file=sys.stderr)
