@@ -3,6 +3,8 @@ orientation kept); ``predict`` writes its mask as NIfTI and as a DICOM SEG that 
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import highdicom as hd
@@ -10,7 +12,7 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
-from conftest import assert_labels_close
+from conftest import assert_labels_close, tiny_config
 from PIL import Image
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
@@ -20,6 +22,8 @@ from caudo_ray.data import read_image
 from caudo_ray.data.dicom_series import read_dicom_series
 from caudo_ray.deploy.from_run import final_segmenter
 from caudo_ray.errors import DataError
+from caudo_ray.run.coordinator import Coordinator
+from caudo_ray.store import PseudoLabelStore
 from caudo_ray.workspace import Workspace
 
 SPACING = (0.7, 0.8)  # PixelSpacing: between rows, between columns (mm)
@@ -124,3 +128,34 @@ def test_predict_writes_a_series_mask_as_nifti_and_as_dicom_seg_referencing_it(c
     assert sorted(frames_by_uid) == sorted(uids)
     for k, uid in enumerate(uids):
         assert_labels_close(frames_by_uid[uid].astype(np.uint8), (expected[k] == 1).astype(np.uint8), f"SEG frame {k}")
+
+
+def test_run_export_and_queries_take_a_series_folder_as_one_volume(clean_one_round, tmp_path, capsys):
+    cfg, _ = clean_one_round
+    phantoms = Workspace.of(cfg).phantom_dir
+    data = tmp_path / "data"
+    shutil.copytree(phantoms, data, ignore=shutil.ignore_patterns("unlabeled", "phantom.json"))
+    write_series(data / "unlabeled" / "ct_series", _frames(clean_one_round))
+    work = tmp_path / "run"
+    run_cfg = tiny_config(work, **{"data.path": str(data), "rounds": 1, "tracking.num_overlays": 1, "tracking.model_name": None})
+    result = Coordinator(run_cfg, progress=False).run()
+    assert not result.skipped
+
+    store = PseudoLabelStore.open(Workspace.of(run_cfg).store_url, mode="r")
+    series_ids = [c for c in store.case_ids if c.startswith("ct_series__s")]
+    assert series_ids == [f"ct_series__s{k:04d}" for k in range(4)]
+
+    out = tmp_path / "labels"
+    assert main(["export", "--work-dir", str(work), "--format", "nifti", str(out)]) == EXIT_OK
+    series = read_dicom_series(data / "unlabeled" / "ct_series")
+    for k in range(4):
+        label = nib.load(out / f"ct_series__s{k:04d}.nii.gz")
+        assert label.shape[:2] == series.volume.shape[1:]
+        # The slice's label sits where the slice was: its voxel (0, 0) is slice k's first pixel.
+        np.testing.assert_allclose(label.affine[:3, 3], series.affine[:3] @ [k, 0, 0, 1], atol=1e-6)
+
+    capsys.readouterr()
+    assert main(["queries", "--work-dir", str(work), "-k", "100", "--json"]) == EXIT_OK
+    queried = {row["case_id"] for row in json.loads(capsys.readouterr().out)}
+    assert set(series_ids) <= queried
+

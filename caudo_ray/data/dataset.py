@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from caudo_ray.data.dicom_series import is_dicom_series_folder, series_slice_count
 from caudo_ray.data.readers import (
     SUPPORTED_EXTENSIONS,
     Geometry,
@@ -488,8 +489,18 @@ def discover_num_classes(index: DatasetIndex, sample: int | None = None, nifti_a
 def _list_files(folder: Path, problems: list[tuple[str, str]]) -> dict[str, Path]:
     found: dict[str, Path] = {}
     for path in sorted(folder.iterdir()):
+        if path.is_dir() and not path.name.startswith(".") and is_dicom_series_folder(path):
+            # A DICOM series: the folder is one volume, its name the case id's stem.
+            try:
+                validate_case_id(path.name, str(path))
+            except DataError as err:
+                problems.append((err.source, f"{err.problem}; skipped"))
+                continue
+            if _is_unique(path.name, path, found.get(path.name), problems):
+                found[path.name] = path
+            continue
         if path.is_dir():
-            problems.append((str(path), "sub-folder; nested folders are not read"))
+            problems.append((str(path), "sub-folder that is not a DICOM series; not read"))
             continue
         ext = file_extension(path)
         if ext not in SUPPORTED_EXTENSIONS:
@@ -518,6 +529,11 @@ def _refs_for_file(
     stem: str, image_path: Path, mask_path: Path | None, group: str, nifti_axis: int, volume: tuple[str, int] | None = None
 ) -> list[CaseRef]:
     labelled = mask_path is not None
+    if image_path.is_dir():
+        # Slices in position order along axis 0; a series' mask is a NIfTI volume in the same (slice, row, col)
+        # order, what `caudo-ray predict` writes for the series.
+        n = series_slice_count(image_path)
+        return [CaseRef(f"{stem}__s{k:04d}", image_path, mask_path, group, k, labelled, 0, stem, k) for k in range(n)]
     if file_extension(image_path) in (".nii", ".nii.gz"):
         n = nifti_slice_count(image_path, nifti_axis)
         if n is not None:

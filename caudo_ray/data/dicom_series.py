@@ -9,6 +9,7 @@ position, the orientation, PixelSpacing and the step between slice positions.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +52,25 @@ def is_dicom_series_folder(path: Path) -> bool:
         return False
     entries = [p for p in path.iterdir() if not p.name.startswith(".")]
     return bool(entries) and all(p.is_file() for p in entries) and any(_has_dicom_preamble(p) for p in entries)
+
+
+def series_slice_count(folder: Path) -> int:
+    """The slices of the series in ``folder`` without reading them: one per visible file."""
+    return sum(1 for p in Path(folder).iterdir() if p.is_file() and not p.name.startswith("."))
+
+
+def read_dicom_series_cached(folder: Path) -> DicomSeries:
+    """:func:`read_dicom_series`, keeping the last series read: a run loads a series' slices one case at a time,
+    and reading the whole series for each would cost its length squared in file reads."""
+    folder = Path(folder).resolve()
+    stamp = tuple(sorted((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in folder.iterdir() if p.is_file()))
+    return _read_cached(folder, stamp)
+
+
+@functools.lru_cache(maxsize=1)
+def _read_cached(folder: Path, stamp: tuple) -> DicomSeries:
+    # ``stamp`` (names, times, sizes) is part of the key only: a changed folder is read again.
+    return read_dicom_series(folder)
 
 
 def read_dicom_series(folder: Path) -> DicomSeries:

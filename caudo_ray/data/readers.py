@@ -27,7 +27,7 @@ import numpy as np
 from monai.data import NibabelReader, PILReader, PydicomReader
 from PIL import Image
 
-from caudo_ray.data.dicom_series import read_dicom_series
+from caudo_ray.data.dicom_series import read_dicom_series_cached
 from caudo_ray.errors import DataError
 
 SUPPORTED_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".nii", ".nii.gz", ".dcm")
@@ -207,9 +207,9 @@ def write_mask(mask_original: np.ndarray, geometry: Geometry, out_path: str | Pa
     The format follows ``out_path``'s extension where it names a mask format: ``.png`` (uint8 class indices) or
     ``.nii``/``.nii.gz``. Any other extension gets the source's own mask format: PNG for PNG, JPEG and DICOM
     sources (JPEG would corrupt class indices), NIfTI for NIfTI sources. A NIfTI written for a 2D NIfTI source
-    keeps the source's affine and array shape; a slice of a 3D volume gets a 2D NIfTI whose affine places it
-    where the slice was (use :func:`write_volume` for the whole label volume); a raster source gets an identity
-    affine.
+    keeps the source's affine and array shape; a slice of a 3D volume (NIfTI or DICOM series) gets a 2D NIfTI
+    whose affine places it where the slice was (use :func:`write_volume` for the whole label volume); a raster
+    source gets an identity affine.
 
     Args:
         mask_original: (rows, cols) integer class map, shape ``geometry.shape``.
@@ -232,7 +232,7 @@ def write_mask(mask_original: np.ndarray, geometry: Geometry, out_path: str | Pa
     if ext == ".png":
         Image.fromarray(mask, mode="L").save(out_path)
         return out_path
-    if geometry.format != "nifti":
+    if geometry.affine is None:  # a raster source: no placement in space to keep
         nib.save(nib.Nifti1Image(mask, np.eye(4)), str(out_path))
         return out_path
     affine = np.asarray(geometry.affine, dtype=np.float64)
@@ -388,7 +388,7 @@ def _read_dicom(path: Path) -> tuple[np.ndarray, Geometry]:
 
 
 def _read_series(folder: Path, slice_index: int | None, max_pixels: int | None) -> list[tuple[np.ndarray, Geometry]]:
-    series = read_dicom_series(folder)
+    series = read_dicom_series_cached(folder)
     n = len(series.volume)
     if slice_index is not None and not 0 <= slice_index < n:
         raise DataError(str(folder), f"slice {slice_index} out of range: the series has {n} slices")
