@@ -341,6 +341,7 @@ class TrackingConfig:
     # The final segmenter is logged as an MLflow Model and registered under this name (a new version per run);
     # None logs the model without registering it.
     model_name: str | None = "caudo-ray-segmenter"
+    round_models: bool = False  # also log each round's segmenter as an MLflow Model (segmenter_round_<r>), unregistered
     # Class names of the exported models (MLflow Model, MONAI bundle), background first; None: background,
     # class_1, class_2, ...
     label_names: list[str] | None = None

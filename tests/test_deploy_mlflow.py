@@ -4,6 +4,7 @@ masks for images of any size and intensity range."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -24,10 +25,12 @@ from conftest import assert_labels_close
 from mlflow import MlflowClient
 from PIL import Image
 
+from caudo_ray.deploy.from_run import segmenter_of
 from caudo_ray.deploy.mlflow_model import log_final_model
 from caudo_ray.inference import predict_folder
+from caudo_ray.networks.bundle import RoundModels
 from caudo_ray.tracking import names
-from caudo_ray.tracking.tracker import Tracker
+from caudo_ray.tracking.tracker import Tracker, sqlite_tracking_uri
 from caudo_ray.workspace import Workspace
 
 MLFLOW = Path(sys.executable).with_name("mlflow")
@@ -73,6 +76,9 @@ def test_run_registers_its_final_segmenter_with_tags(clean_one_round, monkeypatc
     exemplars = json.loads(version.tags[names.TAG_EXEMPLARS])
     assert exemplars and exemplars == json.loads((Path(cfg.work_dir) / "split.json").read_text())["exemplars"]
     assert version.tags[names.TAG_METHOD_HASH] == cfg.method_hash()
+    # The logged model sits in the run's experiment, where the MLflow UI lists it with the run.
+    logged = client.get_logged_model(result.model.model_uri.removeprefix("models:/"))
+    assert logged.experiment_id == client.get_run(result.run_id).info.experiment_id and logged.source_run_id == result.run_id
     run_tags = client.get_run(result.run_id).data.tags
     assert run_tags[names.TAG_MODEL_URI] == result.model.model_uri
     assert run_tags[names.TAG_MODEL_VERSION] == result.model.version
@@ -162,3 +168,20 @@ def _stop_group(server: subprocess.Popen) -> None:
     except ProcessLookupError:
         pass
     server.wait(timeout=30)
+
+
+def test_round_models_are_logged_on_request(clean_one_round, tmp_path, monkeypatch):
+    cfg, _ = clean_one_round
+    cfg = dataclasses.replace(cfg, tracking=dataclasses.replace(cfg.tracking, round_models=True, model_name="rounds-too"))
+    uri = sqlite_tracking_uri(tmp_path / "mlflow.db")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    tracker = Tracker(uri, "round-models", artifact_root=tmp_path / "artifacts")
+    ws = Workspace.of(cfg)
+    final = log_final_model(cfg, tracker, ws.final_model_path, ["p000_f00"])
+    logged = {m.name: m for m in MlflowClient(uri).search_logged_models(experiment_ids=[tracker.experiment_id])}
+    assert set(logged) == {"segmenter", "segmenter_round_0"} and final.version == "1"
+
+    image = np.asarray(Image.open(min((ws.phantom_dir / "images").glob("*.png"))), dtype=np.float32)
+    round_model = mlflow.pyfunc.load_model(f"models:/{logged['segmenter_round_0'].model_id}")
+    expected = segmenter_of(cfg, RoundModels.load(ws.model_path(0))).segment([image])[0]
+    assert_labels_close(round_model.predict(image[None])[0], expected, "round 0")
