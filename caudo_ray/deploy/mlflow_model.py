@@ -20,7 +20,6 @@ from pathlib import Path
 
 import mlflow
 import mlflow.pyfunc
-from mlflow import MlflowClient
 from mlflow.models import Model
 from mlflow.models.model import ModelInfo
 from mlflow.tracking._tracking_service.utils import _use_tracking_uri
@@ -40,8 +39,8 @@ log = logging.getLogger(__name__)
 
 # Passed to MLflow as a path, never imported here: running it registers the model object (set_model).
 MODEL_CODE = Path(__file__).with_name("model_code.py")
-MODEL_NAME = "segmenter"
-ROUND_MODEL_NAME = "segmenter_round_{r}"  # tracking.round_models: each round's segmenter, not registered  # the logged model's name within the run
+MODEL_NAME = "segmenter"  # the final segmenter's logged model, within its run
+ROUND_MODEL_NAME = "segmenter_round_{r}"  # tracking.round_models: each round's segmenter, not registered
 # What the model imports when it runs (caudo_ray.deploy.pyfunc and what it needs); pinned to this environment's
 # versions so a served model behaves as the run's own code did.
 REQUIREMENTS = ("mlflow", "torch", "monai", "numpy", "pillow", "pyyaml", "safetensors")
@@ -133,9 +132,8 @@ def log_final_model(cfg: RunConfig, tracker: Tracker, model_path: Path, exemplar
     run_tags = {names.TAG_MODEL_URI: info.model_uri}
     if info.registered_model_version is not None:
         version = str(info.registered_model_version)
-        client = MlflowClient(tracker.tracking_uri)
         for key, value in tags.items():
-            client.set_model_version_tag(cfg.tracking.model_name, version, key, value)
+            tracker.client.set_model_version_tag(cfg.tracking.model_name, version, key, value)
         logged = LoggedSegmenter(info.model_uri, cfg.tracking.model_name, version)
         run_tags |= {names.TAG_MODEL_NAME: cfg.tracking.model_name, names.TAG_MODEL_VERSION: version}
     tracker.set_tags(run_tags)
@@ -156,12 +154,12 @@ def _log_model(
     }
     with tempfile.TemporaryDirectory() as tmp:
         folder = segmenter_of(cfg, models, source=str(model_path)).save(Path(tmp) / pyfunc.ARTIFACT)
-        # Model.log is MLflow's model API with an explicit run id; it resolves the store from the global tracking
-        # URI, which is pointed at this run's store only for the call (the coordinator is one thread here).
-        # Created here, in the run's experiment: left to Model.log, it would land in the global active experiment.
+        # Created here, in the run's experiment: left to Model.log, it would land in MLflow's active experiment.
         model = tracker.client.create_logged_model(
             tracker.experiment_id, name=name, source_run_id=tracker.run_id, tags=tags, model_type="segmenter"
         )
+        # Model.log is MLflow's model API with an explicit run id; it resolves the store from the global tracking
+        # URI, which is pointed at this run's store only for the call (the coordinator is one thread here).
         with _tracking_uri(tracker.tracking_uri):
             info = Model.log(
                 artifact_path=None,  # deprecated in favour of name, but still a required positional argument
