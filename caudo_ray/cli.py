@@ -259,8 +259,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         if result.model is not None:
             model = result.model.registry_uri or result.model.model_uri
             print(
-                f"  registered MLflow model:   {model}\n"
-                f"  serve it:                  MLFLOW_TRACKING_URI={uri} .venv/bin/mlflow models serve -m {model} "
+                f"  MLflow model:              {model}{' (registered)' if result.model.version else ''}\n"
+                # The serve command starts uvicorn by name: the virtualenv's bin must be on PATH.
+                f"  serve it:                  PATH=.venv/bin:$PATH MLFLOW_TRACKING_URI={uri} mlflow models serve -m {model} "
                 "--env-manager local -h 127.0.0.1 -p 5001"
             )
     return code
