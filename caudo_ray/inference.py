@@ -9,7 +9,7 @@ from tqdm.auto import tqdm
 
 from caudo_ray import data as D
 from caudo_ray.data.dicom_seg import write_dicom_seg
-from caudo_ray.data.dicom_series import is_dicom_series_folder, read_dicom_series
+from caudo_ray.data.dicom_series import is_dicom_series_folder, read_dicom_series_cached
 from caudo_ray.data.readers import file_format
 from caudo_ray.deploy.from_run import final_segmenter
 from caudo_ray.errors import DataError
@@ -47,8 +47,8 @@ def predict_folder(
         if path.is_dir():
             written.append(D.write_volume(restored, slices[0][1], output / f"{path.name}.nii.gz"))
             if dicom_seg:
-                # Read again for the datasets highdicom copies patient, study and frame of reference from.
-                series = read_dicom_series(path)
+                # The datasets highdicom copies patient, study and frame of reference from (the series just read).
+                series = read_dicom_series_cached(path)
                 written.append(write_dicom_seg(series, np.stack(restored), segmenter.spec.label_names, output / f"{path.name}.seg.dcm"))
         elif slices[0][1].is_volume_slice:
             written.append(D.write_volume(restored, slices[0][1], out))

@@ -395,7 +395,7 @@ def _read_series(folder: Path, slice_index: int | None, max_pixels: int | None) 
     affine = tuple(tuple(float(v) for v in row) for row in series.affine)
     out = []
     for k in range(n) if slice_index is None else [slice_index]:
-        arr = series.volume[k]
+        arr = series.volume[k].copy()  # the cached series stays as read, whatever callers do with the slice
         if min(arr.shape) < MIN_SIDE:
             raise DataError(str(folder), f"slices are {'x'.join(map(str, arr.shape))} pixels; need at least {MIN_SIDE} a side")
         _check_pixels(folder, arr.shape, max_pixels)
