@@ -1,4 +1,4 @@
-"""``caudo-ray`` command line: run, tune, demo, predict, export, queries, data inspect, dashboard.
+"""``caudo-ray`` command line: run, tune, demo, predict, export, export-model, queries, data inspect, dashboard.
 
 Exit status: 0 done; 3 done, but some input files were skipped (listed in the log and in MLflow); 2 the config
 or the command line was refused before any work started; 1 the run failed; 130 stopped by Ctrl-C (SIGINT), 143
@@ -22,6 +22,9 @@ import yaml
 
 from caudo_ray.config import ConfigError, RunConfig, load_config
 from caudo_ray.data import format_report, inspect_dataset
+from caudo_ray.deploy.from_run import final_provenance, final_segmenter
+from caudo_ray.deploy.mlflow_model import save_mlflow_model
+from caudo_ray.deploy.monai_bundle import write_monai_bundle
 from caudo_ray.distributed.cluster import shutdown_ray
 from caudo_ray.distributed.executor import RayExecutor
 from caudo_ray.distributed.tune import format_trials, run_tune
@@ -31,13 +34,14 @@ from caudo_ray.rounds.steps import annotation_queries
 from caudo_ray.run.baseline import METHODS as BASELINE_METHODS
 from caudo_ray.run.baseline import train_baseline
 from caudo_ray.run.calibrate_dataset import calibrate_dataset
-from caudo_ray.run.coordinator import Coordinator
+from caudo_ray.run.coordinator import Coordinator, RunResult
 from caudo_ray.store import PseudoLabelStore, export_round
 from caudo_ray.tracking.report import DashboardError, build_dashboard
 from caudo_ray.tracking.tracker import sqlite_tracking_uri
 from caudo_ray.workspace import Workspace
 
 EXIT_OK, EXIT_FAILED, EXIT_REFUSED, EXIT_SKIPPED = 0, 1, 2, 3
+EXPORT_FORMATS = ("monai-bundle", "mlflow")
 
 
 class Stopped(KeyboardInterrupt):
@@ -116,9 +120,18 @@ def _parser() -> argparse.ArgumentParser:
 
     pred = sub.add_parser("predict", help="segment a folder of images with a finished run's final model")
     pred.add_argument("--work-dir", required=True, help="work dir of a finished run")
-    pred.add_argument("inputs", type=Path, help="folder of images (PNG, JPEG, NIfTI, DICOM)")
+    pred.add_argument("inputs", type=Path, help="folder of images (PNG, JPEG, NIfTI, DICOM) and DICOM series subfolders")
     pred.add_argument("output", type=Path, help="folder for the masks (same names and formats)")
+    pred.add_argument(
+        "--dicom-seg", action="store_true", help="also write each DICOM series' mask as a DICOM SEG (<folder>.seg.dcm)"
+    )
     pred.set_defaults(func=cmd_predict)
+
+    model = sub.add_parser("export-model", help="write a finished run's final segmenter as a MONAI bundle or an MLflow Model")
+    model.add_argument("--work-dir", required=True, help="work dir of a finished run")
+    model.add_argument("--format", choices=EXPORT_FORMATS, default="monai-bundle")
+    model.add_argument("output", type=Path, help="folder to write (an MLflow Model needs a new or empty one)")
+    model.set_defaults(func=cmd_export_model)
 
     exp = sub.add_parser("export", help="write a round's labels as files at each case's original geometry")
     exp.add_argument("--work-dir", required=True)
@@ -199,7 +212,7 @@ def demo_config_path() -> Path:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    return _run(config_from_args(args), progress=not args.quiet)
+    return _run(config_from_args(args), progress=not args.quiet)[0]
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
@@ -230,17 +243,27 @@ def cmd_baseline(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     cfg = config_from_args(args, base=demo_config_path())
-    code = _run(cfg, progress=not args.quiet)
+    code, result = _run(cfg, progress=not args.quiet)
     if code in (EXIT_OK, EXIT_SKIPPED):
         ws = Workspace.of(cfg)
+        uri = sqlite_tracking_uri(ws.mlflow_db)
         print(
             "\nDemo finished.\n"
             f"  pseudo-label store (Zarr): {ws.store_url}\n"
             f"  MLflow store:              {ws.mlflow_db.resolve()}\n"
-            f"  open the MLflow UI:        .venv/bin/mlflow ui --backend-store-uri {sqlite_tracking_uri(ws.mlflow_db)} --host 127.0.0.1\n"
+            f"  open the MLflow UI:        .venv/bin/mlflow ui --backend-store-uri {uri} --host 127.0.0.1\n"
             f"  annotation queries:        .venv/bin/caudo-ray queries --work-dir {cfg.work_dir}\n"
-            f"  export calibrated labels:  .venv/bin/caudo-ray export --work-dir {cfg.work_dir} labels_out/"
+            f"  export calibrated labels:  .venv/bin/caudo-ray export --work-dir {cfg.work_dir} labels_out/\n"
+            f"  segment new images:        .venv/bin/caudo-ray predict --work-dir {cfg.work_dir} images/ masks_out/"
         )
+        if result.model is not None:
+            model = result.model.registry_uri or result.model.model_uri
+            print(
+                f"  MLflow model:              {model}{' (registered)' if result.model.version else ''}\n"
+                # The serve command starts uvicorn by name: the virtualenv's bin must be on PATH.
+                f"  serve it:                  PATH=.venv/bin:$PATH MLFLOW_TRACKING_URI={uri} mlflow models serve -m {model} "
+                "--env-manager local -h 127.0.0.1 -p 5001"
+            )
     return code
 
 
@@ -271,7 +294,8 @@ def _guard_line(guard: dict, rounds: int) -> str:
     return f"drift guard: exemplar-view Dice {readings} (rounds 0.., then the final segmenter){stopped}; serving {name(guard['kept'])}"
 
 
-def _run(cfg: RunConfig, progress: bool) -> int:
+def _run(cfg: RunConfig, progress: bool) -> tuple[int, RunResult]:
+    """Run ``cfg``, print its rounds, final metrics and where its results are; the exit status and the result."""
     factory = RayExecutor if cfg.runtime.use_ray else None
     result = Coordinator(cfg, executor_factory=factory, progress=progress).run()
     for summary in result.rounds:
@@ -281,14 +305,16 @@ def _run(cfg: RunConfig, progress: bool) -> int:
     if result.final_metrics:
         print("served segmenter on validation:", {k: round(v, 4) for k, v in result.final_metrics.items()})
     print(f"MLflow run {result.run_id} in {result.tracking_uri}")
+    if result.model is not None:
+        print(f"MLflow model: {result.model.registry_uri or result.model.model_uri}")
     if result.dashboard is not None:
         print(f"dashboard: {result.dashboard}")
     if result.skipped:
         print(f"completed with {len(result.skipped)} skipped input(s); see {Workspace.of(cfg).log_path}:", file=sys.stderr)
         for source, reason in sorted(result.skipped.items()):
             print(f"  {source}: {reason}", file=sys.stderr)
-        return EXIT_SKIPPED
-    return EXIT_OK
+        return EXIT_SKIPPED, result
+    return EXIT_OK, result
 
 
 def _saved_config(work_dir: str) -> RunConfig:
@@ -321,6 +347,23 @@ def cmd_export(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_export_model(args: argparse.Namespace) -> int:
+    segmenter, cfg = final_segmenter(Path(args.work_dir))
+    name = cfg.tracking.model_name or "caudo-ray-segmenter"
+    if args.format == "monai-bundle":
+        write_monai_bundle(segmenter, args.output, name, final_provenance(Path(args.work_dir)))
+        print(f"wrote MONAI bundle {name} to {args.output}; run it with:")
+        print(
+            f"  python -m monai.bundle run --config_file {args.output}/configs/inference.json --bundle_root {args.output} "
+            "--dataset_dir IMAGES/ --output_dir MASKS/"
+        )
+    else:
+        save_mlflow_model(segmenter, args.output)
+        print(f"wrote MLflow Model to {args.output}; serve it with:")
+        print(f"  mlflow models serve -m {args.output} --env-manager local -h 127.0.0.1 -p 5001")
+    return EXIT_OK
+
+
 def cmd_queries(args: argparse.Namespace) -> int:
     cfg = _saved_config(args.work_dir)
     store = PseudoLabelStore.open(Workspace.of(cfg).store_url, mode="r")
@@ -350,7 +393,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    written, skipped = predict_folder(Path(args.work_dir), args.inputs, args.output)
+    written, skipped = predict_folder(Path(args.work_dir), args.inputs, args.output, dicom_seg=args.dicom_seg)
     print(f"wrote {len(written)} masks to {args.output}")
     for source, reason in skipped.items():
         print(f"  skipped {source}: {reason}", file=sys.stderr)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,6 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+# A registered model's name: safe in a models:/ URI, a file name and a MONAI bundle name.
+_MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 
 class ConfigError(ValueError):
@@ -354,9 +358,25 @@ class TrackingConfig:
     experiment: str = "caudo-ray"
     run_name: str | None = None
     num_overlays: int = 8  # fixed sample of cases whose overlays are logged every round
+    # The final segmenter is logged as an MLflow Model and registered under this name (a new version per run);
+    # None logs the model without registering it.
+    model_name: str | None = "caudo-ray-segmenter"
+    round_models: bool = False  # also log each round's segmenter as an MLflow Model (segmenter_round_<r>), unregistered
+    # Class names of the exported models (MLflow Model, MONAI bundle), background first; None: background,
+    # class_1, class_2, ...
+    label_names: list[str] | None = None
 
     def validate(self, key: str) -> None:
         _non_negative(f"{key}.num_overlays", self.num_overlays)
+        if self.model_name is not None and not _MODEL_NAME.fullmatch(self.model_name):
+            raise ConfigError(
+                f"{key}.model_name", f"must be letters, digits, '.', '_' or '-' (at most 100), got {self.model_name!r}"
+            )
+        if self.label_names is not None:
+            if len(self.label_names) < 2:
+                raise ConfigError(f"{key}.label_names", "needs background and at least one class")
+            if len(set(self.label_names)) != len(self.label_names) or not all(n.strip() for n in self.label_names):
+                raise ConfigError(f"{key}.label_names", f"needs distinct, non-empty names, got {self.label_names}")
 
 
 @dataclass

@@ -17,3 +17,11 @@ class DataError(ValueError):
 
 class StoreError(RuntimeError):
     """A pseudo-label store cannot be opened or written as asked (schema, config hash, lock)."""
+
+
+class ModelFileError(DataError):
+    """A model or checkpoint file is refused: unreadable, truncated, not caudo-ray's weights, or carrying code.
+
+    Weights are loaded as data only (``torch.load(weights_only=True)``), so a file that would need to run code to
+    load is refused rather than executed.
+    """

@@ -4,6 +4,7 @@ file escapes the work dir, MLflow artifact paths sanitised."""
 from __future__ import annotations
 
 import http.client
+import io
 import json
 import os
 import socket
@@ -24,7 +25,9 @@ from test_jobs import ray_cluster  # noqa: F401  (fixture: a real head node with
 from benchmarks.throughput import NoopEngine
 from benchmarks.workload import untrained_models
 from caudo_ray.config import save_config
-from caudo_ray.errors import DataError, StoreError
+from caudo_ray.deploy.from_run import segmenter_of
+from caudo_ray.deploy.segmenter import SPEC_FILE, WEIGHTS_FILE, Segmenter
+from caudo_ray.errors import DataError, ModelFileError, StoreError
 from caudo_ray.inference import predict_folder
 from caudo_ray.networks.bundle import RoundModels
 from caudo_ray.store import PseudoLabelStore, export_round
@@ -172,14 +175,52 @@ def test_malicious_checkpoints_are_refused_and_their_payload_never_runs(tmp_path
     save_config(tiny_config(work), work / "config.yaml")
     evil = work / "models" / "final.pt"
     torch.save({"round": 0, "segmenter": _Payload(marker)}, evil)
-    with pytest.raises(Exception, match="weights_only|Unsupported global|WeightsUnpickler"):
+    refused = f"{evil}: not a loadable"
+    with pytest.raises(ModelFileError, match="weights_only|Unsupported global|WeightsUnpickler") as err:
         RoundModels.load(evil)
-    with pytest.raises(Exception, match="weights_only|Unsupported global|WeightsUnpickler"):
+    assert str(err.value).startswith(refused)
+    with pytest.raises(ModelFileError, match="weights_only|Unsupported global|WeightsUnpickler") as err:
         TrainingCheckpoint(evil, key="any").load()
+    assert str(err.value).startswith(refused)
     (tmp_path / "in").mkdir()
-    with pytest.raises(Exception, match="weights_only|Unsupported global|WeightsUnpickler"):
+    with pytest.raises(ModelFileError, match="weights_only|Unsupported global|WeightsUnpickler") as err:
         predict_folder(work, tmp_path / "in", tmp_path / "out", progress=False)
+    assert err.value.source == str(evil)
     assert not marker.exists()
+
+
+def _tampered_files(good: bytes) -> dict[str, bytes]:
+    """A real model file altered the ways a copy goes wrong or is tampered with."""
+    other = torch.nn.Linear(2, 2).state_dict()
+    buf = io.BytesIO()
+    torch.save(other, buf)  # a valid torch file of someone else's weights
+    wrapped = io.BytesIO()
+    torch.save({"round": 0, "segmenter": [1, 2]}, wrapped)  # the right keys around data that is not weights
+    return {
+        "garbage": os.urandom(512),
+        "truncated": good[: len(good) // 2],
+        "flipped": good[:100] + bytes(b ^ 0xFF for b in good[100:400]) + good[400:],
+        "other_weights": buf.getvalue(),
+        "not_weights": wrapped.getvalue(),
+        "empty": b"",
+    }
+
+
+UNREADABLE = ("garbage", "truncated", "flipped", "empty")
+
+
+@pytest.mark.parametrize("kind", ["garbage", "truncated", "flipped", "other_weights", "not_weights", "empty"])
+def test_tampered_model_files_are_refused_naming_the_file(tmp_path, kind):
+    good = untrained_models(tiny_config(tmp_path / "run"), 2).to_bytes()
+    path = tmp_path / "final.pt"
+    path.write_bytes(_tampered_files(good)[kind])
+    with pytest.raises(ModelFileError) as err:
+        RoundModels.load(path)
+    assert err.value.source == str(path) and str(err.value).startswith(f"{path}: ")
+    assert isinstance(err.value, DataError)  # the command line reports it and exits 1, like any bad input file
+    if kind in UNREADABLE:  # a readable dict of other training is a checkpoint to ignore, not to refuse
+        with pytest.raises(ModelFileError, match=str(path)):
+            TrainingCheckpoint(path, key="any").load()
 
 
 # --- files stay inside their folders -----------------------------------------------------------------------------
@@ -258,3 +299,24 @@ def test_mlflow_artifact_paths_are_sanitised_through_a_real_tracker(tmp_path):
     listed = [a.path for a in tracker.client.list_artifacts(tracker.run_id)]
     assert all(".." not in p and not p.startswith("/") for p in listed)
     assert {"escape.json", "etc"} <= set(listed)
+
+
+@pytest.mark.parametrize("tamper", ["weights_garbage", "weights_truncated", "weights_other_shape", "spec_format", "spec_not_json"])
+def test_exported_segmenter_refuses_tampered_files_naming_them(tmp_path, tamper):
+    cfg = tiny_config(tmp_path / "run")
+    folder = segmenter_of(cfg, untrained_models(cfg, 2)).save(tmp_path / "segmenter")
+    weights, spec = folder / WEIGHTS_FILE, folder / SPEC_FILE
+    if tamper == "weights_garbage":
+        weights.write_bytes(os.urandom(256))
+    elif tamper == "weights_truncated":
+        weights.write_bytes(weights.read_bytes()[:-64])
+    elif tamper == "weights_other_shape":  # a readable file of another network's weights
+        segmenter_of(cfg, untrained_models(cfg, 3)).save(tmp_path / "other")
+        weights.write_bytes((tmp_path / "other" / WEIGHTS_FILE).read_bytes())
+    elif tamper == "spec_format":
+        spec.write_text(json.dumps({**json.loads(spec.read_text()), "format": "pickle"}))
+    else:
+        spec.write_text("{not json")
+    with pytest.raises(ModelFileError) as err:
+        Segmenter.load(folder)
+    assert err.value.source == str(spec if tamper.startswith("spec") else weights)

@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
+from caudo_ray.data.dicom_series import is_dicom_series_folder, series_slice_count
 from caudo_ray.data.readers import (
     SUPPORTED_EXTENSIONS,
     Geometry,
@@ -41,6 +41,7 @@ from caudo_ray.data.readers import (
     read_mask,
 )
 from caudo_ray.errors import DataError
+from caudo_ray.transforms.preprocess import normalize_intensity, resize_image, resize_mask
 
 _SAFE_ID = re.compile(r"[A-Za-z0-9._-]+")
 UNLABELLED_DIRS = ("unlabeled", "unlabelled")
@@ -416,37 +417,6 @@ def iter_cases(
         yield case
 
 
-def normalize_intensity(image: np.ndarray) -> np.ndarray:
-    """Clip to the 1st-99th percentile and scale to [0, 1]; a constant image gives zeros."""
-    image = np.asarray(image, dtype=np.float32)
-    lo, hi = np.percentile(image, [1.0, 99.0])
-    if hi <= lo:
-        # A mostly-constant image (tiny bright target) would be erased by the percentiles; use the full range.
-        lo, hi = float(image.min()), float(image.max())
-    if hi <= lo:
-        return np.zeros_like(image, dtype=np.float32)
-    return ((np.clip(image, lo, hi) - lo) / (hi - lo)).astype(np.float32)
-
-
-def resize_image(image: np.ndarray, size: Sequence[int]) -> np.ndarray:
-    """Antialiased bilinear resize of a float image to (H, W)."""
-    h, w = int(size[0]), int(size[1])
-    if image.shape == (h, w):
-        return image.astype(np.float32, copy=False)
-    # PIL's bilinear widens its kernel when shrinking (area-like, no aliasing) and never overshoots the input range.
-    out = Image.fromarray(np.ascontiguousarray(image, dtype=np.float32), mode="F").resize((w, h), Image.BILINEAR)
-    return np.asarray(out, dtype=np.float32)
-
-
-def resize_mask(mask: np.ndarray, size: Sequence[int]) -> np.ndarray:
-    """Nearest-neighbour resize of a class map to (H, W)."""
-    h, w = int(size[0]), int(size[1])
-    if mask.shape == (h, w):
-        return mask.astype(np.uint8, copy=False)
-    out = Image.fromarray(np.ascontiguousarray(mask, dtype=np.uint8), mode="L").resize((w, h), Image.NEAREST)
-    return np.asarray(out, dtype=np.uint8)
-
-
 def restore_mask(mask_working: np.ndarray, geometry: Geometry) -> np.ndarray:
     """Bring a working-size class map back to the source image's shape (nearest neighbour)."""
     return resize_mask(np.asarray(mask_working), geometry.shape)
@@ -519,8 +489,18 @@ def discover_num_classes(index: DatasetIndex, sample: int | None = None, nifti_a
 def _list_files(folder: Path, problems: list[tuple[str, str]]) -> dict[str, Path]:
     found: dict[str, Path] = {}
     for path in sorted(folder.iterdir()):
+        if path.is_dir() and not path.name.startswith(".") and is_dicom_series_folder(path):
+            # A DICOM series: the folder is one volume, its name the case id's stem.
+            try:
+                validate_case_id(path.name, str(path))
+            except DataError as err:
+                problems.append((err.source, f"{err.problem}; skipped"))
+                continue
+            if _is_unique(path.name, path, found.get(path.name), problems):
+                found[path.name] = path
+            continue
         if path.is_dir():
-            problems.append((str(path), "sub-folder; nested folders are not read"))
+            problems.append((str(path), "sub-folder that is not a DICOM series; not read"))
             continue
         ext = file_extension(path)
         if ext not in SUPPORTED_EXTENSIONS:
@@ -549,6 +529,11 @@ def _refs_for_file(
     stem: str, image_path: Path, mask_path: Path | None, group: str, nifti_axis: int, volume: tuple[str, int] | None = None
 ) -> list[CaseRef]:
     labelled = mask_path is not None
+    if image_path.is_dir():
+        # Slices in position order along axis 0; a series' mask is a NIfTI volume in the same (slice, row, col)
+        # order, what `caudo-ray predict` writes for the series.
+        n = series_slice_count(image_path)
+        return [CaseRef(f"{stem}__s{k:04d}", image_path, mask_path, group, k, labelled, 0, stem, k) for k in range(n)]
     if file_extension(image_path) in (".nii", ".nii.gz"):
         n = nifti_slice_count(image_path, nifti_axis)
         if n is not None:

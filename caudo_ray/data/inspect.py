@@ -62,7 +62,7 @@ def inspect_dataset(
     for ref in index.cases:
         files.setdefault(ref.image_path, ref.mask_path)
     for image_path, mask_path in tqdm(sorted(files.items()), desc="reading", unit="file", disable=not progress):
-        formats[file_format(image_path)] += 1
+        formats["dicom series" if image_path.is_dir() else file_format(image_path)] += 1
         try:
             images = read_image(image_path, nifti_axis=nifti_axis)
         except DataError as exc:
@@ -73,7 +73,8 @@ def inspect_dataset(
         if mask_path is None:
             continue
         try:
-            masks = read_mask(mask_path, nifti_axis=nifti_axis)
+            # A series' mask volume is stacked along axis 0, as the series is.
+            masks = read_mask(mask_path, nifti_axis=0 if image_path.is_dir() else nifti_axis)
         except DataError as exc:
             problems.append([exc.source, exc.problem])
             continue

@@ -27,6 +27,7 @@ import numpy as np
 from monai.data import NibabelReader, PILReader, PydicomReader
 from PIL import Image
 
+from caudo_ray.data.dicom_series import read_dicom_series_cached
 from caudo_ray.errors import DataError
 
 SUPPORTED_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".nii", ".nii.gz", ".dcm")
@@ -49,7 +50,8 @@ class Geometry:
         slice_index: index of the slice within a 3D volume; None for a 2D file.
         axis: axis along which the volume was sliced; None for a 2D file.
         volume_shape: shape of the NIfTI data array (a 2D NIfTI may be stored as (H, W, 1)); None otherwise.
-        affine: 4x4 NIfTI affine as nested tuples; None for non-NIfTI files.
+        affine: 4x4 NIfTI affine (voxel index -> RAS mm) as nested tuples, of a NIfTI file or a DICOM series
+            folder (whose slices stack along axis 0); None for other files.
     """
 
     shape: tuple[int, int]
@@ -140,7 +142,8 @@ def read_image(
     """Read an image file as float32 2D arrays with their geometry.
 
     Args:
-        path: a PNG, JPEG, NIfTI (2D or 3D) or DICOM file.
+        path: a PNG, JPEG, NIfTI (2D or 3D) or DICOM file, or a folder holding one DICOM series (a volume sliced
+            along its slice normal, in position order; see :mod:`caudo_ray.data.dicom_series`).
         nifti_axis: axis along which a 3D NIfTI volume is sliced.
         slice_index: for a 3D volume, read only this slice (the rest of the volume is not decoded where the
             file allows it).
@@ -158,7 +161,10 @@ def read_image(
             NaN/inf intensities, an image smaller than 8 pixels a side or larger than ``max_pixels``, or a colour
             picture where ``grayscale`` is asked.
     """
-    items = _read(path, nifti_axis, slice_index, is_mask=False, max_pixels=max_pixels, grayscale=grayscale)
+    if Path(path).is_dir():
+        items = _read_series(Path(path), slice_index, max_pixels)
+    else:
+        items = _read(path, nifti_axis, slice_index, is_mask=False, max_pixels=max_pixels, grayscale=grayscale)
     out = []
     for arr, geom in items:
         arr = arr.astype(np.float32, copy=False)
@@ -201,9 +207,9 @@ def write_mask(mask_original: np.ndarray, geometry: Geometry, out_path: str | Pa
     The format follows ``out_path``'s extension where it names a mask format: ``.png`` (uint8 class indices) or
     ``.nii``/``.nii.gz``. Any other extension gets the source's own mask format: PNG for PNG, JPEG and DICOM
     sources (JPEG would corrupt class indices), NIfTI for NIfTI sources. A NIfTI written for a 2D NIfTI source
-    keeps the source's affine and array shape; a slice of a 3D volume gets a 2D NIfTI whose affine places it
-    where the slice was (use :func:`write_volume` for the whole label volume); a raster source gets an identity
-    affine.
+    keeps the source's affine and array shape; a slice of a 3D volume (NIfTI or DICOM series) gets a 2D NIfTI
+    whose affine places it where the slice was (use :func:`write_volume` for the whole label volume); a raster
+    source gets an identity affine.
 
     Args:
         mask_original: (rows, cols) integer class map, shape ``geometry.shape``.
@@ -226,7 +232,7 @@ def write_mask(mask_original: np.ndarray, geometry: Geometry, out_path: str | Pa
     if ext == ".png":
         Image.fromarray(mask, mode="L").save(out_path)
         return out_path
-    if geometry.format != "nifti":
+    if geometry.affine is None:  # a raster source: no placement in space to keep
         nib.save(nib.Nifti1Image(mask, np.eye(4)), str(out_path))
         return out_path
     affine = np.asarray(geometry.affine, dtype=np.float64)
@@ -379,6 +385,23 @@ def _read_dicom(path: Path) -> tuple[np.ndarray, Geometry]:
     if arr.ndim != 2:
         raise DataError(str(path), f"DICOM holds a {arr.ndim}D array {arr.shape}; only single-frame 2D DICOM is supported")
     return arr, Geometry(shape=(int(arr.shape[0]), int(arr.shape[1])), format="dicom", source=str(path))
+
+
+def _read_series(folder: Path, slice_index: int | None, max_pixels: int | None) -> list[tuple[np.ndarray, Geometry]]:
+    series = read_dicom_series_cached(folder)
+    n = len(series.volume)
+    if slice_index is not None and not 0 <= slice_index < n:
+        raise DataError(str(folder), f"slice {slice_index} out of range: the series has {n} slices")
+    affine = tuple(tuple(float(v) for v in row) for row in series.affine)
+    out = []
+    for k in range(n) if slice_index is None else [slice_index]:
+        arr = series.volume[k].copy()  # the cached series stays as read, whatever callers do with the slice
+        if min(arr.shape) < MIN_SIDE:
+            raise DataError(str(folder), f"slices are {'x'.join(map(str, arr.shape))} pixels; need at least {MIN_SIDE} a side")
+        _check_pixels(folder, arr.shape, max_pixels)
+        out.append((arr, Geometry(shape=(int(arr.shape[0]), int(arr.shape[1])), format="dicom", source=str(folder),
+                                  slice_index=k, axis=0, volume_shape=tuple(int(s) for s in series.volume.shape), affine=affine)))
+    return out
 
 
 def _spatial_shape(shape: tuple[int, ...], path: str | Path) -> tuple[int, ...]:

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from caudo_ray.config import RunConfig
+from caudo_ray.errors import ModelFileError
 from caudo_ray.networks.calibrator import Calibrator
 from caudo_ray.networks.segmenter import build_segmenter, predict_tensor
 
@@ -46,9 +49,25 @@ class RoundModels:
         return buf.getvalue()
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> RoundModels:
-        # weights_only: a checkpoint is data, never code (a tampered file cannot run anything on load).
-        return cls(**torch.load(io.BytesIO(data), weights_only=True, map_location="cpu"))
+    def from_bytes(cls, data: bytes, source: str = "model bytes") -> RoundModels:
+        """Weights saved by :meth:`to_bytes`, loaded as data only.
+
+        Raises:
+            ModelFileError: naming ``source``, when the bytes are not a readable model (garbage, truncated, a
+                pickle that would run code, or other fields than a round's).
+        """
+        try:
+            # weights_only: a checkpoint is data, never code (a tampered file cannot run anything on load).
+            state = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+        except Exception as exc:  # noqa: BLE001 (torch raises pickle, runtime and zip errors for bad files)
+            raise ModelFileError(source, f"not a loadable caudo-ray model ({type(exc).__name__}: {exc})") from None
+        fields = {f.name for f in dataclasses.fields(cls)}
+        if not isinstance(state, dict) or not set(state) <= fields or "segmenter" not in state:
+            found = sorted(state) if isinstance(state, dict) else type(state).__name__
+            raise ModelFileError(source, f"not a caudo-ray model: expected fields {sorted(fields)}, found {found}")
+        if not isinstance(state["segmenter"], dict) or not all(isinstance(v, torch.Tensor) for v in state["segmenter"].values()):
+            raise ModelFileError(source, "not a caudo-ray model: its segmenter is not a state dict of tensors")
+        return cls(**state)
 
     def save(self, path) -> None:
         tmp = f"{path}.tmp"
@@ -58,8 +77,13 @@ class RoundModels:
 
     @classmethod
     def load(cls, path) -> RoundModels:
+        """Read a model file written by :meth:`save`.
+
+        Raises:
+            ModelFileError: naming the file, when it is not a readable model (see :meth:`from_bytes`).
+        """
         with open(path, "rb") as fh:
-            return cls.from_bytes(fh.read())
+            return cls.from_bytes(fh.read(), source=str(Path(path)))
 
 
 def build_models(cfg: RunConfig, models: RoundModels, device: torch.device) -> tuple[torch.nn.Module, Calibrator | None]:

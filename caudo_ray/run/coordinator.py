@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from caudo_ray.config import RunConfig
+from caudo_ray.deploy.mlflow_model import LoggedSegmenter, log_final_model
 from caudo_ray.networks.bundle import RoundModels
 from caudo_ray.rounds import guard
 from caudo_ray.rounds.executor import Executor, LocalExecutor, TrainContext
@@ -52,6 +53,7 @@ class RunResult:
     # The drift guard: each segmenter's exemplar-view reading, the one kept (index in training order; rounds, then
     # the final one), and where the rounds stopped (None: they did not).
     guard: dict = field(default_factory=dict)
+    model: LoggedSegmenter | None = None  # the served segmenter's MLflow Model and registered version
 
 
 class Coordinator:
@@ -94,6 +96,7 @@ class Coordinator:
                         break
                     self._round(r, models, executor, owner, prepared, tracker, result)
                 result.final_metrics = self._final(trained, executor, prepared, tracker, result)
+                result.model = log_final_model(cfg, tracker, ws.final_model_path, store.exemplars()[0])
                 tracker.finish("FINISHED")
             except KeyboardInterrupt:
                 # Ctrl-C, or SIGTERM turned into an interrupt by the command line: stopped, not failed.

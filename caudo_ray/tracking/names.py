@@ -70,6 +70,13 @@ TAG_PARENT = "mlflow.parentRunId"
 TAG_SOURCES = "caudo_ray.dashboard_sources"  # on a report run: the run ids it was built from
 TAG_DASHBOARD_RUN = "caudo_ray.dashboard_run_id"  # on a source run: its latest report run
 TAG_NOTE = "mlflow.note.content"  # the run's description in the MLflow UI (markdown)
+# The final segmenter's MLflow Model (caudo_ray.deploy.mlflow_model): on the run, where it went; on the logged
+# model and its registered version, what it is.
+TAG_MODEL_URI = "caudo_ray.model_uri"  # run: models:/<model_id>
+TAG_MODEL_NAME = "caudo_ray.registered_model"  # run: tracking.model_name
+TAG_MODEL_VERSION = "caudo_ray.registered_version"  # run: the version registered
+TAG_EXEMPLARS = "caudo_ray.exemplars"  # model: JSON list of the exemplar case ids
+TAG_VAL_DICE = "caudo_ray.val_dice"  # model: the final segmenter's validation Dice ("none" without validation)
 
 # Artifacts.
 ROUND_SUMMARY = "rounds/round_{r}/summary.json"

@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 
+from caudo_ray.errors import ModelFileError
+
 log = logging.getLogger(__name__)
 
 
@@ -28,7 +30,12 @@ class TrainingCheckpoint:
     def load(self) -> dict[str, Any] | None:
         if not self.path.exists():
             return None
-        state = torch.load(self.path, weights_only=True, map_location="cpu")
+        try:
+            state = torch.load(self.path, weights_only=True, map_location="cpu")
+        except Exception as exc:  # noqa: BLE001 (torch raises pickle, runtime and zip errors for bad files)
+            raise ModelFileError(str(self.path), f"not a loadable training checkpoint ({type(exc).__name__}: {exc})") from None
+        if not isinstance(state, dict):
+            raise ModelFileError(str(self.path), f"not a training checkpoint: holds a {type(state).__name__}")
         if state.get("key") != self.key:
             log.warning("%s belongs to other training (%s); starting this round's training afresh", self.path, state.get("key"))
             return None
