@@ -73,6 +73,26 @@ def assert_labels_close(a: np.ndarray, b: np.ndarray, what: str = "labels") -> N
     assert differ <= LABEL_TOLERANCE, f"{what}: {differ:.2%} of pixels differ"
 
 
+def _nearest_sources(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
+    """Source index of each output pixel whose centre is nearest, by exact integer arithmetic: ``(low, high)``,
+    equal except where the centre falls exactly between two source pixels (either is a right answer there)."""
+    num = (2 * np.arange(n_out) + 1) * n_in  # the output centre (i + 1/2) * n_in / n_out, times 2 n_out
+    high = np.minimum(num // (2 * n_out), n_in - 1)
+    low = np.where(num % (2 * n_out) == 0, np.maximum(high - 1, 0), high)
+    return low, high
+
+
+def assert_nearest_resize(written: np.ndarray, mask: np.ndarray, what: str = "mask") -> None:
+    """``written`` is ``mask`` resized to its shape by nearest neighbour: each pixel holds the class of the source
+    pixel nearest its centre. The reference is written out in numpy, not built with the resize the code uses."""
+    rows, cols = _nearest_sources(mask.shape[0], written.shape[0]), _nearest_sources(mask.shape[1], written.shape[1])
+    ok = np.zeros(written.shape, bool)
+    for r in rows:
+        for c in cols:
+            ok |= written == mask[np.ix_(r, c)]
+    assert ok.all(), f"{what}: {np.mean(~ok):.2%} of pixels are not the nearest source pixel's class"
+
+
 def assert_selection_close(a: np.ndarray, b: np.ndarray, reliability: np.ndarray) -> None:
     """Selections equal, except for cases whose reliability ties another case's to float32 rounding."""
     for i in np.flatnonzero(a != b):
