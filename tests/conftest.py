@@ -82,15 +82,23 @@ def _nearest_sources(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
     return low, high
 
 
-def assert_nearest_resize(written: np.ndarray, mask: np.ndarray, what: str = "mask") -> None:
+def assert_nearest_resize(written: np.ndarray, mask: np.ndarray, what: str = "mask", tolerance: float = 0.0) -> None:
     """``written`` is ``mask`` resized to its shape by nearest neighbour: each pixel holds the class of the source
-    pixel nearest its centre. The reference is written out in numpy, not built with the resize the code uses."""
+    pixel nearest its centre. The reference is written out in numpy, not built with the resize the code uses.
+
+    Args:
+        written: the (H, W) map to check.
+        mask: the (h, w) map it was resized from.
+        what: names the map in the failure message.
+        tolerance: share of pixels allowed to differ (for a ``mask`` that is itself a reference computed another way).
+    """
+    assert written.ndim == mask.ndim == 2, (what, written.shape, mask.shape)
     rows, cols = _nearest_sources(mask.shape[0], written.shape[0]), _nearest_sources(mask.shape[1], written.shape[1])
     ok = np.zeros(written.shape, bool)
     for r in rows:
         for c in cols:
             ok |= written == mask[np.ix_(r, c)]
-    assert ok.all(), f"{what}: {np.mean(~ok):.2%} of pixels are not the nearest source pixel's class"
+    assert np.mean(~ok) <= tolerance, f"{what}: {np.mean(~ok):.2%} of pixels are not the nearest source pixel's class"
 
 
 def assert_selection_close(a: np.ndarray, b: np.ndarray, reliability: np.ndarray) -> None:
