@@ -102,8 +102,15 @@ def test_a_stale_s3_lock_is_taken_over_and_a_lost_one_reported(s3):
     taker = StoreLock(url, lease_s=0.6)
     assert taker.acquire("run-b")
     assert json.loads(s3.cat(lock_key))["owner"] == "run-b"
-    time.sleep(0.5)
-    taker.check()  # its own heartbeat renewed it
+    # Its heartbeat renews the object: LastModified (what another host reads, to the second) moves on, and the
+    # lock, past its 0.6 s lease by then, is still its own.
+    taken = s3.info(lock_key, refresh=True)["LastModified"]
+    deadline = time.monotonic() + 10
+    while s3.info(lock_key, refresh=True)["LastModified"] <= taken:
+        assert time.monotonic() < deadline, f"the lock object's LastModified stayed at {taken}"
+        time.sleep(0.1)
+    taker.check()
+    assert json.loads(s3.cat(lock_key))["owner"] == "run-b"
 
     s3.pipe(lock_key, _record(owner="a taker", lease_s=60))  # taken over behind its back
     deadline = time.monotonic() + 10
