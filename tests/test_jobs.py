@@ -16,7 +16,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import REPO_ROOT, tiny_config
+from conftest import REPO_ROOT, require, tiny_config
 from mlflow import MlflowClient
 
 from caudo_ray.config import save_config
@@ -42,8 +42,7 @@ def ray_cluster():
 
     Yields ``(env, dashboard_url)``; the cluster is stopped whatever the test does.
     """
-    if not RAY.exists():
-        pytest.skip(f"no ray CLI at {RAY}")
+    require(RAY.exists(), f"the ray CLI at {RAY}", "make venv: ray[default] installs it")
     # Short: Ray puts unix sockets under the temp dir, whose paths are limited to ~107 characters.
     temp = Path(tempfile.mkdtemp(prefix="crj-", dir="/tmp"))
     token = temp / "auth_token"
