@@ -14,6 +14,7 @@ when the round changes, so a restarted worker also recovers by itself.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any, ClassVar
 
@@ -79,9 +80,16 @@ class SegmenterTrainer:
 
     Started with restarts and task retries: when its process dies, Ray starts a new one and calls ``train``
     again, which resumes from the round's training checkpoint in the work dir (``TrainContext.train``).
+
+    Its constructor takes only small arguments (a context without validation cases), which Ray passes inline and
+    keeps for a restart; arguments large enough to go to the object store could be gone when a restart needs them
+    (ray-project/ray#53727). The validation cases travel with each ``train`` call, whose arguments Ray keeps for
+    that call's retries.
     """
 
     def __init__(self, ctx: TrainContext, threads: int):
+        if ctx.val_images is not None:
+            raise ValueError("pass the validation cases to train(), not to the constructor")
         torch.set_num_threads(threads)
         self.ctx = ctx
         # The trainer's own lines (a resume from a checkpoint, above all) belong in the run's log, where the work
@@ -90,8 +98,17 @@ class SegmenterTrainer:
         if log_path.parent.is_dir():
             attach_file_log(log_path)
 
-    def train(self, r: int, previous: RoundModels | None, with_calibrator: bool = True) -> RoundModels:
-        return self.ctx.train(r, previous, with_calibrator=with_calibrator)
+    def train(
+        self,
+        r: int,
+        previous: RoundModels | None,
+        with_calibrator: bool = True,
+        val: tuple[np.ndarray, np.ndarray] | None = None,
+    ) -> RoundModels:
+        """``TrainContext.train`` of round ``r``, scoring the models on ``val`` (images, labels) when given."""
+        # Copies: arrays from the object store are read-only, which torch.from_numpy warns about.
+        ctx = self.ctx if val is None else dataclasses.replace(self.ctx, val_images=np.array(val[0]), val_labels=np.array(val[1]))
+        return ctx.train(r, previous, with_calibrator=with_calibrator)
 
     def pid(self) -> int:
         return os.getpid()

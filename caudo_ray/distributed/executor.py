@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections import deque
@@ -77,7 +78,9 @@ class RayExecutor:
             return train_data_parallel(self.ctx, r, previous, with_calibrator)
         self._start_trainer()
         try:
-            return ray.get(self._trainer.train.remote(r, previous, with_calibrator))
+            ctx = self.ctx
+            val = (ctx.val_images, ctx.val_labels) if ctx.val_images is not None else None
+            return ray.get(self._trainer.train.remote(r, previous, with_calibrator, val))
         finally:
             if not self.keep_alive:
                 self._release_trainer()
@@ -90,7 +93,7 @@ class RayExecutor:
                 num_gpus=rt.trainer_gpus,
                 max_restarts=self.max_trainer_restarts,
                 max_task_retries=self.max_trainer_restarts,
-            ).remote(self.ctx, max(1, int(rt.trainer_cpus)))
+            ).remote(dataclasses.replace(self.ctx, val_images=None, val_labels=None), max(1, int(rt.trainer_cpus)))
 
     def label(self, r: int, models: RoundModels, batches: Iterable[np.ndarray]) -> Iterator[BatchStats]:
         rt = self.ctx.cfg.runtime
