@@ -261,7 +261,7 @@ def _round_line(summary: dict) -> str:
 
 
 def _run(cfg: RunConfig, progress: bool) -> int:
-    factory = RayExecutor if cfg.runtime.use_ray else None
+    factory = (lambda ctx: RayExecutor(ctx, progress=progress)) if cfg.runtime.use_ray else None
     result = Coordinator(cfg, executor_factory=factory, progress=progress).run()
     for summary in result.rounds:
         print(_round_line(summary))

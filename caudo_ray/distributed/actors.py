@@ -74,6 +74,9 @@ class OwnedStore:
         return lambda *args, **kwargs: ray.get(self._actor.call.remote(path, args, kwargs))
 
 
+TRAINER_PROGRESS_LINES = 4  # per training phase, from the trainer actor to the driver's output
+
+
 @ray.remote
 class SegmenterTrainer:
     """Trains each round's segmenter and calibrator where the trainer's resources are.
@@ -104,11 +107,17 @@ class SegmenterTrainer:
         previous: RoundModels | None,
         with_calibrator: bool = True,
         val: tuple[np.ndarray, np.ndarray] | None = None,
+        progress: bool = True,
     ) -> RoundModels:
-        """``TrainContext.train`` of round ``r``, scoring the models on ``val`` (images, labels) when given."""
+        """``TrainContext.train`` of round ``r``, scoring the models on ``val`` (images, labels) when given and,
+        with ``progress``, printing where training is (:data:`TRAINER_PROGRESS_LINES` lines per phase)."""
         # Copies: arrays from the object store are read-only, which torch.from_numpy warns about.
         ctx = self.ctx if val is None else dataclasses.replace(self.ctx, val_images=np.array(val[0]), val_labels=np.array(val[1]))
-        return ctx.train(r, previous, with_calibrator=with_calibrator)
+        if progress:
+            # Lines, not a progress bar: Ray forwards this process's output to the driver line by line.
+            print(f"round {r}: training the segmenter{' and calibrator' if with_calibrator else ''}", flush=True)
+        lines = TRAINER_PROGRESS_LINES if progress else 0
+        return ctx.train(r, previous, with_calibrator=with_calibrator, progress_lines=lines)
 
     def pid(self) -> int:
         return os.getpid()

@@ -42,10 +42,19 @@ class RayExecutor:
         engine_factory: what each :class:`CalibrationWorker` labels with (default: :class:`LabelingEngine`).
     """
 
-    def __init__(self, ctx: TrainContext, *, max_batch_retries: int = 3, max_trainer_restarts: int = 3, engine_factory=LabelingEngine):
+    def __init__(
+        self,
+        ctx: TrainContext,
+        *,
+        max_batch_retries: int = 3,
+        max_trainer_restarts: int = 3,
+        engine_factory=LabelingEngine,
+        progress: bool = True,
+    ):
         check_worker_device(ctx.cfg.device, ctx.cfg.runtime)
         init_ray(ctx.cfg)
         self.ctx = ctx
+        self.progress = progress  # the trainer actor prints progress lines
         self.max_batch_retries = max_batch_retries
         self.max_trainer_restarts = max_trainer_restarts
         self.engine_factory = engine_factory
@@ -80,7 +89,7 @@ class RayExecutor:
         try:
             ctx = self.ctx
             val = (ctx.val_images, ctx.val_labels) if ctx.val_images is not None else None
-            return ray.get(self._trainer.train.remote(r, previous, with_calibrator, val))
+            return ray.get(self._trainer.train.remote(r, previous, with_calibrator, val, self.progress))
         finally:
             if not self.keep_alive:
                 self._release_trainer()
