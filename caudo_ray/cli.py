@@ -296,7 +296,7 @@ def _guard_line(guard: dict, rounds: int) -> str:
 
 def _run(cfg: RunConfig, progress: bool) -> tuple[int, RunResult]:
     """Run ``cfg``, print its rounds, final metrics and where its results are; the exit status and the result."""
-    factory = RayExecutor if cfg.runtime.use_ray else None
+    factory = (lambda ctx: RayExecutor(ctx, progress=progress)) if cfg.runtime.use_ray else None
     result = Coordinator(cfg, executor_factory=factory, progress=progress).run()
     for summary in result.rounds:
         print(_round_line(summary))

@@ -49,3 +49,7 @@ def test_ray_results_equal_the_local_executors(runs):
             np.testing.assert_array_equal(x["scores"][name], y["scores"][name], err_msg=f"round {r} {name}")
         np.testing.assert_array_equal(a.rounds.selected(r), b.rounds.selected(r))
     assert ray_result.final_metrics == local_result.final_metrics
+    # Each round's segmenter is scored on the validation cases in the trainer actor too (they travel with each
+    # train call, not with the actor's constructor).
+    ray_val, local_val = [r["val"] for r in ray_result.rounds], [r["val"] for r in local_result.rounds]
+    assert ray_val == local_val and all("dice" in v for v in ray_val)

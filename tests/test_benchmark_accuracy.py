@@ -63,7 +63,9 @@ def test_fast_smoke_on_hc18_writes_every_field(tmp_path, capsys):
         assert 0.0 <= row["round_model_test_dice"] <= 1.0
     plain = [row for row in report["pseudo_labels"] if row["method"] == "self_training"]
     assert all(row["initial_dice"] == row["calibrated_dice"] for row in plain)  # no calibration, no change
-    assert isinstance(report["reliability_spearman"], float)
+    # Reliability must rank the pool's calibrated labels by their true Dice without seeing it: 0.19 and 0.31 in the
+    # two rounds of this smoke (mean 0.25); reliability taken as plain agreement gives NaN, an inverted one -0.14.
+    assert np.isfinite(report["reliability_spearman"]) and report["reliability_spearman"] >= 0.1, report["reliability_spearman"]
     # The ablation of calibration: the same loop without it, its labels untouched, compared draw by draw.
     uncalibrated = [row for row in report["pseudo_labels"] if row["method"] == "caudo_uncalibrated"]
     assert [row["round"] for row in uncalibrated] == list(range(rounds))

@@ -1,13 +1,12 @@
-"""Label autoencoder, DDIM schedule, deterministic calibration and its measured effect on ellipse phantoms."""
+"""Label autoencoder, DDIM schedule, deterministic calibration and its measured effect on the segmenter's own labels."""
 
 from __future__ import annotations
-
-import dataclasses
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_config
 from monai.losses import DiceCELoss
 from monai.networks.nets import UNet
 
@@ -16,11 +15,13 @@ from caudo_ray.calibration.sampling import arbitrate, calibrate, case_weight, ga
 from caudo_ray.calibration.schedule import CalibrationSchedule
 from caudo_ray.calibration.training import train_calibrator
 from caudo_ray.config import CalibratorConfig, SegmenterConfig
+from caudo_ray.data import phantom_case
 from caudo_ray.errors import DataError
-from caudo_ray.labelling.engine import revert_less_reliable
+from caudo_ray.labelling.engine import LabelingEngine, revert_less_reliable
 from caudo_ray.labelling.reliability import reliability_scores
 from caudo_ray.networks.autoencoder import LabelAutoencoder
 from caudo_ray.networks.calibrator import Calibrator
+from caudo_ray.rounds.train import train_round_models
 from caudo_ray.training.inputs import RoundInputs
 from caudo_ray.transforms.augment import augment_views
 
@@ -231,34 +232,30 @@ def test_tiny_strength_keeps_the_initial_label(trained):
     assert np.mean([dice(o, c) for o, c in zip(out, corrupted)]) > 0.9
 
 
-def _calibration_gain(segmenter, calibrator, test_img, test_lab) -> tuple[float, float]:
-    corrupted = _scale_shift(test_lab)
-    x, _, feats, onehot = _inputs(segmenter, test_img, corrupted)
-    out = calibrate(calibrator, SCHEDULE, x, onehot, feats, w=CAL_CFG.guidance_strength, s=CAL_CFG.calibration_strength)
-    before = np.mean([dice(c, t) for c, t in zip(corrupted, test_lab)])
-    after = np.mean([dice(o, t) for o, t in zip(out.argmax(1).numpy(), test_lab)])
-    print(f"corrupted pseudo-label Dice before {before:.3f} after calibration {after:.3f}")
-    return before, after
-
-
-def test_calibration_improves_corrupted_labels(trained):
-    segmenter, calibrator, _, test_img, test_lab = trained
-    before, after = _calibration_gain(segmenter, calibrator, test_img, test_lab)
-    assert after > before + 0.15  # 0.632 -> 0.873
-
-
-@pytest.mark.slow
-def test_calibration_improves_corrupted_labels_longer_training(trained):
-    segmenter, _, _, test_img, test_lab = trained
-    ex_img, ex_lab = make_phantoms(1, seed=1)
-    cfg = dataclasses.replace(CAL_CFG, denoiser_iterations=1200)
-    torch.manual_seed(0)
-    calibrator = Calibrator.from_config(cfg, num_classes=2, feature_channels=segmenter.feature_channels)
-    train_calibrator(
-        calibrator, segmenter, RoundInputs(ex_img, ex_lab), cfg=cfg, seg_cfg=SEG_CFG, seed=0, num_views=128
-    )
-    before, after = _calibration_gain(segmenter, calibrator, test_img, test_lab)
-    assert after > before + 0.2  # 0.632 -> 0.910
+def test_the_default_rules_cost_nothing_on_the_segmenters_own_labels_of_speckled_phantoms(tmp_path):
+    """What a run sees: a round-0 segmenter and calibrator trained on one speckled phantom frame (``data.phantom``)
+    by the run's own training code, labelling unseen frames through the labelling engine with the default rules
+    (gate, arbitration, class presence, revert). The labels are the segmenter's own predictions, wrong in places,
+    and the calibrated ones must be no worse against the hidden truth. Measured at this budget over seeds 0-3:
+    0.403 -> 0.420, 0.459 -> 0.492, 0.534 -> 0.547, 0.462 -> 0.489 (mean pool Dice, initial -> stored)."""
+    cfg = tiny_config(tmp_path, **{
+        "segmenter.channels": [8, 16, 32], "segmenter.num_res_units": 1, "segmenter.iterations": 100,
+        "calibrator.latent_channels": CAL_CFG.latent_channels, "calibrator.downsample": CAL_CFG.downsample,
+        "calibrator.autoencoder_iterations": CAL_CFG.autoencoder_iterations,
+        "calibrator.denoiser_iterations": CAL_CFG.denoiser_iterations, "calibrator.batch_size": CAL_CFG.batch_size,
+        "calibrator.learning_rate": CAL_CFG.learning_rate, "calibrator.inference_steps": CAL_CFG.inference_steps,
+    })
+    assert cfg.calibrator.gate and cfg.calibrator.arbitrate and cfg.calibrator.keep_class_presence and cfg.calibrator.revert_if_less_reliable
+    ex_img, ex_lab = phantom_case(1, (SIZE, SIZE))
+    models = train_round_models(cfg, 0, RoundInputs(ex_img[None], ex_lab[None]), num_classes=2)
+    pool = [phantom_case(seed, (SIZE, SIZE)) for seed in range(100, 132)]
+    images, truth = np.stack([p[0] for p in pool]), np.stack([p[1] for p in pool])
+    result = LabelingEngine(cfg, models, torch.device("cpu")).label_batch(images, truth)
+    before, after = result.scores["initial_dice"], result.scores["calibrated_dice"]
+    print(f"own labels {before.mean():.4f} -> stored {after.mean():.4f} (worst case {np.min(after - before):+.3f})")
+    assert before.mean() < 0.8  # the labels are wrong in places, or the test tells nothing
+    assert np.mean(result.initial != result.calibrated) > 0.01  # calibration moved labels: the rules were at work
+    assert after.mean() >= before.mean()
 
 
 def test_state_dict_round_trip(trained):

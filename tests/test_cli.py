@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import HC18, tiny_config
+from conftest import HC18, assert_nearest_resize, tiny_config
 from PIL import Image
 
 from caudo_ray import data as D
@@ -79,15 +79,27 @@ def test_run_with_a_bad_pool_file_exits_3(tmp_path, capsys):
 def test_export_writes_labels_at_original_geometry(finished, tmp_path, capsys):
     out = tmp_path / "labels"
     assert main(["export", "--work-dir", str(finished), str(out)]) == EXIT_OK
+    initial_out = tmp_path / "initial"
+    assert main(["export", "--work-dir", str(finished), "--which", "initial", str(initial_out)]) == EXIT_OK
     store = PseudoLabelStore.open(str(finished / "store.zarr"))
     done = np.flatnonzero(store.rounds.done(0))
+    stored = store.rounds.read(0, done)
     written = sorted(out.iterdir())
     assert [p.name for p in written] == sorted(f"{store.case_ids[i]}.png" for i in done)
-    for i, geometry in zip(done, store.geometries(done)):
-        mask = np.asarray(Image.open(out / f"{store.case_ids[i]}.png"))
+    differing = 0
+    for k, (i, geometry) in enumerate(zip(done, store.geometries(done))):
+        name = f"{store.case_ids[i]}.png"
+        mask = np.asarray(Image.open(out / name))
+        initial = np.asarray(Image.open(initial_out / name))
         source = Image.open(geometry["source"])
-        assert mask.shape == (source.height, source.width) != tuple(store.working_size)
-        assert mask.max() < store.num_classes
+        assert mask.shape == initial.shape == (source.height, source.width) != tuple(store.working_size)
+        # Each file holds its own stored map (the default is the calibrated one), brought back to the source size.
+        assert_nearest_resize(mask, stored["calibrated"][k], f"calibrated {name}")
+        assert_nearest_resize(initial, stored["initial"][k], f"initial {name}")
+        if not np.array_equal(stored["calibrated"][k], stored["initial"][k]):
+            differing += 1
+            assert not np.array_equal(mask, initial), f"{name}: the store's maps differ but the exports do not"
+    assert differing > 0  # calibration changed some labels, or --which was not tested
     selected = tmp_path / "selected"
     assert main(["export", "--work-dir", str(finished), "--selected-only", "--which", "initial", str(selected)]) == EXIT_OK
     assert sorted(p.name for p in selected.iterdir()) == sorted(f"{store.case_ids[i]}.png" for i in np.flatnonzero(store.rounds.selected(0)))

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ONE_ROUND, REPO_ROOT, tiny_config
+from conftest import ONE_ROUND, REPO_ROOT, require, tiny_config
 from test_faults import assert_same_results, done_files
 from test_jobs import RAY, free_ports, stop_cluster
 
@@ -90,8 +90,7 @@ out.write_text(json.dumps({
 @pytest.fixture(scope="module")
 def two_nodes():
     """Head and second node, own temp dirs, ports and token; yields ``(env, gcs_address, dashboard_url, temp_dir)``."""
-    if not RAY.exists():
-        pytest.skip(f"no ray CLI at {RAY}")
+    require(RAY.exists(), f"the ray CLI at {RAY}", "make venv: ray[default] installs it")
     temp = Path(tempfile.mkdtemp(prefix="crn-", dir="/tmp"))  # short: unix socket paths are limited to ~107 characters
     token = temp / "auth_token"
     token.write_text(uuid.uuid4().hex)

@@ -157,6 +157,23 @@ def test_multiclass_loop(tmp_path):
     truth = store.read_truth()
     assert set(np.unique(truth[truth != NO_TRUTH])) == {0, 1, 2}  # hidden truth of the pool's labelled cases
     assert {"dice_class1", "dice_class2"} <= set(result.final_metrics)
+    # The round's stored labels carry all three classes, and each case's stored Dice is the mean over the two
+    # foreground classes, each computed on its own (a map collapsed to foreground/background would not match).
+    done = np.flatnonzero(store.rounds.done(0))
+    labels, scores, known = store.rounds.read(0, done), store.rounds.scores(0), truth[done]
+    assert (known != NO_TRUTH).any(axis=(1, 2)).sum() >= 5  # cases to score
+    for kind in ("initial", "calibrated"):
+        assert set(np.unique(labels[kind])) == {0, 1, 2}, kind
+        stored = scores[f"{kind}_dice"][done]
+        for i, (pred, true) in enumerate(zip(labels[kind], known)):
+            if (true == NO_TRUTH).all():
+                assert np.isnan(stored[i])
+                continue
+            per_class = [1.0 if not ((pred == c) | (true == c)).any() else 2 * ((pred == c) & (true == c)).sum() / ((pred == c).sum() + (true == c).sum()) for c in (1, 2)]
+            assert stored[i] == pytest.approx(np.mean(per_class), abs=1e-6), (kind, i)
+    final = result.final_metrics
+    assert final["dice"] == pytest.approx((final["dice_class1"] + final["dice_class2"]) / 2, abs=1e-6)
+    assert final["dice_class1"] != final["dice_class2"]  # two classes scored apart, not one copied
 
 
 class FailingExecutor(LocalExecutor):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import tiny_config
+from conftest import tiny_config, under_ci
 from mlflow import MlflowClient
 from test_coordinator import artifact_paths
 
@@ -162,8 +162,8 @@ def test_cli_builds_from_a_work_dir(run, tmp_path, capsys):
 def _chromium() -> str:
     exe = shutil.which("chromium")
     if exe is None:
-        if os.environ.get("CAUDO_REQUIRE_CHROMIUM") == "1":
-            pytest.fail("chromium is not installed but CAUDO_REQUIRE_CHROMIUM=1 (apt-get install chromium)")
+        if os.environ.get("CAUDO_REQUIRE_CHROMIUM") == "1" or under_ci():
+            pytest.fail("chromium is not installed but CAUDO_REQUIRE_CHROMIUM=1 or CI=true (apt-get install chromium)")
         pytest.skip("chromium is not installed (apt-get install -y --no-install-recommends chromium)")
     return exe
 

@@ -16,7 +16,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import REPO_ROOT, tiny_config
+from conftest import REPO_ROOT, require, tiny_config
 from mlflow import MlflowClient
 
 from caudo_ray.config import save_config
@@ -42,8 +42,7 @@ def ray_cluster():
 
     Yields ``(env, dashboard_url)``; the cluster is stopped whatever the test does.
     """
-    if not RAY.exists():
-        pytest.skip(f"no ray CLI at {RAY}")
+    require(RAY.exists(), f"the ray CLI at {RAY}", "make venv: ray[default] installs it")
     # Short: Ray puts unix sockets under the temp dir, whose paths are limited to ~107 characters.
     temp = Path(tempfile.mkdtemp(prefix="crj-", dir="/tmp"))
     token = temp / "auth_token"
@@ -138,15 +137,27 @@ def test_job_submit_runs_a_tune_search(ray_cluster, tmp_path):
         "tune.eval_cases": 2,
         "tune.eval_batch_size": 1,
         "tune.cpus_per_trial": 0.5,
+        # Both trials run every step (ASHA stops none before its grace period), so the best is chosen between two
+        # complete trials; the calibration's changes are kept whole, so guidance strength moves the objective
+        # (behind the default rules both trials kept the same labels here).
+        "tune.grace_period": 2,
+        "calibrator.gate": None,
+        "calibrator.arbitrate": False,
+        "calibrator.revert_if_less_reliable": False,
     }
     save_config(tiny_config(work, **search), config)
     output = _submit(ray_cluster, "jobs/tune_guidance.py", config)
     # caudo-ray tune prints "best <objective>: <value> with <params>".
-    best = ast.literal_eval(re.search(r"^best \w+: \S+ with (\{.*\})$", output, re.MULTILINE).group(1))
-    assert best[names.PARAM_GUIDANCE] in (0.0, 2.0)
+    printed = re.search(r"^best \w+: (\S+) with (\{.*\})$", output, re.MULTILINE)
+    value, best = float(printed.group(1)), ast.literal_eval(printed.group(2))
     client = MlflowClient(tracking_uri=f"sqlite:///{work / 'mlflow.db'}")
     parent = client.get_run(re.search(r"MLflow parent run (\w+)", output).group(1))
     children = client.search_runs(
         [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
     )
     assert parent.info.status == "FINISHED" and len(children) == 2
+    # The best is the trial whose child run has the highest objective, with that objective (printed to 4 places).
+    objectives = {float(c.data.params[names.PARAM_GUIDANCE]): c.data.metrics[names.METRIC_OBJECTIVE] for c in children}
+    assert set(objectives) == {0.0, 2.0} and len(set(objectives.values())) == 2, objectives
+    assert objectives[best[names.PARAM_GUIDANCE]] == max(objectives.values()), (best, objectives)
+    assert value == pytest.approx(max(objectives.values()), abs=5e-5)

@@ -32,13 +32,15 @@ print("locked", flush=True)
 time.sleep(60)
 """
 
-# Two fresh starts of one config at once: each waits for the go file, then prepares the run and holds it a while.
+# Two fresh starts of one config at once: each says it is ready, waits for the go file, then prepares the run and
+# holds it a while.
 RACE = """
 import os, sys, time
 from caudo_ray.config import load_config
 from caudo_ray.errors import StoreError
 from caudo_ray.run.prepare import prepare_run
 cfg = load_config(sys.argv[1])
+print("ready", flush=True)
 while not os.path.exists(sys.argv[2]):
     time.sleep(0.001)
 try:
@@ -163,7 +165,9 @@ def test_two_fresh_starts_at_once_one_prepares_the_other_is_refused(tmp_path):
         subprocess.Popen([sys.executable, "-c", RACE, str(config), str(go)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for _ in range(2)
     ]
-    time.sleep(1.0)  # both have imported caudo_ray and wait for the go
+    # Both have imported caudo_ray and wait for the go, however long their start took on a loaded machine.
+    for p in starts:
+        assert p.stdout.readline().strip() == "ready", p.communicate(timeout=300)
     go.touch()
     outputs = [p.communicate(timeout=300) for p in starts]
     codes = sorted(p.returncode for p in starts)

@@ -7,12 +7,15 @@ import pytest
 import torch
 from conftest import tiny_config
 
-from benchmarks.workload import untrained_models
 from caudo_ray.config import ConfigError
 from caudo_ray.distributed.placement import check_worker_device, worker_device, worker_options, workers_per_gpu
 from caudo_ray.labelling.engine import LabelingEngine
+from caudo_ray.networks.bundle import RoundModels
 from caudo_ray.rounds.executor import labelling_precision
-from caudo_ray.store import DEFAULT_SCORE_NAMES
+from caudo_ray.store import DEFAULT_SCORE_NAMES, PseudoLabelStore
+from caudo_ray.workspace import Workspace
+
+BF16_PIXEL_SHARE = 0.01
 
 
 def test_fractional_gpus_share_one_gpu_and_labels_are_a_soft_preference(tmp_path):
@@ -56,14 +59,25 @@ def test_labelling_precision_follows_runtime_autocast():
     assert not torch.is_autocast_enabled("cpu")
 
 
-def test_a_batch_labelled_under_bf16_autocast_is_a_valid_result(tmp_path):
-    cfg = tiny_config(tmp_path)
-    models = untrained_models(cfg, 2)
+def test_a_batch_labelled_under_bf16_autocast_matches_float32(clean_one_round):
+    """bf16 autocast labels a batch as float32 does, up to the pixels where rounding flips a near tie: on a GPU it
+    changed 0.07% of the initial labels' pixels and 0.09% of the calibrated ones' (docs/benchmarks.md); on CPU, with
+    the tiny networks of a one-round run, at most BF16_PIXEL_SHARE."""
+    cfg, result = clean_one_round
+    models = RoundModels.load(Workspace.of(cfg).model_path(0))
     engine = LabelingEngine(cfg, models, torch.device("cpu"))
-    images = np.random.default_rng(0).random((3, *cfg.data.working_size), dtype=np.float32)
+    images = PseudoLabelStore.open(result.store_url).read_images(np.arange(8))
+    full = engine.label_batch(images)
     with labelling_precision("bf16", torch.device("cpu")):
-        result = engine.label_batch(images)
-    assert result.initial.shape == result.calibrated.shape == (3, *cfg.data.working_size)
-    assert result.initial.dtype == np.uint8 and result.calibrated.max() < 2
-    assert set(result.scores) <= set(DEFAULT_SCORE_NAMES)
-    assert all(np.isfinite(v).all() for v in result.scores.values())
+        half = engine.label_batch(images)
+    assert half.initial.shape == half.calibrated.shape == (8, *cfg.data.working_size) and half.initial.dtype == np.uint8
+    assert full.initial.any(), "float32 labels nothing: the comparison would accept an empty label"
+    for kind in ("initial", "calibrated"):
+        share = float(np.mean(getattr(half, kind) != getattr(full, kind)))
+        print(f"bf16 {kind} labels: {share:.3%} of pixels differ from float32")
+        assert share <= BF16_PIXEL_SHARE, (kind, share)
+    assert set(half.scores) == set(full.scores) >= set(DEFAULT_SCORE_NAMES) - {"initial_dice", "calibrated_dice"}
+    for name, values in half.scores.items():
+        assert np.isfinite(values).all(), name
+    # Reliability ranks and selects the labels: bf16 moved it by at most 0.0016 here.
+    np.testing.assert_allclose(half.scores["reliability"], full.scores["reliability"], atol=0.02)

@@ -3,6 +3,7 @@ holder, a stale lock is taken over and a lost one reported, and the whole self-t
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import socket
@@ -11,8 +12,9 @@ import sys
 import time
 from pathlib import Path
 
+import fsspec
 import pytest
-from conftest import tiny_config
+from conftest import require, tiny_config
 from test_coordinator import assert_complete_run
 
 from caudo_ray.errors import StoreError
@@ -22,8 +24,6 @@ from caudo_ray.store import StoreLock
 
 pytestmark = pytest.mark.faults
 
-fsspec = pytest.importorskip("fsspec")
-pytest.importorskip("s3fs")
 MOTO_SERVER = Path(sys.executable).with_name("moto_server")
 BUCKET = "caudo-runs"
 
@@ -39,8 +39,8 @@ time.sleep(60)
 @pytest.fixture(scope="module")
 def s3():
     """moto's S3 server on a free loopback port; the S3 client of this process and its children points there."""
-    if not MOTO_SERVER.exists():
-        pytest.skip(f"no moto_server at {MOTO_SERVER}")
+    require(importlib.util.find_spec("s3fs") is not None, "s3fs", "make venv: the test extra installs it")
+    require(MOTO_SERVER.exists(), f"moto_server at {MOTO_SERVER}", "make venv: the test extra installs moto[server]")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -102,8 +102,15 @@ def test_a_stale_s3_lock_is_taken_over_and_a_lost_one_reported(s3):
     taker = StoreLock(url, lease_s=0.6)
     assert taker.acquire("run-b")
     assert json.loads(s3.cat(lock_key))["owner"] == "run-b"
-    time.sleep(0.5)
-    taker.check()  # its own heartbeat renewed it
+    # Its heartbeat renews the object: LastModified (what another host reads, to the second) moves on, and the
+    # lock, past its 0.6 s lease by then, is still its own.
+    taken = s3.info(lock_key, refresh=True)["LastModified"]
+    deadline = time.monotonic() + 10
+    while s3.info(lock_key, refresh=True)["LastModified"] <= taken:
+        assert time.monotonic() < deadline, f"the lock object's LastModified stayed at {taken}"
+        time.sleep(0.1)
+    taker.check()
+    assert json.loads(s3.cat(lock_key))["owner"] == "run-b"
 
     s3.pipe(lock_key, _record(owner="a taker", lease_s=60))  # taken over behind its back
     deadline = time.monotonic() + 10

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.client
 import io
+import ipaddress
 import json
 import os
 import socket
@@ -97,10 +98,47 @@ def test_local_ray_of_a_run_serves_no_dashboard_or_job_api(tmp_path):
     assert not info["webui_url"]
     assert info["listen"], "no Ray process listening: the probe saw nothing"
     # Ray's head keeps a minimal dashboard process (gRPC for the GCS) even without the dashboard; no port of the
-    # local cluster may answer a job API request from a client without the token.
+    # local cluster may answer a job API request from a client without the token. Each is probed where it listens.
     for address, cmd in info["listen"]:
-        port = int(address.rsplit(":", 1)[1], 16)
-        assert _job_api_status(f"http://127.0.0.1:{port}") != 200, (port, cmd)
+        url = _url_of(address)
+        assert _job_api_status(url) != 200, (url, cmd)
+
+
+def _ip_of(address: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]:
+    """IP and port of a socket's local address as /proc/net/tcp or tcp6 writes it: hex, each 32-bit word of the IP
+    in host byte order (little-endian on x86 and arm64)."""
+    host, port = address.split(":")
+    words = [bytes.fromhex(host[i : i + 8])[::-1] for i in range(0, len(host), 8)]
+    return ipaddress.ip_address(b"".join(words)), int(port, 16)
+
+
+def _url_of(address: str) -> str:
+    """``http://host:port`` that reaches a listening socket of ``address`` (``_ip_of``'s form); a socket bound to
+    the wildcard address is reached through loopback."""
+    ip, port = _ip_of(address)
+    if ip.is_unspecified:
+        ip = ipaddress.ip_address("127.0.0.1" if ip.version == 4 else "::1")
+    return f"http://{ip if ip.version == 4 else f'[{ip}]'}:{port}"
+
+
+def _listening_addresses(port: int) -> list[str]:
+    """Local addresses (``_ip_of``'s form) of every listening TCP socket on ``port``."""
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            f = line.split()
+            if f[3] == "0A" and int(f[1].split(":")[1], 16) == port:
+                found.append(f[1])
+    return found
+
+
+def test_url_of_reads_proc_net_addresses():
+    assert _url_of("0100007F:1F90") == "http://127.0.0.1:8080"
+    assert _url_of("00000000:0050") == "http://127.0.0.1:80"  # 0.0.0.0: any address, loopback included
+    assert _url_of("0201A8C0:0016") == "http://192.168.1.2:22"
+    assert _ip_of("00000000:0050")[0].is_unspecified and not _ip_of("00000000:0050")[0].is_loopback
+    assert _url_of("00000000000000000000000001000000:1F90") == "http://[::1]:8080"
+    assert _url_of("00000000000000000000000000000000:1F90") == "http://[::1]:8080"
 
 
 def _job_api_status(url: str, token: str | None = None) -> int | None:
@@ -148,11 +186,21 @@ def test_job_api_refuses_a_client_without_the_token_and_stays_on_loopback(ray_cl
     assert _job_api_status(url) in (401, 403)
     assert _job_api_status(url, token="not-the-token") in (401, 403)
     assert _job_api_status(url, token=Path(env["RAY_AUTH_TOKEN_PATH"]).read_text().strip()) == 200
+    # Every socket listening on the job API's port is bound to a loopback address, whatever addresses the machine has.
+    port = int(url.rsplit(":", 1)[1])
+    bound = _listening_addresses(port)
+    assert bound, f"nothing listens on the job API's port {port}: the probe saw nothing"
+    for address in bound:
+        assert _ip_of(address)[0].is_loopback, f"the job API listens on {_ip_of(address)[0]}"  # a wildcard is not
+
+
+def test_job_api_is_unreachable_from_a_non_loopback_address(ray_cluster):  # noqa: F811
     ip = _non_loopback_ip()
-    if ip is not None:
-        port = int(url.rsplit(":", 1)[1])
-        with pytest.raises(OSError), socket.create_connection((ip, port), timeout=5):
-            pass
+    if ip is None:
+        pytest.skip("this machine has no non-loopback IPv4 address to connect from; the bound-address check still ran")
+    port = int(ray_cluster[1].rsplit(":", 1)[1])
+    with pytest.raises(OSError), socket.create_connection((ip, port), timeout=5):
+        pass
 
 
 # --- checkpoints ---------------------------------------------------------------------------------------------------

@@ -192,3 +192,15 @@ def test_training_rejects_labels_outside_the_model_classes():
             cfg=CFG,
             seed=0,
         )
+
+
+def test_progress_lines_report_each_share_of_a_phase_on_its_own_line(capsys):
+    """What a Ray trainer actor prints: one line per tenth (here half) of a phase, the last at its end, and training
+    unchanged by it."""
+    images, labels = exemplar()
+    kwargs = {"iterations": 7, "cfg": CFG, "seed": 4}
+    quiet = train_segmenter(build_segmenter(CFG, 2, seed=0), RoundInputs(images, labels), **kwargs)
+    capsys.readouterr()
+    told = train_segmenter(build_segmenter(CFG, 2, seed=0), RoundInputs(images, labels), hooks=TrainingHooks(progress_lines=2), **kwargs)
+    assert capsys.readouterr().out.splitlines() == ["segmenter 3/7 iterations", "segmenter 6/7 iterations", "segmenter 7/7 iterations"]
+    assert told.losses == quiet.losses

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
+from conftest import assert_nearest_resize
 from PIL import Image
 
 from caudo_ray.errors import DataError, StoreError
@@ -365,6 +366,13 @@ def test_export_round_writes_original_shape(tmp_path):
         mask = np.asarray(Image.open(path))
         assert mask.shape == (20 + i, 24)
         assert set(np.unique(mask)) == {i % CLASSES}
+    # The default is the calibrated map: each file holds the stored one, restored to the case's own shape.
+    _, calibrated, _ = _results([0, 2, 3])
+    default = export_round(store, 0, tmp_path / "calibrated")
+    for path, i, stored in zip(default, [0, 2, 3], calibrated):
+        mask = np.asarray(Image.open(path))
+        assert mask.shape == (20 + i, 24)
+        assert_nearest_resize(mask, stored, path.name)
     _write(store, 0, [1])
     store.rounds.commit(0, np.array([False, False, True, False]), {})
     selected = export_round(store, 0, tmp_path / "sel", selected_only=True)

@@ -190,7 +190,7 @@ class _Checkpointer:
     def __init__(self, calibrator, rng: np.random.Generator, gen: torch.Generator, hooks: TrainingHooks):
         self.calibrator, self.rng, self.gen, self.hooks = calibrator, rng, gen, hooks
 
-    def after(self, phase: str, done: int, opt: torch.optim.Optimizer) -> None:
+    def after(self, phase: str, done: int, total: int, opt: torch.optim.Optimizer) -> None:
         self.hooks.after(done, lambda: {
             "phase": phase,
             "iteration": done,
@@ -198,7 +198,7 @@ class _Checkpointer:
             "optimizer": opt.state_dict(),
             "numpy_rng": self.rng.bit_generator.state,
             "torch_rng": self.gen.get_state(),
-        })
+        }, phase=phase, total=total)
 
 
 def _start(opt: torch.optim.Optimizer, resume: dict[str, Any] | None) -> int:
@@ -229,7 +229,7 @@ def _train_autoencoder(calibrator, bank, cfg, rng, gen, device, progress, ckpt: 
         loss.backward()
         opt.step()
         losses.append(float(loss.detach()))
-        ckpt.after("autoencoder", it + 1, opt)
+        ckpt.after("autoencoder", it + 1, cfg.autoencoder_iterations, opt)
     ae.eval()
     ae.latent_scale.fill_(1.0 / float(_target_latents(ae, bank, cfg.batch_size, device).std().clamp_min(1e-3)))
     return losses
@@ -270,7 +270,7 @@ def _train_denoiser(calibrator, schedule: CalibrationSchedule, bank, cfg, iterat
         loss.backward()
         opt.step()
         losses.append(float(loss.detach()))
-        ckpt.after("denoiser", it + 1, opt)
+        ckpt.after("denoiser", it + 1, iterations, opt)
     ae.requires_grad_(True)
     calibrator.eval()
     return losses

@@ -14,6 +14,7 @@ when the round changes, so a restarted worker also recovers by itself.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any, ClassVar
 
@@ -73,15 +74,25 @@ class OwnedStore:
         return lambda *args, **kwargs: ray.get(self._actor.call.remote(path, args, kwargs))
 
 
+TRAINER_PROGRESS_LINES = 4  # per training phase, from the trainer actor to the driver's output
+
+
 @ray.remote
 class SegmenterTrainer:
     """Trains each round's segmenter and calibrator where the trainer's resources are.
 
     Started with restarts and task retries: when its process dies, Ray starts a new one and calls ``train``
     again, which resumes from the round's training checkpoint in the work dir (``TrainContext.train``).
+
+    Its constructor takes only small arguments (a context without validation cases), which Ray passes inline and
+    keeps for a restart; arguments large enough to go to the object store could be gone when a restart needs them
+    (ray-project/ray#53727). The validation cases travel with each ``train`` call, whose arguments Ray keeps for
+    that call's retries.
     """
 
     def __init__(self, ctx: TrainContext, threads: int):
+        if ctx.val_images is not None:
+            raise ValueError("pass the validation cases to train(), not to the constructor")
         torch.set_num_threads(threads)
         self.ctx = ctx
         # The trainer's own lines (a resume from a checkpoint, above all) belong in the run's log, where the work
@@ -90,8 +101,23 @@ class SegmenterTrainer:
         if log_path.parent.is_dir():
             attach_file_log(log_path)
 
-    def train(self, r: int, previous: RoundModels | None, with_calibrator: bool = True) -> RoundModels:
-        return self.ctx.train(r, previous, with_calibrator=with_calibrator)
+    def train(
+        self,
+        r: int,
+        previous: RoundModels | None,
+        with_calibrator: bool = True,
+        val: tuple[np.ndarray, np.ndarray] | None = None,
+        progress: bool = True,
+    ) -> RoundModels:
+        """``TrainContext.train`` of round ``r``, scoring the models on ``val`` (images, labels) when given and,
+        with ``progress``, printing where training is (:data:`TRAINER_PROGRESS_LINES` lines per phase)."""
+        # Copies: arrays from the object store are read-only, which torch.from_numpy warns about.
+        ctx = self.ctx if val is None else dataclasses.replace(self.ctx, val_images=np.array(val[0]), val_labels=np.array(val[1]))
+        if progress:
+            # Lines, not a progress bar: Ray forwards this process's output to the driver line by line.
+            print(f"round {r}: training the segmenter{' and calibrator' if with_calibrator else ''}", flush=True)
+        lines = TRAINER_PROGRESS_LINES if progress else 0
+        return ctx.train(r, previous, with_calibrator=with_calibrator, progress_lines=lines)
 
     def pid(self) -> int:
         return os.getpid()

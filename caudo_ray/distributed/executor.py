@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections import deque
@@ -41,10 +42,19 @@ class RayExecutor:
         engine_factory: what each :class:`CalibrationWorker` labels with (default: :class:`LabelingEngine`).
     """
 
-    def __init__(self, ctx: TrainContext, *, max_batch_retries: int = 3, max_trainer_restarts: int = 3, engine_factory=LabelingEngine):
+    def __init__(
+        self,
+        ctx: TrainContext,
+        *,
+        max_batch_retries: int = 3,
+        max_trainer_restarts: int = 3,
+        engine_factory=LabelingEngine,
+        progress: bool = True,
+    ):
         check_worker_device(ctx.cfg.device, ctx.cfg.runtime)
         init_ray(ctx.cfg)
         self.ctx = ctx
+        self.progress = progress  # the trainer actor prints progress lines
         self.max_batch_retries = max_batch_retries
         self.max_trainer_restarts = max_trainer_restarts
         self.engine_factory = engine_factory
@@ -77,7 +87,9 @@ class RayExecutor:
             return train_data_parallel(self.ctx, r, previous, with_calibrator)
         self._start_trainer()
         try:
-            return ray.get(self._trainer.train.remote(r, previous, with_calibrator))
+            ctx = self.ctx
+            val = (ctx.val_images, ctx.val_labels) if ctx.val_images is not None else None
+            return ray.get(self._trainer.train.remote(r, previous, with_calibrator, val, self.progress))
         finally:
             if not self.keep_alive:
                 self._release_trainer()
@@ -90,7 +102,7 @@ class RayExecutor:
                 num_gpus=rt.trainer_gpus,
                 max_restarts=self.max_trainer_restarts,
                 max_task_retries=self.max_trainer_restarts,
-            ).remote(self.ctx, max(1, int(rt.trainer_cpus)))
+            ).remote(dataclasses.replace(self.ctx, val_images=None, val_labels=None), max(1, int(rt.trainer_cpus)))
 
     def label(self, r: int, models: RoundModels, batches: Iterable[np.ndarray]) -> Iterator[BatchStats]:
         rt = self.ctx.cfg.runtime

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import tempfile
 from pathlib import Path
 
@@ -13,6 +14,8 @@ import torch
 from caudo_ray.networks.bundle import RoundModels
 from caudo_ray.rounds.executor import TrainContext
 from caudo_ray.workspace import Workspace
+
+DIGESTS_NAME = "replica_digests.json"  # in a round's Ray Train checkpoint: each rank's weights_digest, by rank
 
 
 class ReplicasDivergedError(RuntimeError):
@@ -58,6 +61,8 @@ def train_data_parallel(ctx: TrainContext, r: int, previous: RoundModels | None,
             checkpoint = None
             if models is not None:
                 models.save(Path(tmp) / "models.pt")
+                # Kept with the round's checkpoint: the record that every replica ended with the same weights.
+                (Path(tmp) / DIGESTS_NAME).write_text(json.dumps(digests))
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report({"round": r, "replica_digests": digests}, checkpoint=checkpoint)
 

@@ -26,7 +26,7 @@ import logging
 import math
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -197,7 +197,6 @@ class EvalSet:
 
     images: np.ndarray
     truth: np.ndarray | None
-    case_ids: list[str]
     source: str  # "validation" or "pool sample"
 
 
@@ -324,7 +323,6 @@ class TuneResult:
     train_saved_s: float
     search_s: float
     wall_s: float
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -361,7 +359,7 @@ def _eval_set(prepared, objective: str, tcfg: TuneConfig) -> EvalSet:
     """The validation split's first ``eval_cases`` readable cases, or a seeded sample of the usable pool for the proxy."""
     if objective == names.OBJECTIVE_VAL_DICE:
         refs = {r.case_id: r for r in prepared.index.labelled}
-        ids, cases = [], []
+        cases = []
         for case_id in prepared.split.val:
             if len(cases) == tcfg.eval_cases:
                 break
@@ -369,8 +367,7 @@ def _eval_set(prepared, objective: str, tcfg: TuneConfig) -> EvalSet:
                 cases.append(load_case(refs[case_id], prepared.cfg, prepared.num_classes))
             except DataError:
                 continue  # reported and skipped where run_tune loads the validation split
-            ids.append(case_id)
-        return EvalSet(np.stack([c.image for c in cases]), np.stack([c.mask for c in cases]), ids, "validation")
+        return EvalSet(np.stack([c.image for c in cases]), np.stack([c.mask for c in cases]), "validation")
     store = prepared.store
     usable = np.flatnonzero(store.usable_mask())
     if not len(usable):
@@ -378,12 +375,7 @@ def _eval_set(prepared, objective: str, tcfg: TuneConfig) -> EvalSet:
     idx = np.sort(
         np.random.default_rng(tcfg.seed).choice(usable, size=min(tcfg.eval_cases, len(usable)), replace=False)
     )
-    return EvalSet(
-        store.read_images(idx),
-        store.read_truth(idx),
-        [store.case_ids[int(i)] for i in idx],
-        "pool sample",
-    )
+    return EvalSet(store.read_images(idx), store.read_truth(idx), "pool sample")
 
 
 def _shared_models(cfg: RunConfig, prepared, val_images, val_labels, progress: bool):

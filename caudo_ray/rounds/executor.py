@@ -61,6 +61,7 @@ class TrainContext:
         *,
         with_calibrator: bool = True,
         progress: bool = False,
+        progress_lines: int = 0,
         wrap_model: Callable[[nn.Module], nn.Module] | None = None,
         rank: int = 0,
     ) -> RoundModels | None:
@@ -69,7 +70,7 @@ class TrainContext:
         cfg = self.cfg
         if not with_calibrator:
             cfg = dataclasses.replace(cfg, calibrator=dataclasses.replace(cfg.calibrator, enabled=False))
-        hooks = TrainingHooks(progress=progress, wrap_model=wrap_model, rank=rank)
+        hooks = TrainingHooks(progress=progress, progress_lines=progress_lines, wrap_model=wrap_model, rank=rank)
         # Data-parallel ranks would each need the same resume point; only single-process training checkpoints.
         if wrap_model is None:
             previous_version = previous.version if previous is not None else None

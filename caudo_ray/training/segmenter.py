@@ -163,7 +163,7 @@ def train_segmenter(
         optimizer.step()
         losses.append(float(loss.detach().cpu()))
         bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
-        hooks.after(it + 1, lambda: {"phase": "segmenter", "iteration": it + 1, "segmenter": model.state_dict(), "optimizer": optimizer.state_dict()})  # noqa: B023 (after() calls it at once)
+        hooks.after(it + 1, lambda: {"phase": "segmenter", "iteration": it + 1, "segmenter": model.state_dict(), "optimizer": optimizer.state_dict()}, phase="segmenter", total=iterations)  # noqa: B023 (after() calls it at once)
 
     return TrainResult(losses=losses, optimizer_state=optimizer.state_dict(), iterations=iterations)
 

@@ -1,5 +1,6 @@
 """Weak-to-strong consistency training (UniMatch): determinism and resume, CutMix alignment, feature perturbation,
-bad inputs, the augmentation halves it uses, and that it beats exemplar-only training on phantoms."""
+bad inputs, the augmentation halves it uses, and a regression pin of the one phantom setting where it measurably beat
+exemplar-only training (it does not in general: over seeds the gain ranges from +0.05 to -0.14)."""
 
 from __future__ import annotations
 
@@ -325,15 +326,16 @@ def test_config_section_is_validated_naming_the_key():
 
 
 @pytest.mark.slow
-def test_beats_exemplar_only_training_on_phantoms():
-    """Same network, labelled set, exemplar views and iterations; consistency also learns from 40 unlabelled frames.
+def test_regression_pin_one_seed_where_consistency_beat_exemplar_only_on_phantoms():
+    """A regression pin, not evidence of a general gain: same network, labelled set, exemplar views and iterations;
+    consistency also learns from 40 unlabelled frames.
 
     48x48 phantoms, four labelled frames, 500 iterations: the cheapest setting where it beat exemplar-only training
     on seeds 0-3. Seed s of this construction takes as labelled frames the first of phantoms 1000 + 10 s + 0..9
     whose target covers ~10% of the frame plus phantoms 3000 + 10 s + 0..2, and as pool 2000 + 100 s + 0..39.
     Test Dice gains, seeds 0-5: +0.026 (this one: 0.630 against 0.604), +0.013, +0.052, +0.008, -0.040, -0.139.
     So this pins one measured win of the method, deterministic on CPU, and guards it against regressions; it is
-    not evidence that consistency beats exemplar-only on phantoms in general (it does not: module doc).
+    not evidence that consistency beats exemplar-only on phantoms in general (it does not: seeds 4 and 5).
     """
     seg = SegmenterConfig(channels=(8, 16, 32, 64), strides=(2, 2, 2), num_res_units=1, batch_size=8, learning_rate=5e-3)
     labelled = RoundInputs(*phantoms([1000, 3000, 3001, 3002], size=48))
