@@ -10,12 +10,13 @@ PACKAGE = Path(__file__).resolve().parents[1] / "caudo_ray"
 # Bottom to top (docs/architecture.md). A module may import its own layer and the layers before it.
 LAYERS = [
     {"errors", "config", "arrays"},
+    {"transforms"},
     {"data", "workspace"},
     {"metrics"},
     {"store"},
     {"tracking"},
     {"networks"},
-    {"transforms"},
+    {"deploy"},
     {"training"},
     {"calibration"},
     {"labelling"},

@@ -73,12 +73,16 @@ class FileLease:
     def create(self, text: str) -> str | None:
         existed = self.dir.exists()
         self.dir.mkdir(parents=True, exist_ok=True)
+        # Written whole under a private name, then linked into place: link fails if the lock exists (one taker
+        # wins, on NFS too) and never shows a half-written record, as O_EXCL then write would to a second reader.
+        draft = self.path.with_name(f"{LOCK_NAME}.new-{uuid.uuid4().hex}")
+        draft.write_text(text)
         try:
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            os.link(draft, self.path)
         except FileExistsError:
             return None
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        finally:
+            draft.unlink()
         self.made_dir = not existed
         return text
 
