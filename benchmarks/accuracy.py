@@ -54,11 +54,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 
 from caudo_ray import data as D
 from caudo_ray.arrays import finite_mean
-from caudo_ray.config import RunConfig, load_config
+from caudo_ray.config import RunConfig, load_config, parse_overrides
 from caudo_ray.metrics import segmentation_metrics, spearman, volume_metrics
 from caudo_ray.networks.bundle import RoundModels, build_models
 from caudo_ray.networks.segmenter import predict
@@ -186,7 +185,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         data_root = _subset_dataset(full_index, work / "data", limit, args.seed, keep)
     index = D.index_dataset(data_root, group_column=group_column, split_column="split")
 
-    overrides = {**PROFILES[profile], **(_fast_scale(index) if profile == "fast" else {}), **(SMOKE if args.smoke else {}), **_parse_overrides(args.overrides)}
+    overrides = {**PROFILES[profile], **(_fast_scale(index) if profile == "fast" else {}), **(SMOKE if args.smoke else {}), **parse_overrides(args.overrides)}
     overrides["runtime.trainer_cpus"] = overrides["runtime.threads_per_worker"] = args.threads
     base = _config(work / "base", data_root, group_column, args.seed, overrides)
     num_classes = D.discover_num_classes(index, sample=64)
@@ -410,16 +409,6 @@ def _split(index: D.DatasetIndex, base: RunConfig, kind: str, labelled: list[str
         exemplars=labelled if kind == "cases" else None,
         labelled_groups=labelled if kind == "groups" else None,
     )
-
-
-def _parse_overrides(items: list[str]) -> dict[str, Any]:
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--set {item!r}: expected KEY=VALUE")
-        out[key.strip()] = yaml.safe_load(value)
-    return out
 
 
 def _config(work_dir: Path, data_root: Path, group_column: str | None, seed: int, overrides: dict[str, Any]) -> RunConfig:

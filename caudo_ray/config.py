@@ -14,6 +14,7 @@ import json
 import re
 import types
 import typing
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -612,6 +613,27 @@ def load_config(source: str | Path | dict[str, Any] | None = None, overrides: di
     cfg = _build(RunConfig, raw, "")
     cfg.validate()
     return cfg
+
+
+def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
+    """Dotted-key overrides from ``KEY=VALUE`` strings (the command line's ``--set``), values read as YAML.
+
+    ``["calibrator.guidance_strength=3", "selection.fractions=[0.5, 1.0]"]`` gives
+    ``{"calibrator.guidance_strength": 3, "selection.fractions": [0.5, 1.0]}``, ready for :func:`load_config`.
+
+    Raises:
+        ConfigError: naming the item without ``=``, or one whose value is not valid YAML.
+    """
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(item, "--set takes KEY=VALUE")
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise ConfigError(key.strip(), f"--set value {value!r} is not valid YAML ({exc})") from None
+    return out
 
 
 def save_config(cfg: RunConfig, path: str | Path) -> None:
