@@ -17,7 +17,6 @@ import sys
 from importlib import resources
 from pathlib import Path
 
-
 from caudo_ray.config import ConfigError, RunConfig, load_config, parse_overrides
 from caudo_ray.data import format_report, inspect_dataset
 from caudo_ray.deploy.from_run import final_provenance, final_segmenter

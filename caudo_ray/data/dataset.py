@@ -24,7 +24,7 @@ import itertools
 import json
 import re
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -391,48 +391,9 @@ def load_case(
     return Case(case_id=ref.case_id, image=image, mask=mask, group=ref.group, geometry=geometry)
 
 
-def iter_cases(
-    refs: Iterable[CaseRef],
-    working_size: Sequence[int],
-    num_classes: int | None = None,
-    on_error: Callable[[CaseRef, DataError], None] | None = None,
-) -> Iterator[Case]:
-    """Load cases one after another.
-
-    Args:
-        refs: the cases.
-        working_size: (H, W).
-        num_classes: passed to :func:`load_case`.
-        on_error: called with (ref, error) for each case that cannot be loaded, which is then skipped; None
-            raises the first error instead.
-    """
-    for ref in refs:
-        try:
-            case = load_case(ref, working_size, num_classes)
-        except DataError as exc:
-            if on_error is None:
-                raise
-            on_error(ref, exc)
-            continue
-        yield case
-
-
 def restore_mask(mask_working: np.ndarray, geometry: Geometry) -> np.ndarray:
     """Bring a working-size class map back to the source image's shape (nearest neighbour)."""
     return resize_mask(np.asarray(mask_working), geometry.shape)
-
-
-def check_exemplar(case: Case) -> Case:
-    """Refuse an exemplar without foreground.
-
-    Raises:
-        DataError: the case has no mask, or its mask is empty at the working size.
-    """
-    if case.mask is None:
-        raise DataError(case.case_id, "exemplar has no mask")
-    if not case.mask.any():
-        raise DataError(case.case_id, f"mask is empty (no foreground at the working size {case.mask.shape[0]}x{case.mask.shape[1]})")
-    return case
 
 
 def check_exemplar_set(cases: Sequence[Case]) -> list[Case]:
@@ -440,8 +401,8 @@ def check_exemplar_set(cases: Sequence[Case]) -> list[Case]:
 
     A labelled set given by group (every slice of a patient) holds slices whose mask is empty (the apex or base
     of a heart): these are valid labelled negatives and are kept. Only a set in which every mask is empty is
-    refused, since it cannot show the segmenter the target. For a single exemplar (K = 1 slice) this is the
-    same rule as :func:`check_exemplar`.
+    refused, since it cannot show the segmenter the target. A single exemplar (K = 1 slice) must therefore hold
+    foreground.
 
     Raises:
         DataError: the set is empty, a case has no mask (naming it), or every mask is empty at the working size
