@@ -16,6 +16,9 @@ does; else a seeded group-wise split), the same labelled set, working size and s
 Test metrics: per slice (Dice and HD95 at the working size, mean over foreground classes) and, where meta.csv
 names each slice's volume and position (ACDC), per volume as ACDC results are published (the volume's slices
 stacked in order at their original size; 3D Dice and HD95 per class, then the mean over classes and volumes).
+HD95 is in millimetres where every test case has a spacing (slices: the working-size spacing, each case's own
+stretched by its resize; volumes: the NIfTI's voxel spacing at the original size) and in pixels (voxels)
+otherwise; its keys and the table's columns say which (``hd95_mm`` / ``hd95_px``).
 Pseudo-label quality comes from the runs' stores, where the pool's hidden masks are kept apart from the method.
 Each round's row also gives the test Dice of the segmenter that made its labels (``round_model_test_dice``, per
 volume where there are volumes), so a table shows where along the rounds a method gains or loses.
@@ -54,12 +57,11 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 
 from caudo_ray import data as D
 from caudo_ray.arrays import finite_mean
-from caudo_ray.config import RunConfig, load_config
-from caudo_ray.metrics import segmentation_metrics, spearman, volume_metrics
+from caudo_ray.config import RunConfig, load_config, parse_overrides
+from caudo_ray.metrics import hd95_of, segmentation_metrics, spearman, volume_metrics
 from caudo_ray.networks.bundle import RoundModels, build_models
 from caudo_ray.networks.segmenter import predict
 from caudo_ray.rounds.train import train_round_models
@@ -83,6 +85,9 @@ LOOPS = {
 }
 MARKER = ".accuracy-benchmark"  # a work dir holding this file was made by this script and may be wiped
 GROUP_COLUMNS = ("patient", "exam_id", "group")  # the first one meta.csv has is the group column
+# meta.csv pixel-size columns (mm) and the factor to the files' resolution: HC18's files are at half resolution
+# (../shared/data/hc18/SOURCE.md). ACDC's NIfTI volumes carry their own spacing.
+SPACING_COLUMNS = {"pixel_size_mm_at_full_res": 2.0}
 # ACDC's published labelled sets (UniMatch's splits; ../shared/data/acdc/SOURCE.md): the first draw uses them.
 PUBLISHED_GROUPS = {"acdc": {1: ["patient099"], 3: ["patient038", "patient050", "patient099"]}}
 # Supervised must beat exemplar-only by this much for a profile to tell the methods apart.
@@ -157,10 +162,13 @@ class TestSet:
 
     images: np.ndarray
     labels: np.ndarray
+    spacing: np.ndarray | None  # (N, 2) mm per working-size pixel; None unless every case has one
     cases: list[D.Case]
     refs: list[D.CaseRef]
     volumes: dict[str, list[int]] = field(default_factory=dict)  # volume id -> indices into the test set, in order
     volume_truth: dict[str, np.ndarray] = field(default_factory=dict)  # volume id -> (D, H, W) at original size
+    # volume id -> mm per voxel along (D, H, W); None unless every volume has a slice and pixel spacing
+    volume_spacing: dict[str, tuple[float, float, float]] | None = None
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -174,20 +182,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     header = _meta_header(data_root)
     group_column = args.group_column or next((c for c in GROUP_COLUMNS if c in header), None)
     has_volumes = {"volume", "slice"} <= set(header)
+    spacing_column = next((c for c in SPACING_COLUMNS if c in header), None)
+    spacing = {"spacing_column": spacing_column, "spacing_scale": SPACING_COLUMNS.get(spacing_column, 1.0)}
     work = (args.work_dir or REPO_ROOT / "runs" / f"accuracy-{dataset}-{profile}").resolve()
     _fresh_dir(work)
     limit = PROFILE_LIMIT[profile] if args.limit is None else args.limit
-    full_index = D.index_dataset(data_root, group_column=group_column, split_column="split")
+    full_index = D.index_dataset(data_root, group_column=group_column, split_column="split", **spacing)
     if limit:
         # The published labelled groups (the first draw) stay in the subset, whole.
         kind, _, k = (args.labelled or "").partition(":")
         published = PUBLISHED_GROUPS.get(dataset.lower(), {}).get(int(k) if k.isdigit() else 1, []) if kind != "cases" and has_volumes else []
         keep = (args.exemplars or []) + [c for g in published for c in full_index.groups.get(g, [])]
         data_root = _subset_dataset(full_index, work / "data", limit, args.seed, keep)
-    index = D.index_dataset(data_root, group_column=group_column, split_column="split")
+    index = D.index_dataset(data_root, group_column=group_column, split_column="split", **spacing)
 
-    overrides = {**PROFILES[profile], **(_fast_scale(index) if profile == "fast" else {}), **(SMOKE if args.smoke else {}), **_parse_overrides(args.overrides)}
+    overrides = {**PROFILES[profile], **(_fast_scale(index) if profile == "fast" else {}), **(SMOKE if args.smoke else {}), **parse_overrides(args.overrides)}
     overrides["runtime.trainer_cpus"] = overrides["runtime.threads_per_worker"] = args.threads
+    overrides.update({f"data.{key}": value for key, value in spacing.items()})
     base = _config(work / "base", data_root, group_column, args.seed, overrides)
     num_classes = D.discover_num_classes(index, sample=64)
     draws = _labelled_sets(args, index, dataset, has_volumes, base)
@@ -412,16 +423,6 @@ def _split(index: D.DatasetIndex, base: RunConfig, kind: str, labelled: list[str
     )
 
 
-def _parse_overrides(items: list[str]) -> dict[str, Any]:
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--set {item!r}: expected KEY=VALUE")
-        out[key.strip()] = yaml.safe_load(value)
-    return out
-
-
 def _config(work_dir: Path, data_root: Path, group_column: str | None, seed: int, overrides: dict[str, Any]) -> RunConfig:
     raw = {
         "work_dir": str(work_dir),
@@ -451,13 +452,20 @@ def _test_set(prepared: PreparedRun, index: D.DatasetIndex) -> TestSet:
     refs = {r.case_id: r for r in index.labelled}
     test_refs = [refs[c] for c in prepared.split.test]
     cases = [load_case(ref, prepared.cfg, prepared.num_classes) for ref in test_refs]
-    test = TestSet(np.stack([c.image for c in cases]), np.stack([c.mask for c in cases]), cases, test_refs)
+    stacked = D.LabelledCases.of(cases, prepared.cfg.data.working_size)
+    test = TestSet(stacked.images, stacked.labels, stacked.spacing, cases, test_refs)
     position = {ref.case_id: i for i, ref in enumerate(test_refs)}
+    spacing: dict[str, tuple[float, float, float] | None] = {}
     for volume, members in D.volumes_of(test_refs).items():
         test.volumes[volume] = [position[m.case_id] for m in members]
         test.volume_truth[volume] = np.stack(
             [D.read_mask(m.mask_path, nifti_axis=m.nifti_axis, slice_index=m.slice_index)[0][0] for m in members]
         )
+        geometry = cases[test.volumes[volume][0]].geometry
+        known = geometry.pixel_spacing is not None and geometry.slice_spacing is not None
+        spacing[volume] = (geometry.slice_spacing, *geometry.pixel_spacing) if known else None
+    if spacing and all(s is not None for s in spacing.values()):
+        test.volume_spacing = spacing
     return test
 
 
@@ -482,12 +490,12 @@ def _score(cfg: RunConfig, models: RoundModels, test: TestSet, num_classes: int)
     """Per-slice metrics at the working size; per-volume metrics at the original size where volumes exist."""
     net, _ = build_models(cfg, models, torch.device("cpu"))
     pred = predict(net, test.images, return_features=False).probs.argmax(1).astype(np.uint8)
-    out: dict[str, Any] = {"slice": segmentation_metrics(pred, test.labels, num_classes)}
+    out: dict[str, Any] = {"slice": segmentation_metrics(pred, test.labels, num_classes, spacing=test.spacing)}
     if test.volumes:
         restored = {
             vol: np.stack([D.restore_mask(pred[i], test.cases[i].geometry) for i in idx]) for vol, idx in test.volumes.items()
         }
-        out["volume"] = volume_metrics(restored, test.volume_truth, num_classes)
+        out["volume"] = volume_metrics(restored, test.volume_truth, num_classes, spacing=test.volume_spacing)
     return out
 
 
@@ -497,9 +505,11 @@ def _headline(scores: dict[str, Any]) -> float:
 
 
 def _print_scores(method: str, scores: dict[str, Any], wall: float) -> None:
-    line = f"   {method:14s} slice Dice {scores['slice']['dice']:.4f} HD95 {scores['slice']['hd95']:.2f}"
+    hd95, unit = hd95_of(scores["slice"])
+    line = f"   {method:14s} slice Dice {scores['slice']['dice']:.4f} HD95 {hd95:.2f} {unit}"
     if "volume" in scores:
-        line += f" | volume Dice {scores['volume']['dice']:.4f} HD95 {scores['volume']['hd95']:.2f}"
+        hd95, unit = hd95_of(scores["volume"])
+        line += f" | volume Dice {scores['volume']['dice']:.4f} HD95 {hd95:.2f} {unit}"
     print(f"{line}  {wall:.0f} s", flush=True)
 
 
@@ -547,13 +557,14 @@ def _stage_seconds(perf: dict[str, float], cases: int) -> dict[str, float]:
 
 def _summary(entries: list[dict[str, Any]], level: str) -> dict[str, Any]:
     dice = np.array([e[level]["dice"] for e in entries])
-    hd = np.array([e[level]["hd95"] for e in entries])
-    classes = sorted(k for k in entries[0][level] if k.startswith(("dice_class", "hd95_class")))
+    hd = np.array([hd95_of(e[level])[0] for e in entries])
+    classes = sorted(k for k in entries[0][level] if k.startswith(("dice_class", "hd95_mm_class", "hd95_px_class")))
     return {
         "dice_mean": float(dice.mean()),
         "dice_std": float(dice.std()),
         "dice_per_draw": dice.tolist(),
         "hd95_mean": float(np.nanmean(hd)) if np.isfinite(hd).any() else math.nan,
+        "hd95_unit": hd95_of(entries[0][level])[1],
         "per_class_mean": {k: float(np.nanmean([e[level][k] for e in entries])) for k in classes},
     }
 
@@ -632,19 +643,21 @@ def _calibration_ablation(methods: dict[str, Any], pseudo: list[dict[str, Any]],
 
 def format_table(report: dict[str, Any]) -> str:
     level = report["metric_level"]
+    first = next(iter(report["methods"].values()))
+    units = {lvl: first[lvl]["hd95_unit"] if lvl in first else "" for lvl in ("slice", "volume")}
     sets = "; ".join(f"{s['kind']} {', '.join(s['ids'][:3])}{'...' if len(s['ids']) > 3 else ''}" for s in report["labelled_sets"])
     lines = [
         (
             f"accuracy ({report['profile']}{' smoke' if report['smoke'] else ''}) on {report['dataset']}, "
             f"{report['working_size'][0]}x{report['working_size'][1]}, budget {report['training_budget_iterations']} iterations, labelled: {sets}"
         ),
-        f"{'method':18s} {'slice Dice':>16s} {'slice HD95':>10s} {'volume Dice':>16s} {'volume HD95':>11s} {'wall s':>8s}",
+        f"{'method':18s} {'slice Dice':>16s} {'slice HD95 ' + units['slice']:>13s} {'volume Dice':>16s} {'volume HD95 ' + units['volume']:>14s} {'wall s':>8s}",
     ]
     for name, m in report["methods"].items():
         s, v = m["slice"], m.get("volume")
         vol = f"{v['dice_mean']:.4f} ± {v['dice_std']:.4f}" if v else "-"
         vol_hd = f"{v['hd95_mean']:.2f}" if v else "-"
-        lines.append(f"{name:18s} {s['dice_mean']:.4f} ± {s['dice_std']:.4f} {s['hd95_mean']:>10.2f} {vol:>16s} {vol_hd:>11s} {m['wall_s']:>8.0f}")
+        lines.append(f"{name:18s} {s['dice_mean']:.4f} ± {s['dice_std']:.4f} {s['hd95_mean']:>13.2f} {vol:>16s} {vol_hd:>14s} {m['wall_s']:>8.0f}")
     classes = sorted({k for m in report["methods"].values() for k in m[level]["per_class_mean"] if k.startswith("dice_class")})
     if len(classes) > 1:
         lines.append(f"{level} Dice per class: " + "  ".join(f"{name} " + "/".join(f"{m[level]['per_class_mean'][c]:.3f}" for c in classes) for name, m in report["methods"].items()))

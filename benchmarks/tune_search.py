@@ -39,7 +39,7 @@ from benchmarks.accuracy import (
     _default_group_column,
     _subset_dataset,
 )
-from caudo_ray.config import load_config
+from caudo_ray.config import load_config, parse_overrides
 from caudo_ray.distributed.tune import format_trials, run_tune
 from caudo_ray.metrics import spearman
 from caudo_ray.tracking.names import PARAM_GUIDANCE, PARAM_STRENGTH
@@ -116,8 +116,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    import yaml
-
     args = parse_args(argv)
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     profile = "fast" if args.fast else "full"
@@ -147,10 +145,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "tune.objective": "proxy",
         "tune.seed": args.seed,
         "runtime.use_ray": True,
+        **parse_overrides(args.overrides),
     }
-    for item in args.overrides:
-        key, value = item.split("=", 1)
-        overrides[key] = yaml.safe_load(value)
     cfg = load_config(None, overrides)
     # Every config fully evaluated: the agreement is measured on final values over the same cases.
     cfg.tune.grace_period = cfg.tune.max_t or int(np.ceil(cfg.tune.eval_cases / cfg.tune.eval_batch_size))

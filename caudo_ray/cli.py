@@ -16,11 +16,8 @@ import signal
 import sys
 from importlib import resources
 from pathlib import Path
-from typing import Any
 
-import yaml
-
-from caudo_ray.config import ConfigError, RunConfig, load_config
+from caudo_ray.config import ConfigError, RunConfig, load_config, parse_overrides
 from caudo_ray.data import format_report, inspect_dataset
 from caudo_ray.deploy.from_run import final_provenance, final_segmenter
 from caudo_ray.deploy.mlflow_model import save_mlflow_model
@@ -188,12 +185,7 @@ def _run_options(p: argparse.ArgumentParser, config_required: bool = False, allo
 
 def config_from_args(args: argparse.Namespace, base: str | Path | dict | None = None) -> RunConfig:
     """The run config: ``--config`` (or ``base``), then ``--set`` overrides, then the dedicated flags."""
-    overrides: dict[str, Any] = {}
-    for item in args.set:
-        if "=" not in item:
-            raise ConfigError(item, "--set takes KEY=VALUE")
-        key, value = item.split("=", 1)
-        overrides[key.strip()] = yaml.safe_load(value)
+    overrides = parse_overrides(args.set)
     flags = {
         "work_dir": args.work_dir,
         "data.path": args.data,

@@ -14,6 +14,7 @@ import json
 import re
 import types
 import typing
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -98,6 +99,11 @@ class DataConfig:
     # metrics can stack a volume's slices in order; used only when both are present. NIfTI volumes need neither.
     volume_column: str | None = "volume"
     slice_column: str | None = "slice"
+    # meta.csv column giving each file's pixel size in mm (square pixels), for files that carry none (PNG, JPEG),
+    # times spacing_scale (a column for another resolution than the files'); HD95 is then in mm. NIfTI and
+    # DICOM carry their own spacing.
+    spacing_column: str | None = None
+    spacing_scale: float = 1.0
     phantom: PhantomConfig = field(default_factory=PhantomConfig)
 
     def validate(self, key: str) -> None:
@@ -110,9 +116,10 @@ class DataConfig:
         if self.nifti_axis not in (0, 1, 2):
             raise ConfigError(f"{key}.nifti_axis", f"must be 0, 1 or 2, got {self.nifti_axis}")
         _positive(f"{key}.max_pixels", self.max_pixels)
-        for name in ("volume_column", "slice_column"):
+        for name in ("volume_column", "slice_column", "spacing_column"):
             if getattr(self, name) is not None and not getattr(self, name).strip():
                 raise ConfigError(f"{key}.{name}", "must name a meta.csv column, or be null")
+        _positive_float(f"{key}.spacing_scale", self.spacing_scale)
         if self.volume_column is not None and self.volume_column == self.slice_column:
             raise ConfigError(f"{key}.slice_column", f"must differ from {key}.volume_column ({self.volume_column!r})")
         self.phantom.validate(f"{key}.phantom")
@@ -612,6 +619,27 @@ def load_config(source: str | Path | dict[str, Any] | None = None, overrides: di
     cfg = _build(RunConfig, raw, "")
     cfg.validate()
     return cfg
+
+
+def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
+    """Dotted-key overrides from ``KEY=VALUE`` strings (the command line's ``--set``), values read as YAML.
+
+    ``["calibrator.guidance_strength=3", "selection.fractions=[0.5, 1.0]"]`` gives
+    ``{"calibrator.guidance_strength": 3, "selection.fractions": [0.5, 1.0]}``, ready for :func:`load_config`.
+
+    Raises:
+        ConfigError: naming the item without ``=``, or one whose value is not valid YAML.
+    """
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(item, "--set takes KEY=VALUE")
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise ConfigError(key.strip(), f"--set value {value!r} is not valid YAML ({exc})") from None
+    return out
 
 
 def save_config(cfg: RunConfig, path: str | Path) -> None:

@@ -48,6 +48,8 @@ def test_fast_smoke_on_hc18_writes_every_field(tmp_path, capsys):
     assert report["labelled_sets"][0]["kind"] == "cases" and len(report["labelled_sets"][0]["ids"]) == 1
     assert set(report["methods"]) == set(bench.METHODS)
     _check_summaries(report, "slice")
+    # HC18's PNGs get meta.csv's pixel size (at full resolution: doubled), so HD95 is in millimetres.
+    assert all(m["slice"]["hd95_unit"] == "mm" and "hd95_mm" in m["draws"][0]["slice"] for m in report["methods"].values())
     assert report["methods"]["supervised_3x"]["draws"][0]["labelled"] == report["methods"]["supervised"]["draws"][0]["labelled"]
     # A smoke budget cannot separate the methods, and the report says so instead of ranking them.
     gap = report["methods"]["supervised"]["slice"]["dice_mean"] - report["methods"]["exemplar_only"]["slice"]["dice_mean"]
@@ -140,6 +142,10 @@ def test_fast_smoke_on_acdc_reports_volume_metrics_per_class(tmp_path):
     for m in report["methods"].values():
         assert m["draws"][0]["volume"]["volumes"] == 40  # the standard test set: 20 patients, 2 frames each
         assert {f"dice_class{c}" for c in (1, 2, 3)} <= set(m["volume"]["per_class_mean"])
+        # This copy of ACDC is PNG slices with no pixel size in meta.csv (SOURCE.md): HD95 stays in pixels, and
+        # its keys say so rather than pass pixels off as millimetres.
+        assert m["slice"]["hd95_unit"] == m["volume"]["hd95_unit"] == "px"
+        assert {f"hd95_px_class{c}" for c in (1, 2, 3)} <= set(m["volume"]["per_class_mean"])
     assert report["separates_methods"] is None  # supervised was not run: nothing to compare
 
 

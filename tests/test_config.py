@@ -1,7 +1,7 @@
 import pytest
 
 from caudo_ray.cli import demo_config_path
-from caudo_ray.config import ConfigError, ConsistencyConfig, load_config
+from caudo_ray.config import ConfigError, ConsistencyConfig, load_config, parse_overrides
 
 
 def test_defaults_and_demo_config_validate():
@@ -109,3 +109,15 @@ def test_labelled_set_ways_and_volume_columns():
     with pytest.raises(ConfigError) as err:
         load_config({"data": {"volume_column": ""}})
     assert err.value.key == "data.volume_column"
+
+
+def test_set_overrides_read_values_as_yaml_and_refuse_an_item_without_a_value():
+    overrides = parse_overrides(["calibrator.guidance_strength=3", " selection.fractions = [0.5, 1.0]", "data.group_column=null", "tracking.experiment=a=b"])
+    assert overrides == {"calibrator.guidance_strength": 3, "selection.fractions": [0.5, 1.0], "data.group_column": None, "tracking.experiment": "a=b"}
+    assert load_config(None, overrides).selection.fractions == (0.5, 1.0)
+    with pytest.raises(ConfigError, match="KEY=VALUE") as err:
+        parse_overrides(["calibrator.guidance_strength"])
+    assert err.value.key == "calibrator.guidance_strength"
+    with pytest.raises(ConfigError, match="not valid YAML") as err:
+        parse_overrides(["selection.fractions=[0.5"])
+    assert err.value.key == "selection.fractions"

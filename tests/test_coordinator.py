@@ -35,7 +35,7 @@ ROUND_METRICS = [
     names.RELIABILITY_P50,
     names.AGREEMENT_MEAN,
     names.VAL_DICE,
-    names.VAL_HD95,
+    names.VAL_HD95_PX,  # phantoms are PNG: no spacing
     names.CASES_PER_S,
     names.INFER_S_PER_CASE,
     names.DDIM_S_PER_CASE,

@@ -33,7 +33,7 @@ def _create(url, n: int = 8, load_images: bool = True, **kwargs) -> PseudoLabelS
     )
     if load_images:
         # Rounds run over loaded cases, as in a run where the pool's images are stored before round 0.
-        store.write_images(np.arange(n), np.zeros((n, *SIZE), np.float32))
+        store.write_cases(np.arange(n), images=np.zeros((n, *SIZE), np.float32))
     return store
 
 
@@ -69,7 +69,7 @@ def test_create_open_round_trip(tmp_path):
     url = tmp_path / "store.zarr"
     store = _create(url, provenance={"segmenter": "v0"}, load_images=False)
     images = np.random.default_rng(0).random((3, *SIZE)).astype(np.float32)
-    store.write_images([4, 1, 6], images)
+    store.write_cases([4, 1, 6], images=images)
     ids = ["ex_a", "ex_b"]
     ex_images = np.random.default_rng(1).random((2, *SIZE))
     ex_labels = np.random.default_rng(2).integers(0, CLASSES, (2, *SIZE))

@@ -27,7 +27,7 @@ def test_round_trains_data_parallel_with_replicas_in_sync(tmp_path, ray_session)
     })
     prepared = prepare_run(cfg, progress=False)
     val = load_labelled(prepared, prepared.split.val)
-    ctx = TrainContext(cfg, prepared.workspace.store_url, prepared.num_classes, *val)
+    ctx = TrainContext(cfg, prepared.workspace.store_url, prepared.num_classes, val)
 
     # train_data_parallel compares the two replicas' weights after training and raises if they differ.
     models = train_data_parallel(ctx, 0, None, with_calibrator=True)
@@ -41,7 +41,7 @@ def test_round_trains_data_parallel_with_replicas_in_sync(tmp_path, ray_session)
     # The segmenter learnt: its validation Dice is near the single-process trainer's on the same round and far above
     # the untrained network's (each rank draws its own batches, so the two differ by more than float rounding).
     local = ctx.train(0, None, with_calibrator=False).val_metrics["dice"]
-    untrained = evaluate(build_segmenter(cfg.segmenter, prepared.num_classes, seed=0), *val, prepared.num_classes)["dice"]
+    untrained = evaluate(build_segmenter(cfg.segmenter, prepared.num_classes, seed=0), val, prepared.num_classes)["dice"]
     dice = models.val_metrics["dice"]
     print(f"val Dice: data-parallel {dice:.4f}, single-process {local:.4f}, untrained {untrained:.4f}")
     assert local > untrained + 0.2 and dice > untrained + 0.2

@@ -32,8 +32,9 @@ def test_prepare_is_idempotent(tmp_path):
     assert ws.split_path.read_text() == split_text
     np.testing.assert_array_equal(again.store.read_images(), images)
     assert again.store.exemplars()[0] == first.split.exemplars
-    val_images, val_labels = load_labelled(again, again.split.val)
-    assert val_images.shape == val_labels.shape == (len(again.split.val), *cfg.data.working_size)
+    val = load_labelled(again, again.split.val)
+    assert val.images.shape == val.labels.shape == (len(again.split.val), *cfg.data.working_size)
+    assert val.spacing is None  # phantoms are PNG: HD95 in pixels
 
 
 def test_another_config_is_refused_in_the_same_work_dir(tmp_path):

@@ -20,11 +20,13 @@ indexing, so a split naming a file the folder lacks is refused before any work.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import itertools
 import json
+import math
 import re
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -82,6 +84,8 @@ class CaseRef:
         volume: the 3D volume this 2D slice belongs to (a NIfTI file's stem, or meta.csv's volume column), or
             None when unknown.
         slice_order: the slice's position within ``volume`` (stacking order), or None.
+        spacing: millimetres per pixel of the image file from meta.csv's spacing column, or None; used where the
+            file itself carries no spacing (PNG, JPEG).
     """
 
     case_id: str
@@ -93,6 +97,7 @@ class CaseRef:
     nifti_axis: int = 2
     volume: str | None = None
     slice_order: int | None = None
+    spacing: float | None = None
 
     def __post_init__(self) -> None:
         validate_case_id(self.case_id, str(self.image_path))
@@ -169,6 +174,36 @@ class Case:
     geometry: Geometry
 
 
+@dataclass(frozen=True)
+class LabelledCases:
+    """Labelled cases at the working size, stacked: what validation and test scoring take.
+
+    Attributes:
+        images: (N, H, W) float32 in [0, 1].
+        labels: (N, H, W) uint8 class indices.
+        spacing: (N, 2) millimetres per working-size pixel (rows, cols), each case's source spacing stretched by
+            its resize (:meth:`Geometry.spacing_at`); None unless every case has a spacing, so that HD95 over the
+            set is in one unit (millimetres, or pixels of the working size).
+    """
+
+    images: np.ndarray
+    labels: np.ndarray
+    spacing: np.ndarray | None = None
+
+    @classmethod
+    def of(cls, cases: Sequence[Case], working_size: Sequence[int]) -> LabelledCases:
+        """Stack loaded cases (each with a mask); an empty sequence gives empty (0, H, W) arrays."""
+        h, w = working_size
+        if not cases:
+            return cls(np.zeros((0, h, w), np.float32), np.zeros((0, h, w), np.uint8))
+        spacings = [case.geometry.spacing_at((h, w)) for case in cases]
+        spacing = None if any(s is None for s in spacings) else np.array(spacings, dtype=np.float64)
+        return cls(np.stack([c.image for c in cases]), np.stack([c.mask for c in cases]), spacing)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+
 def index_dataset(
     root: str | Path,
     group_column: str | None = "group",
@@ -178,6 +213,8 @@ def index_dataset(
     datalist: str | Path | None = None,
     volume_column: str | None = "volume",
     slice_column: str | None = "slice",
+    spacing_column: str | None = None,
+    spacing_scale: float = 1.0,
 ) -> DatasetIndex:
     """Find the cases of a dataset folder without reading pixel data (NIfTI volumes: header only).
 
@@ -201,6 +238,10 @@ def index_dataset(
         volume_column: meta.csv column naming the 3D volume a 2D slice file belongs to.
         slice_column: meta.csv column holding the slice's (integer) position in its volume. Volume information
             is read only when both columns are present; NIfTI volumes get it from the file (stem, slice index).
+        spacing_column: meta.csv column holding each file's pixel size in millimetres (square pixels), for
+            files that carry none themselves (PNG, JPEG); HD95 is then reported in millimetres.
+        spacing_scale: factor applied to ``spacing_column``'s values, for a column that gives the pixel size of
+            another resolution than the files' (HC18's is at full resolution, its files at half: 2).
 
     Raises:
         DataError: missing ``images/`` folder, an unreadable meta.csv, an unreadable NIfTI header, or a
@@ -214,7 +255,7 @@ def index_dataset(
         raise DataError(str(root), "no images/ folder; a dataset folder holds images/, masks/ and optionally unlabeled/ and meta.csv")
     problems: list[tuple[str, str]] = []
     # A datalist replaces the split column, so the column is not even read (nor its values checked).
-    meta = _read_meta(root, group_column, None if datalist is not None else split_column, volume_column, slice_column, problems)
+    meta = _read_meta(root, group_column, None if datalist is not None else split_column, volume_column, slice_column, problems, spacing_column)
     groups, used_column = meta.groups, meta.group_column
 
     images = _list_files(images_dir, problems)
@@ -236,7 +277,7 @@ def index_dataset(
         if used_column is not None and stem not in groups:
             problems.append((str(image_path), "not listed in meta.csv; it is its own group"))
         group = groups.get(stem, stem)
-        refs = _refs_for_file(stem, image_path, mask_path, group, nifti_axis, meta.volumes.get(stem))
+        refs = _refs_for_file(stem, image_path, mask_path, group, nifti_axis, meta.volumes.get(stem), _scaled(meta.spacings.get(stem), spacing_scale))
         by_stem[stem] = refs
         (labelled if mask_path is not None else unlabelled).extend(refs)
     for stem, mask_path in sorted(masks.items()):
@@ -244,7 +285,7 @@ def index_dataset(
             problems.append((str(mask_path), "mask without an image in images/; ignored"))
     for stem, image_path in sorted(unlabelled_files.items()):
         group = groups.get(stem, stem)
-        refs = _refs_for_file(stem, image_path, None, group, nifti_axis, meta.volumes.get(stem))
+        refs = _refs_for_file(stem, image_path, None, group, nifti_axis, meta.volumes.get(stem), _scaled(meta.spacings.get(stem), spacing_scale))
         by_stem[stem] = refs
         unlabelled.extend(refs)
     _check_volumes(labelled + unlabelled, problems)
@@ -379,6 +420,8 @@ def load_case(
         DataError: naming the file, for unreadable files, a mask of another shape, or mask values out of range.
     """
     [(image, geometry)] = read_image(ref.image_path, nifti_axis=ref.nifti_axis, slice_index=ref.slice_index, max_pixels=max_pixels, grayscale=grayscale)
+    if geometry.pixel_spacing is None and ref.spacing is not None:
+        geometry = dataclasses.replace(geometry, pixel_spacing=(ref.spacing, ref.spacing))
     mask = None
     if ref.mask_path is not None:
         [(mask_orig, _)] = read_mask(ref.mask_path, nifti_axis=ref.nifti_axis, slice_index=ref.slice_index)
@@ -391,48 +434,9 @@ def load_case(
     return Case(case_id=ref.case_id, image=image, mask=mask, group=ref.group, geometry=geometry)
 
 
-def iter_cases(
-    refs: Iterable[CaseRef],
-    working_size: Sequence[int],
-    num_classes: int | None = None,
-    on_error: Callable[[CaseRef, DataError], None] | None = None,
-) -> Iterator[Case]:
-    """Load cases one after another.
-
-    Args:
-        refs: the cases.
-        working_size: (H, W).
-        num_classes: passed to :func:`load_case`.
-        on_error: called with (ref, error) for each case that cannot be loaded, which is then skipped; None
-            raises the first error instead.
-    """
-    for ref in refs:
-        try:
-            case = load_case(ref, working_size, num_classes)
-        except DataError as exc:
-            if on_error is None:
-                raise
-            on_error(ref, exc)
-            continue
-        yield case
-
-
 def restore_mask(mask_working: np.ndarray, geometry: Geometry) -> np.ndarray:
     """Bring a working-size class map back to the source image's shape (nearest neighbour)."""
     return resize_mask(np.asarray(mask_working), geometry.shape)
-
-
-def check_exemplar(case: Case) -> Case:
-    """Refuse an exemplar without foreground.
-
-    Raises:
-        DataError: the case has no mask, or its mask is empty at the working size.
-    """
-    if case.mask is None:
-        raise DataError(case.case_id, "exemplar has no mask")
-    if not case.mask.any():
-        raise DataError(case.case_id, f"mask is empty (no foreground at the working size {case.mask.shape[0]}x{case.mask.shape[1]})")
-    return case
 
 
 def check_exemplar_set(cases: Sequence[Case]) -> list[Case]:
@@ -440,8 +444,8 @@ def check_exemplar_set(cases: Sequence[Case]) -> list[Case]:
 
     A labelled set given by group (every slice of a patient) holds slices whose mask is empty (the apex or base
     of a heart): these are valid labelled negatives and are kept. Only a set in which every mask is empty is
-    refused, since it cannot show the segmenter the target. For a single exemplar (K = 1 slice) this is the
-    same rule as :func:`check_exemplar`.
+    refused, since it cannot show the segmenter the target. A single exemplar (K = 1 slice) must therefore hold
+    foreground.
 
     Raises:
         DataError: the set is empty, a case has no mask (naming it), or every mask is empty at the working size
@@ -525,8 +529,18 @@ def _is_unique(stem: str, path: Path, other: Path | None, problems: list[tuple[s
     return False
 
 
+def _scaled(spacing: float | None, scale: float) -> float | None:
+    return None if spacing is None else spacing * scale
+
+
 def _refs_for_file(
-    stem: str, image_path: Path, mask_path: Path | None, group: str, nifti_axis: int, volume: tuple[str, int] | None = None
+    stem: str,
+    image_path: Path,
+    mask_path: Path | None,
+    group: str,
+    nifti_axis: int,
+    volume: tuple[str, int] | None = None,
+    spacing: float | None = None,
 ) -> list[CaseRef]:
     labelled = mask_path is not None
     if image_path.is_dir():
@@ -540,7 +554,7 @@ def _refs_for_file(
             # The file is the volume: meta.csv volume columns describe 2D slice files and do not apply here.
             return [CaseRef(f"{stem}__s{k:04d}", image_path, mask_path, group, k, labelled, nifti_axis, stem, k) for k in range(n)]
     vol, order = volume if volume is not None else (None, None)
-    return [CaseRef(stem, image_path, mask_path, group, None, labelled, volume=vol, slice_order=order)]
+    return [CaseRef(stem, image_path, mask_path, group, None, labelled, volume=vol, slice_order=order, spacing=spacing)]
 
 
 def _check_volumes(refs: list[CaseRef], problems: list[tuple[str, str]]) -> None:
@@ -590,6 +604,7 @@ class _Meta:
     splits: list[tuple[str, int, str]] = field(default_factory=list)  # (file name, line, set)
     split_column: str | None = None
     volumes: dict[str, tuple[str, int]] = field(default_factory=dict)  # stem -> (volume, slice order)
+    spacings: dict[str, float] = field(default_factory=dict)  # stem -> mm per pixel
 
 
 def _read_meta(
@@ -599,10 +614,11 @@ def _read_meta(
     volume_column: str | None,
     slice_column: str | None,
     problems: list[tuple[str, str]],
+    spacing_column: str | None = None,
 ) -> _Meta:
     meta = root / "meta.csv"
     out = _Meta()
-    if not any((group_column, split_column, volume_column, slice_column)) or not meta.is_file():
+    if not any((group_column, split_column, volume_column, slice_column, spacing_column)) or not meta.is_file():
         return out
     try:
         with meta.open(newline="") as fh:
@@ -618,7 +634,10 @@ def _read_meta(
             if has_volume != has_slice:
                 present, absent = (volume_column, slice_column) if has_volume else (slice_column, volume_column)
                 problems.append((str(meta), f"column {present!r} without a {absent!r} column; no volume information"))
-            if not (use_group or use_split or use_volume):
+            use_spacing = spacing_column is not None and spacing_column in columns
+            if spacing_column is not None and not use_spacing:
+                problems.append((str(meta), f"no column {spacing_column!r}; HD95 is measured in pixels"))
+            if not (use_group or use_split or use_volume or use_spacing):
                 return out
             if "filename" not in columns:
                 raise DataError(str(meta), f"needs a 'filename' column naming each image file (columns: {', '.join(columns)})")
@@ -637,6 +656,8 @@ def _read_meta(
                     _read_split_cell(meta, line, name, (row.get(split_column) or "").strip(), split_column, out)
                 if use_volume:
                     _read_volume_cells(meta, line, name, row, volume_column, slice_column, out, problems)
+                if use_spacing:
+                    _read_spacing_cell(meta, line, name, (row.get(spacing_column) or "").strip(), spacing_column, out, problems)
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise DataError(str(meta), f"cannot read meta.csv ({exc})") from None
     out.group_column = group_column if use_group else None
@@ -666,3 +687,14 @@ def _read_volume_cells(
         out.volumes[file_stem(name)] = (volume, int(order))
     except ValueError:
         problems.append((str(meta), f"line {line}: {slice_column} {order!r} is not an integer; no volume information for {name}"))
+
+
+def _read_spacing_cell(meta: Path, line: int, name: str, value: str, column: str, out: _Meta, problems: list[tuple[str, str]]) -> None:
+    try:
+        spacing = float(value)
+    except ValueError:
+        spacing = math.nan
+    if not math.isfinite(spacing) or spacing <= 0:
+        problems.append((str(meta), f"line {line}: {column} {value!r} is not a positive number of millimetres; {name} has no spacing"))
+        return
+    out.spacings[file_stem(name)] = spacing

@@ -52,6 +52,9 @@ class Geometry:
         volume_shape: shape of the NIfTI data array (a 2D NIfTI may be stored as (H, W, 1)); None otherwise.
         affine: 4x4 NIfTI affine (voxel index -> RAS mm) as nested tuples, of a NIfTI file or a DICOM series
             folder (whose slices stack along axis 0); None for other files.
+        pixel_spacing: millimetres per pixel along (rows, cols) of the 2D array as read: from the affine (NIfTI,
+            DICOM series), PixelSpacing (2D DICOM) or the data set's meta.csv; None where the source has none
+            (PNG, JPEG), and distances are then in pixels.
     """
 
     shape: tuple[int, int]
@@ -61,10 +64,28 @@ class Geometry:
     axis: int | None = None
     volume_shape: tuple[int, ...] | None = None
     affine: tuple[tuple[float, ...], ...] | None = None
+    pixel_spacing: tuple[float, float] | None = None
 
     @property
     def is_volume_slice(self) -> bool:
         return self.slice_index is not None
+
+    def spacing_at(self, shape: Sequence[int]) -> tuple[float, float] | None:
+        """Millimetres per pixel of this image resized to ``shape`` (rows, cols), or None without a spacing.
+
+        Resizing stretches each axis by its own factor (the working size does not keep the aspect ratio), so a
+        working-size pixel spans ``pixel_spacing * original / working`` along each axis.
+        """
+        if self.pixel_spacing is None:
+            return None
+        return (self.pixel_spacing[0] * self.shape[0] / shape[0], self.pixel_spacing[1] * self.shape[1] / shape[1])
+
+    @property
+    def slice_spacing(self) -> float | None:
+        """Millimetres between this slice and the next of its volume (from the affine), or None."""
+        if not self.is_volume_slice or self.affine is None or self.axis is None:
+            return None
+        return float(np.linalg.norm(np.asarray(self.affine)[:3, self.axis]))
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-serialisable form (lists instead of tuples)."""
@@ -74,6 +95,8 @@ class Geometry:
             d["volume_shape"] = list(self.volume_shape)
         if self.affine is not None:
             d["affine"] = [list(row) for row in self.affine]
+        if self.pixel_spacing is not None:
+            d["pixel_spacing"] = list(self.pixel_spacing)
         return d
 
     @classmethod
@@ -87,6 +110,7 @@ class Geometry:
             axis=None if d.get("axis") is None else int(d["axis"]),
             volume_shape=None if d.get("volume_shape") is None else tuple(int(v) for v in d["volume_shape"]),
             affine=None if d.get("affine") is None else tuple(tuple(float(v) for v in row) for row in d["affine"]),
+            pixel_spacing=None if d.get("pixel_spacing") is None else (float(d["pixel_spacing"][0]), float(d["pixel_spacing"][1])),
         )
 
 
@@ -380,11 +404,14 @@ def _read_dicom(path: Path) -> tuple[np.ndarray, Geometry]:
     with warnings.catch_warnings():
         # Plain 2D DICOM often lacks the orientation tags MONAI wants for an affine; we do not use the affine.
         warnings.filterwarnings("ignore", message=".*affine matrix cannot be derived.*")
-        arr, _ = reader.get_data(reader.read(str(path)))
+        dataset = reader.read(str(path))
+        arr, _ = reader.get_data(dataset)
     arr = np.squeeze(np.asarray(arr))
     if arr.ndim != 2:
         raise DataError(str(path), f"DICOM holds a {arr.ndim}D array {arr.shape}; only single-frame 2D DICOM is supported")
-    return arr, Geometry(shape=(int(arr.shape[0]), int(arr.shape[1])), format="dicom", source=str(path))
+    spacing = getattr(dataset, "PixelSpacing", None)  # (row spacing, column spacing) in mm
+    pixel_spacing = (float(spacing[0]), float(spacing[1])) if spacing is not None and len(spacing) == 2 else None
+    return arr, Geometry(shape=(int(arr.shape[0]), int(arr.shape[1])), format="dicom", source=str(path), pixel_spacing=pixel_spacing)
 
 
 def _read_series(folder: Path, slice_index: int | None, max_pixels: int | None) -> list[tuple[np.ndarray, Geometry]]:
@@ -400,7 +427,8 @@ def _read_series(folder: Path, slice_index: int | None, max_pixels: int | None) 
             raise DataError(str(folder), f"slices are {'x'.join(map(str, arr.shape))} pixels; need at least {MIN_SIDE} a side")
         _check_pixels(folder, arr.shape, max_pixels)
         out.append((arr, Geometry(shape=(int(arr.shape[0]), int(arr.shape[1])), format="dicom", source=str(folder),
-                                  slice_index=k, axis=0, volume_shape=tuple(int(s) for s in series.volume.shape), affine=affine)))
+                                  slice_index=k, axis=0, volume_shape=tuple(int(s) for s in series.volume.shape), affine=affine,
+                                  pixel_spacing=_in_plane_spacing(series.affine, 1, 2))))
     return out
 
 
@@ -419,6 +447,13 @@ def _is_2d(spatial: tuple[int, ...]) -> bool:
     return len(spatial) == 2 or 1 in spatial
 
 
+def _in_plane_spacing(affine: np.ndarray, rows: int, cols: int) -> tuple[float, float]:
+    """Millimetres per voxel along voxel axes ``rows`` and ``cols``: the lengths of their affine columns, which
+    holds with any rotation or axis flip."""
+    lengths = np.linalg.norm(np.asarray(affine, dtype=np.float64)[:3, :3], axis=0)
+    return float(lengths[rows]), float(lengths[cols])
+
+
 def _read_nifti(path: Path, nifti_axis: int, slice_index: int | None) -> list[tuple[np.ndarray, Geometry]]:
     img = NibabelReader().read(str(path))
     affine = tuple(tuple(float(v) for v in row) for row in np.asarray(img.affine))
@@ -426,8 +461,10 @@ def _read_nifti(path: Path, nifti_axis: int, slice_index: int | None) -> list[tu
     if _is_2d(spatial):
         squeezed = [s for s in spatial if s != 1]
         arr = np.asarray(img.dataobj, dtype=np.float32).reshape(squeezed if len(squeezed) == 2 else spatial[:2])
+        rows, cols = [i for i, s in enumerate(spatial) if s != 1][:2] if len(squeezed) == 2 else (0, 1)
         return [(arr, Geometry(shape=(int(arr.shape[0]), int(arr.shape[1])), format="nifti", source=str(path),
-                               volume_shape=tuple(int(s) for s in img.shape), affine=affine))]
+                               volume_shape=tuple(int(s) for s in img.shape), affine=affine,
+                               pixel_spacing=_in_plane_spacing(img.affine, rows, cols)))]
     n = spatial[nifti_axis]
     indices = range(n) if slice_index is None else [slice_index]
     if slice_index is not None and not 0 <= slice_index < n:
@@ -439,5 +476,6 @@ def _read_nifti(path: Path, nifti_axis: int, slice_index: int | None) -> list[tu
         sl[nifti_axis] = k
         arr = np.asarray(dataobj[tuple(sl)], dtype=np.float32).reshape([s for i, s in enumerate(spatial) if i != nifti_axis])
         out.append((arr, Geometry(shape=(int(arr.shape[0]), int(arr.shape[1])), format="nifti", source=str(path),
-                                  slice_index=k, axis=nifti_axis, volume_shape=tuple(int(s) for s in spatial), affine=affine)))
+                                  slice_index=k, axis=nifti_axis, volume_shape=tuple(int(s) for s in spatial), affine=affine,
+                                  pixel_spacing=_in_plane_spacing(img.affine, *(i for i in range(3) if i != nifti_axis)))))
     return out

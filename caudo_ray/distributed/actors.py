@@ -23,6 +23,7 @@ import ray
 import torch
 
 from caudo_ray.config import RunConfig
+from caudo_ray.data import LabelledCases
 from caudo_ray.distributed.placement import worker_device
 from caudo_ray.labelling.engine import LabelingEngine
 from caudo_ray.networks.bundle import RoundModels
@@ -91,7 +92,7 @@ class SegmenterTrainer:
     """
 
     def __init__(self, ctx: TrainContext, threads: int):
-        if ctx.val_images is not None:
+        if ctx.val is not None:
             raise ValueError("pass the validation cases to train(), not to the constructor")
         torch.set_num_threads(threads)
         self.ctx = ctx
@@ -106,13 +107,13 @@ class SegmenterTrainer:
         r: int,
         previous: RoundModels | None,
         with_calibrator: bool = True,
-        val: tuple[np.ndarray, np.ndarray] | None = None,
+        val: LabelledCases | None = None,
         progress: bool = True,
     ) -> RoundModels:
-        """``TrainContext.train`` of round ``r``, scoring the models on ``val`` (images, labels) when given and,
+        """``TrainContext.train`` of round ``r``, scoring the models on the validation cases ``val`` when given and,
         with ``progress``, printing where training is (:data:`TRAINER_PROGRESS_LINES` lines per phase)."""
         # Copies: arrays from the object store are read-only, which torch.from_numpy warns about.
-        ctx = self.ctx if val is None else dataclasses.replace(self.ctx, val_images=np.array(val[0]), val_labels=np.array(val[1]))
+        ctx = self.ctx if val is None else dataclasses.replace(self.ctx, val=dataclasses.replace(val, images=np.array(val.images), labels=np.array(val.labels)))
         if progress:
             # Lines, not a progress bar: Ray forwards this process's output to the driver line by line.
             print(f"round {r}: training the segmenter{' and calibrator' if with_calibrator else ''}", flush=True)

@@ -87,9 +87,7 @@ class RayExecutor:
             return train_data_parallel(self.ctx, r, previous, with_calibrator)
         self._start_trainer()
         try:
-            ctx = self.ctx
-            val = (ctx.val_images, ctx.val_labels) if ctx.val_images is not None else None
-            return ray.get(self._trainer.train.remote(r, previous, with_calibrator, val, self.progress))
+            return ray.get(self._trainer.train.remote(r, previous, with_calibrator, self.ctx.val, self.progress))
         finally:
             if not self.keep_alive:
                 self._release_trainer()
@@ -102,7 +100,7 @@ class RayExecutor:
                 num_gpus=rt.trainer_gpus,
                 max_restarts=self.max_trainer_restarts,
                 max_task_retries=self.max_trainer_restarts,
-            ).remote(dataclasses.replace(self.ctx, val_images=None, val_labels=None), max(1, int(rt.trainer_cpus)))
+            ).remote(dataclasses.replace(self.ctx, val=None), max(1, int(rt.trainer_cpus)))
 
     def label(self, r: int, models: RoundModels, batches: Iterable[np.ndarray]) -> Iterator[BatchStats]:
         rt = self.ctx.cfg.runtime

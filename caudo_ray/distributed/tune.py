@@ -37,6 +37,7 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from caudo_ray.config import ConfigError, RunConfig, TuneConfig
+from caudo_ray.data import LabelledCases
 from caudo_ray.distributed.cluster import init_ray
 from caudo_ray.errors import DataError
 from caudo_ray.labelling.engine import LabelingEngine
@@ -378,7 +379,7 @@ def _eval_set(prepared, objective: str, tcfg: TuneConfig) -> EvalSet:
     return EvalSet(store.read_images(idx), store.read_truth(idx), "pool sample")
 
 
-def _shared_models(cfg: RunConfig, prepared, val_images, val_labels, progress: bool):
+def _shared_models(cfg: RunConfig, prepared, val: LabelledCases, progress: bool):
     """Round-0 models: the work dir's saved ones when a run already trained them, else trained once here and saved."""
     path = prepared.workspace.model_path(0)
     if path.exists():
@@ -389,7 +390,7 @@ def _shared_models(cfg: RunConfig, prepared, val_images, val_labels, progress: b
             models.train_s,
         )
         return models, True
-    ctx = TrainContext(cfg, prepared.workspace.store_url, prepared.num_classes, val_images, val_labels)
+    ctx = TrainContext(cfg, prepared.workspace.store_url, prepared.num_classes, val)
     models = ctx.train(0, None, progress=progress)
     path.parent.mkdir(parents=True, exist_ok=True)
     models.save(path)
@@ -419,11 +420,11 @@ def run_tune(cfg: RunConfig, *, progress: bool = True) -> TuneResult:
 
 def _search(cfg: RunConfig, prepared: PreparedRun, space: Mapping[str, Dimension], t_start: float, progress: bool) -> TuneResult:
     tcfg, ws = cfg.tune, prepared.workspace
-    val_images, val_labels = load_labelled(prepared, prepared.split.val, skip_bad=True)
-    objective = resolve_objective(tcfg.objective, len(val_images))
+    val = load_labelled(prepared, prepared.split.val, skip_bad=True)
+    objective = resolve_objective(tcfg.objective, len(val))
     ev = _eval_set(prepared, objective, tcfg)
     full_steps = num_steps(len(ev.images), tcfg.eval_batch_size, tcfg.max_t)
-    models, reused = _shared_models(cfg, prepared, val_images, val_labels, progress)
+    models, reused = _shared_models(cfg, prepared, val, progress)
 
     uri = cfg.tracking.tracking_uri or sqlite_tracking_uri(ws.mlflow_db)
     parent = Tracker(

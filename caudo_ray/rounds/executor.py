@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from caudo_ray.config import RunConfig
+from caudo_ray.data import LabelledCases
 from caudo_ray.labelling.engine import LabelingEngine
 from caudo_ray.networks.bundle import RoundModels
 from caudo_ray.networks.device import resolve_device
@@ -51,8 +52,7 @@ class TrainContext:
     cfg: RunConfig
     store_url: str
     num_classes: int
-    val_images: np.ndarray | None = None
-    val_labels: np.ndarray | None = None
+    val: LabelledCases | None = None
 
     def train(
         self,
@@ -77,7 +77,6 @@ class TrainContext:
             key = f"{cfg.method_hash()} round {r} calibrator={with_calibrator} previous={previous_version}"
             checkpoint = TrainingCheckpoint(Workspace.of(cfg).checkpoint_path(r), key)
             hooks = dataclasses.replace(hooks, checkpoint=checkpoint, every=cfg.runtime.checkpoint_every)
-        val = (self.val_images, self.val_labels) if self.val_images is not None else None
         return train_round_models(
             cfg,
             r,
@@ -85,7 +84,7 @@ class TrainContext:
             training_inputs(store, r, with_pool=cfg.consistency.online_in_round(r), veto=self.cfg.calibrator.enabled and self.cfg.calibrator.veto),
             num_classes=self.num_classes,
             previous=previous,
-            val=val,
+            val=self.val,
             hooks=hooks,
         )
 

@@ -11,6 +11,7 @@ import torch
 
 from caudo_ray.calibration.training import train_calibrator
 from caudo_ray.config import RunConfig
+from caudo_ray.data import LabelledCases
 from caudo_ray.labelling.reliability import ShapePrior
 from caudo_ray.metrics import dice_per_case, segmentation_metrics
 from caudo_ray.networks.bundle import RoundModels, feature_channels_of
@@ -36,7 +37,7 @@ def train_round_models(
     *,
     num_classes: int,
     previous: RoundModels | None = None,
-    val: tuple[np.ndarray, np.ndarray] | None = None,
+    val: LabelledCases | None = None,
     device: torch.device | None = None,
     hooks: TrainingHooks = NO_HOOKS,
 ) -> RoundModels | None:
@@ -62,7 +63,7 @@ def train_round_models(
         inputs: what the round trains on.
         num_classes: classes, background included.
         previous: the previous round's models, to warm-start from.
-        val: validation (images, labels), scored into ``RoundModels.val_metrics``.
+        val: validation cases, scored into ``RoundModels.val_metrics`` (:func:`evaluate`).
         device: where to train; default from ``cfg.device``.
         hooks: checkpoints, progress, data-parallel wrapping.
     """
@@ -131,8 +132,8 @@ def train_round_models(
         calibrator_s = time.perf_counter() - tc
 
     val_metrics: dict[str, Any] = {}
-    if val is not None and len(val[0]):
-        val_metrics = evaluate(net, *val, num_classes, device=device)
+    if val is not None and len(val):
+        val_metrics = evaluate(net, val, num_classes, device=device)
     check_images, check_labels = augment_views(
         inputs.exemplar_images, inputs.exemplar_labels, EXEMPLAR_CHECK_VIEWS, cfg=cfg.segmenter, rng_seed=cfg.seed * 1000 + EXEMPLAR_CHECK_SEED
     )
@@ -166,10 +167,13 @@ def exemplar_view_dice(
     return out
 
 
-def evaluate(
-    net: torch.nn.Module, images: np.ndarray, labels: np.ndarray, num_classes: int, *, device: torch.device | None = None
-) -> dict[str, Any]:
-    """Dice and HD95 of a segmenter on labelled cases (:func:`caudo_ray.metrics.segmentation_metrics`)."""
+def evaluate(net: torch.nn.Module, cases: LabelledCases, num_classes: int, *, device: torch.device | None = None) -> dict[str, Any]:
+    """Dice and HD95 of a segmenter on labelled cases (:func:`caudo_ray.metrics.segmentation_metrics`).
+
+    Scored at the working size; HD95 is in millimetres (``hd95_mm``) where every case has a spacing, measured
+    with the working-size spacing (:class:`~caudo_ray.data.LabelledCases`), else in working-size pixels
+    (``hd95_px``).
+    """
     device = device or next(net.parameters()).device
-    pred = predict(net, images, device=str(device), return_features=False).probs.argmax(1)
-    return segmentation_metrics(pred, labels, num_classes)
+    pred = predict(net, cases.images, device=str(device), return_features=False).probs.argmax(1)
+    return segmentation_metrics(pred, cases.labels, num_classes, spacing=cases.spacing)

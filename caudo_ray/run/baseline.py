@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from caudo_ray.config import ConfigError, RunConfig
+from caudo_ray.data import LabelledCases
 from caudo_ray.errors import DataError, StoreError
 from caudo_ray.networks.bundle import RoundModels, build_models
 from caudo_ray.networks.device import resolve_device
@@ -85,19 +86,19 @@ def train_baseline(cfg: RunConfig, method: str, *, progress: bool = True) -> dic
     attach_file_log(ws.log_path)
     prepared = prepare_run(cfg, progress=progress)
     try:
-        val_images, val_labels = load_labelled(prepared, prepared.split.val, skip_bad=True)
+        val = load_labelled(prepared, prepared.split.val, skip_bad=True)
         device = resolve_device(cfg.device)
         reused = ws.final_model_path.exists()
         if reused:
             # The same baseline finished before (baseline.json says so): score its model again, train nothing.
             models = RoundModels.load(ws.final_model_path)
             net, _ = build_models(cfg, models, device)
-            if len(val_images):
-                models.val_metrics = evaluate(net, val_images, val_labels, prepared.num_classes, device=device)
+            if len(val):
+                models.val_metrics = evaluate(net, val, prepared.num_classes, device=device)
         else:
             checkpoint = TrainingCheckpoint(ws.root / "checkpoints" / f"baseline_{method}.pt", key=f"baseline-{method}-{cfg.method_hash()}")
             hooks = TrainingHooks(checkpoint=checkpoint, every=cfg.runtime.checkpoint_every, progress=progress)
-            models = _train(cfg, method, prepared, (val_images, val_labels), device, hooks)
+            models = _train(cfg, method, prepared, val, device, hooks)
             models.save(ws.final_model_path)
             checkpoint.delete()
         scalars = {k: float(v) for k, v in models.val_metrics.items() if isinstance(v, (int, float))}
@@ -133,7 +134,7 @@ def _train(
     cfg: RunConfig,
     method: str,
     prepared: PreparedRun,
-    val: tuple[np.ndarray, np.ndarray],
+    val: LabelledCases,
     device,
     hooks: TrainingHooks,
 ) -> RoundModels:

@@ -79,8 +79,7 @@ class Coordinator:
         try:
             tracker = open_tracker(cfg, prepared)
             # A bad validation case is skipped and reported like a bad pool file; a bad exemplar stops the run.
-            val_images, val_labels = load_labelled(prepared, prepared.split.val, skip_bad=True)
-            ctx = TrainContext(cfg, ws.store_url, prepared.num_classes, val_images, val_labels)
+            ctx = TrainContext(cfg, ws.store_url, prepared.num_classes, load_labelled(prepared, prepared.split.val, skip_bad=True))
             if prepared.skipped:
                 tracker.log_dict(prepared.skipped, names.SKIPPED_FILES)
                 tracker.log_metrics({names.SKIPPED: len(prepared.skipped)}, step=0)

@@ -96,6 +96,8 @@ def _prepare(cfg: RunConfig, ws: Workspace, lock: StoreLock, progress: bool, on_
         datalist=cfg.split.datalist,
         volume_column=cfg.data.volume_column,
         slice_column=cfg.data.slice_column,
+        spacing_column=cfg.data.spacing_column,
+        spacing_scale=cfg.data.spacing_scale,
     )
     num_classes = cfg.data.num_classes or D.discover_num_classes(index)
     split = _load_or_make_split(cfg, ws, index)
@@ -128,8 +130,8 @@ def _prepare(cfg: RunConfig, ws: Workspace, lock: StoreLock, progress: bool, on_
     return PreparedRun(cfg, ws, data_root, index, split, store, lock, num_classes, skipped)
 
 
-def load_labelled(prepared: PreparedRun, case_ids: list[str], *, skip_bad: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Images and masks of labelled cases (validation, test) at the working size.
+def load_labelled(prepared: PreparedRun, case_ids: list[str], *, skip_bad: bool = False) -> D.LabelledCases:
+    """Images, masks and spacing of labelled cases (validation, test) at the working size.
 
     Args:
         skip_bad: leave out cases that cannot be loaded, recording each in ``prepared.skipped`` and the log
@@ -145,10 +147,7 @@ def load_labelled(prepared: PreparedRun, case_ids: list[str], *, skip_bad: bool 
                 raise
             prepared.skipped[err.source] = err.problem
             log.warning("skipped %s: %s", err.source, err.problem)
-    if not cases:
-        h, w = prepared.cfg.data.working_size
-        return np.zeros((0, h, w), np.float32), np.zeros((0, h, w), np.uint8)
-    return np.stack([c.image for c in cases]), np.stack([c.mask for c in cases])
+    return D.LabelledCases.of(cases, prepared.cfg.data.working_size)
 
 
 def load_case(ref: D.CaseRef, cfg: RunConfig, num_classes: int) -> D.Case:

@@ -31,19 +31,19 @@ read (Blosc alone decodes many corruptions into silent garbage); a corrupt chunk
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
-from zarr.core.sync import sync
 from zarr.storage import FsspecStore, LocalStore
 
 from caudo_ray.errors import DataError, StoreError
@@ -225,13 +225,22 @@ def _contiguous(sorted_idx: np.ndarray) -> slice | None:
     return None
 
 
-async def _read_all(arrays, run: slice):
-    return await asyncio.gather(*(arr.async_array.getitem(run) for arr in arrays))
+def _concurrently(calls: Sequence[Callable[[], Any]]) -> list[Any]:
+    """Runs zarr calls side by side and returns their results in order.
+
+    Each synchronous zarr call hands its I/O to zarr's own event loop and waits; calling from one thread per
+    array lets those loop tasks overlap, so several arrays' rows cost one round trip rather than one each. This
+    uses zarr's public synchronous API only (its event-loop helper ``zarr.core.sync`` is private).
+    """
+    if len(calls) == 1:
+        return [calls[0]()]
+    with ThreadPoolExecutor(max_workers=len(calls)) as pool:
+        return [f.result() for f in [pool.submit(call) for call in calls]]
 
 
-async def _write_in_order(steps, run: slice):
+def _write_in_order(steps: Sequence[Sequence[tuple[zarr.Array, np.ndarray]]], run: slice) -> None:
     for step in steps:
-        await asyncio.gather(*(arr.async_array.setitem(run, block) for arr, block in step))
+        _concurrently([partial(arr.__setitem__, run, block) for arr, block in step])
 
 
 def write_rows_in_steps(steps: Sequence[Sequence[tuple[zarr.Array, np.ndarray]]], sorted_idx: np.ndarray) -> None:
@@ -250,27 +259,23 @@ def write_rows_in_steps(steps: Sequence[Sequence[tuple[zarr.Array, np.ndarray]]]
             for arr, block in step:
                 arr.oindex[sorted_idx] = block
         return
-    sync(_write_in_order(steps, run))
-
-
-async def _write_unless_flagged(steps, flags: zarr.Array, run: slice) -> bool:
-    if np.asarray(await flags.async_array.getitem(run)).any():
-        return False
-    await _write_in_order(steps, run)
-    return True
+    _write_in_order(steps, run)
 
 
 def write_rows_unless_flagged(
     steps: Sequence[Sequence[tuple[zarr.Array, np.ndarray]]], flags: zarr.Array, sorted_idx: np.ndarray
 ) -> bool:
-    """:func:`write_rows_in_steps` if none of the rows is set in ``flags``, checked in the same round trip.
+    """:func:`write_rows_in_steps` if none of the rows is set in ``flags``, read just before.
 
     Returns:
         True when written; False, writing nothing, when a row is flagged or the rows are not contiguous (the
         caller then decides, and writes with :func:`write_rows_in_steps`).
     """
     run = _contiguous(sorted_idx)
-    return run is not None and sync(_write_unless_flagged(steps, flags, run))
+    if run is None or np.asarray(flags[run]).any():
+        return False
+    _write_in_order(steps, run)
+    return True
 
 
 def read_rows_of(arrays: Sequence[zarr.Array], sorted_idx: np.ndarray) -> list[np.ndarray]:
@@ -278,7 +283,7 @@ def read_rows_of(arrays: Sequence[zarr.Array], sorted_idx: np.ndarray) -> list[n
     run = _contiguous(sorted_idx)
     if run is None:
         return [arr.oindex[sorted_idx] for arr in arrays]
-    return [np.asarray(a) for a in sync(_read_all(arrays, run))]
+    return [np.asarray(a) for a in _concurrently([partial(arr.__getitem__, run) for arr in arrays])]
 
 
 def read_flags(arr: zarr.Array, unreadable: list[int] | None = None) -> np.ndarray:
@@ -307,11 +312,13 @@ def delete_chunks(arr: zarr.Array, chunks: Sequence[int]) -> None:
     """Drops chunks (by index along the case axis) of ``arr``: they read as the fill value until written again.
 
     A corrupt chunk must go before it can be rewritten in part: zarr reads a chunk back before a partial write.
+    Writing the fill value over a whole chunk is that drop: zarr never reads a chunk it overwrites whole, and it
+    deletes a chunk that holds only the fill value rather than store it (zarr's default ``write_empty_chunks``
+    false, which the store never changes).
     """
-    store = arr.store_path.store
+    size, n = arr.chunks[0], arr.shape[0]
     for c in chunks:
-        key = arr.metadata.encode_chunk_key((int(c),) + (0,) * (arr.ndim - 1))
-        sync(store.delete(f"{arr.store_path.path}/{key}"))
+        arr[int(c) * size : min((int(c) + 1) * size, n)] = arr.fill_value
 
 
 def check_indices(indices: Sequence[int] | np.ndarray | None, n: int, what: str) -> np.ndarray:

@@ -367,16 +367,6 @@ class PseudoLabelStore:
         # ``loaded`` last: a case counts as loaded only once everything else of it is stored.
         write_rows_in_steps([data, [(self._loaded, np.ones(len(sidx), dtype=bool))]], sidx)
 
-    def write_images(self, indices: Sequence[int] | np.ndarray, images: np.ndarray) -> None:
-        """Stores preprocessed images (float, (n, H, W)) for the given cases, then marks them loaded.
-
-        Safe to call concurrently for cases of disjoint chunks.
-
-        Raises:
-            DataError: wrong shape or non-finite values (naming the case).
-        """
-        self.write_cases(indices, images=images)
-
     def read_images(self, indices: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
         """Returns the stored images of the given cases (all when None) as float32 (n, H, W), in the order asked."""
         idx = check_indices(indices, self.num_cases, "read_images")

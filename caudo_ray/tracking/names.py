@@ -18,7 +18,10 @@ AGREEMENT_MEAN = "round/agreement_mean"
 ACCEPTED_FRACTION = "round/calibration_accepted"  # share of cases whose calibrated label passed the reliability test
 CHANGED_FRACTION = "round/changed_fraction"
 VAL_DICE = "val/dice"
-VAL_HD95 = "val/hd95"
+# The round's segmenter's validation HD95, in millimetres where every validation case has a spacing (NIfTI,
+# DICOM, meta.csv), else in working-size pixels: a run logs one of the two.
+VAL_HD95_MM = "val/hd95_mm"
+VAL_HD95_PX = "val/hd95_px"
 FINAL_VAL_PREFIX = "final/val_"  # the final segmenter's validation metrics, final/val_dice ...
 CASES_PER_S = "perf/cases_per_s"
 INFER_S_PER_CASE = "perf/infer_s_per_case"

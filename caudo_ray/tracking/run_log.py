@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from caudo_ray.metrics import hd95_of
 from caudo_ray.store import PseudoLabelStore
 from caudo_ray.tracking import names
 from caudo_ray.tracking.figures import overlay_panel
@@ -24,7 +25,8 @@ def log_round(tracker: Tracker, r: int, summary: dict[str, Any], val_metrics: di
     metrics.update({name: summary["perf"][key] for key, name in names.PERF_METRICS.items() if key in summary.get("perf", {})})
     if "dice" in val_metrics:
         metrics[names.VAL_DICE] = val_metrics["dice"]
-        metrics[names.VAL_HD95] = val_metrics["hd95"]
+        hd95, unit = hd95_of(val_metrics)
+        metrics[names.VAL_HD95_MM if unit == "mm" else names.VAL_HD95_PX] = hd95
     tracker.log_metrics(metrics, step=r)
     tracker.log_dict(summary, names.ROUND_SUMMARY.format(r=r))
 

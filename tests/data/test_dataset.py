@@ -13,12 +13,11 @@ from PIL import Image
 
 from caudo_ray.data import (
     CaseRef,
-    check_exemplar,
+    check_exemplar_set,
     discover_num_classes,
     format_report,
     index_dataset,
     inspect_dataset,
-    iter_cases,
     load_case,
     normalize_intensity,
     restore_mask,
@@ -136,8 +135,9 @@ def test_empty_exemplar_mask(tmp_path):
     root = _dataset(tmp_path)
     Image.fromarray(np.zeros((40, 48), np.uint8)).save(root / "masks" / "c0.png")
     case = load_case(index_dataset(root).labelled[0], (32, 32))
-    with pytest.raises(DataError, match="c0: mask is empty"):
-        check_exemplar(case)
+    with pytest.raises(DataError, match="every mask of the labelled set .1 cases. is empty") as err:
+        check_exemplar_set([case])
+    assert err.value.source == "c0"
 
 
 def _problem(index, name: str) -> str:
@@ -178,16 +178,15 @@ def test_unsafe_case_ids(case_id):
         CaseRef(case_id, Path("img.png"), None, "g")
 
 
-def test_iter_cases_skips_bad_files(tmp_path):
+def test_a_truncated_file_fails_alone_naming_itself(tmp_path):
     root = _dataset(tmp_path)
     (root / "unlabeled" / "u0.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     index = index_dataset(root)
-    errors = []
-    cases = list(iter_cases(index.unlabelled + index.labelled, (32, 32), on_error=lambda ref, exc: errors.append((ref.case_id, exc))))
-    assert [c.case_id for c in cases] == ["u1", "c0", "c1", "c2", "c3"]
-    assert len(errors) == 1 and errors[0][0] == "u0" and "u0.png" in str(errors[0][1])
-    with pytest.raises(DataError, match="u0.png"):
-        list(iter_cases(index.unlabelled, (32, 32)))
+    by_id = index.by_id()
+    with pytest.raises(DataError, match="u0.png") as err:
+        load_case(by_id["u0"], (32, 32))
+    assert err.value.source == str(root / "unlabeled" / "u0.png")
+    assert [load_case(by_id[c], (32, 32)).case_id for c in ("u1", "c0", "c1", "c2", "c3")] == ["u1", "c0", "c1", "c2", "c3"]
 
 
 def test_nifti_volume_cases_share_the_file_group(tmp_path):
@@ -231,5 +230,5 @@ def test_hc18_smoke():
     assert by_id["010_HC"].group == by_id["010_2HC"].group
     assert len({r.group for r in index.labelled}) < 999
     assert discover_num_classes(index, sample=20) == 2
-    case = check_exemplar(load_case(by_id["010_HC"], (64, 64), num_classes=2))
+    [case] = check_exemplar_set([load_case(by_id["010_HC"], (64, 64), num_classes=2)])
     assert case.geometry.shape == (270, 400)

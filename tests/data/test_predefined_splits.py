@@ -11,11 +11,10 @@ from PIL import Image
 
 from caudo_ray.data import (
     Split,
-    check_exemplar,
     check_exemplar_set,
     index_dataset,
     inspect_dataset,
-    iter_cases,
+    load_case,
     make_split,
     read_datalist,
     volumes_of,
@@ -210,10 +209,10 @@ def test_labelled_group_makes_every_slice_an_exemplar_empty_masks_included(tmp_p
     assert s.labelled_groups == ["p1"] and s.exemplars == _cases_of("p1")
     assert not set(s.exemplars) & set(s.pool) and "p0_s0" in s.pool
     by_id = index.by_id()
-    cases = list(iter_cases([by_id[c] for c in s.exemplars], (16, 16), num_classes=2))
+    cases = [load_case(by_id[c], (16, 16), num_classes=2) for c in s.exemplars]
     assert check_exemplar_set(cases) == cases  # two labelled negatives inside a set with foreground
-    with pytest.raises(DataError, match="p1_s0: mask is empty"):
-        check_exemplar(cases[0])  # a single exemplar still needs foreground
+    with pytest.raises(DataError, match="p1_s0: every mask of the labelled set .1 cases. is empty"):
+        check_exemplar_set(cases[:1])  # a single exemplar still needs foreground
 
 
 def test_labelled_set_without_any_foreground_is_refused(tmp_path):
@@ -221,11 +220,11 @@ def test_labelled_set_without_any_foreground_is_refused(tmp_path):
     index = _index(root)
     s = _split(index, labelled_groups=["p2"])
     by_id = index.by_id()
-    cases = list(iter_cases([by_id[c] for c in s.exemplars], (16, 16)))
+    cases = [load_case(by_id[c], (16, 16)) for c in s.exemplars]
     with pytest.raises(DataError) as err:
         check_exemplar_set(cases)
     assert err.value.source == "p2_s0, p2_s1, p2_s2, p2_s3" and "every mask of the labelled set (4 cases) is empty" in err.value.problem
-    unlabelled = next(iter_cases([by_id["u0"]], (16, 16)))
+    unlabelled = load_case(by_id["u0"], (16, 16))
     with pytest.raises(DataError, match="u0: exemplar has no mask"):
         check_exemplar_set(cases[:1] + [unlabelled])
 
