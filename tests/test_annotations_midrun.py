@@ -3,6 +3,9 @@ and a run resumed on the work dir continues from its last committed round with t
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 from conftest import tiny_config
@@ -55,6 +58,8 @@ def run_answering_after_round_0(cfg, executor_cls):
 
     def hook(r: int, store: PseudoLabelStore) -> None:
         assert store.rounds.is_committed(r)
+        # The page was rebuilt for this round already, before the run ends.
+        answered.setdefault("pages", []).append(Workspace.of(cfg).dashboard_path.read_text())
         if r == 0:
             [(query, _)] = annotation_queries(store, r, 1)
             selected = store.case_ids[int(np.flatnonzero(store.rounds.selected(0))[0])]
@@ -65,6 +70,8 @@ def run_answering_after_round_0(cfg, executor_cls):
         return Spy(executor_cls(ctx, progress=False), ctx.store_url, seen)
 
     result = Coordinator(cfg, executor_factory=factory, progress=False, on_round_committed=hook).run()
+    pages = answered.pop("pages")
+    assert len(pages) == cfg.rounds and "What annotations bought" not in pages[0] and "What annotations bought" in pages[1]
     return result, answered, seen
 
 
@@ -75,8 +82,19 @@ def assert_joined_round_1(cfg, result, answered, seen):
         assert_joined(cfg, store, case_id, mask, seen)
     client = MlflowClient(tracking_uri=result.tracking_uri)
     history = {m.step: m.value for m in client.get_metric_history(result.run_id, names.ANNOTATIONS)}
-    assert history == {0: 0.0, 1: 2.0}
+    assert history == {0: 0.0, 1: 2.0, 2: 2.0}  # step 2: the final segmenter
     assert [s["annotations"] for s in result.rounds] == [0, 2]
+    # The answered queries, as a table in MLflow and on the page, with what each case's reliability was when asked.
+    table = json.loads(Path(client.download_artifacts(result.run_id, names.ANSWERED_QUERIES)).read_text())["answers"]
+    reliability = store.rounds.scores(0)["reliability"]
+    assert [row["case_id"] for row in table] == sorted(answered) and {row["round"] for row in table} == {1}
+    for row in table:
+        assert row["reliability_before"] == pytest.approx(float(reliability[store.case_ids.index(row["case_id"])]), rel=1e-6)
+    page = result.dashboard.read_text()
+    assert "What annotations bought" in page and all(case_id in page for case_id in answered)
+    # Rebuilt after every round and at the end, into one report run.
+    reports = client.search_runs([client.get_run(result.run_id).info.experiment_id], f"tags.{names.TAG_SOURCES} = '{result.run_id}'")
+    assert len(reports) == 1
 
 
 def assert_joined(cfg, store, case_id, mask, seen):
@@ -144,3 +162,16 @@ def test_a_resumed_run_continues_from_its_last_committed_round_with_the_answers(
     ids, _, labels = store.exemplars()
     np.testing.assert_array_equal(labels[ids.index(case_id)], D.resize_mask(mask, cfg.data.working_size))
     assert [s["annotations"] for s in result.rounds] == [0, 1]
+
+
+def test_a_dashboard_that_cannot_be_built_does_not_fail_the_run(tmp_path, monkeypatch, caplog):
+    from caudo_ray.tracking import report
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no page today")
+
+    monkeypatch.setattr(report, "build_dashboard", broken)
+    cfg = tiny_config(tmp_path / "run", rounds=1)
+    result = Coordinator(cfg, progress=False).run()
+    assert result.dashboard is None and "could not be built" in caplog.text
+    assert MlflowClient(tracking_uri=result.tracking_uri).get_run(result.run_id).info.status == "FINISHED"
