@@ -293,6 +293,8 @@ def _round_line(summary: dict) -> str:
             f"calibrated ({100 * summary['calibration_gain']:+.2f} points)"
         )
     parts.append(f"selected {summary['selected']}/{summary['cases']}, reliability mean {summary['reliability_mean']:.3f}")
+    if summary.get("annotations"):
+        parts.append(f"trained with {summary['annotations']} answered queries")
     return f"round {summary['round']}: " + ", ".join(parts)
 
 

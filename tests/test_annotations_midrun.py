@@ -42,8 +42,7 @@ class Spy:
 
     def train(self, r, previous, *, with_calibrator=True):
         store = PseudoLabelStore.open(self.store_url, mode="r")
-        inputs = training_inputs(store, r)
-        self.seen[r] = (store.exemplars()[0], inputs.exemplar_images, inputs.pseudo_images)
+        self.seen[r] = (store.exemplars()[0], training_inputs(store, r))
         return self.inner.train(r, previous, with_calibrator=with_calibrator)
 
     def __getattr__(self, name):
@@ -106,9 +105,14 @@ def assert_joined(cfg, store, case_id, mask, seen):
     k = ids.index(case_id)
     np.testing.assert_array_equal(labels[k], D.resize_mask(mask, cfg.data.working_size))
     np.testing.assert_array_equal(images[k], store.read_images([i])[0])
-    # The answered image is among round 1's exemplar images and not among its pseudo-labelled ones.
-    assert any(np.array_equal(store.read_images([i])[0], x) for x in seen[1][1])
-    assert seen[1][2] is None or not any(np.array_equal(store.read_images([i])[0], x) for x in seen[1][2])
+    # The answered image is among round 1's exemplar images and not among its pseudo-labelled ones, nor among the
+    # split's exemplars, on whose views the drift guard reads every round.
+    image = store.read_images([i])[0]
+    inputs = seen[1][1]
+    assert any(np.array_equal(image, x) for x in inputs.exemplar_images)
+    assert inputs.pseudo_images is None or not any(np.array_equal(image, x) for x in inputs.pseudo_images)
+    first_images, _ = inputs.first_exemplars()
+    np.testing.assert_array_equal(first_images, seen[0][1].exemplar_images)
     # It left the pool: not labelled in round 1, not selected, not usable, and recorded as an annotation.
     assert not store.rounds.done(1)[i] and not store.rounds.selected(1)[i] and not store.usable_mask()[i]
     record = store.annotations[case_id]
