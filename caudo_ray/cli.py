@@ -265,7 +265,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
             f"  pseudo-label store (Zarr): {ws.store_url}\n"
             f"  MLflow store:              {ws.mlflow_db.resolve()}\n"
             f"  open the MLflow UI:        .venv/bin/mlflow ui --backend-store-uri {uri} --host 127.0.0.1\n"
-            f"  annotation queries:        .venv/bin/caudo-ray queries --work-dir {cfg.work_dir}\n"
+            f"  annotation queries:        .venv/bin/caudo-ray queries --work-dir {cfg.work_dir} --export review/  "
+            f"(answers: .venv/bin/caudo-ray annotate --work-dir {cfg.work_dir} review/masks)\n"
             f"  export calibrated labels:  .venv/bin/caudo-ray export --work-dir {cfg.work_dir} labels_out/\n"
             f"  segment new images:        .venv/bin/caudo-ray predict --work-dir {cfg.work_dir} images/ masks_out/"
         )
