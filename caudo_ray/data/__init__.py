@@ -23,6 +23,7 @@ from caudo_ray.data.phantom import phantom_case, write_phantom_dataset
 from caudo_ray.data.readers import (
     SUPPORTED_EXTENSIONS,
     Geometry,
+    check_mask_placement,
     file_extension,
     file_stem,
     read_image,
@@ -42,6 +43,7 @@ __all__ = [
     "LabelledCases",
     "Split",
     "check_exemplar_set",
+    "check_mask_placement",
     "discover_num_classes",
     "file_extension",
     "file_stem",

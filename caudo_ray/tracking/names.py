@@ -17,6 +17,7 @@ RELIABILITY_SPEARMAN = "round/reliability_spearman"
 AGREEMENT_MEAN = "round/agreement_mean"
 ACCEPTED_FRACTION = "round/calibration_accepted"  # share of cases whose calibrated label passed the reliability test
 CHANGED_FRACTION = "round/changed_fraction"
+ANNOTATIONS = "round/annotations"  # answered queries the round's segmenter trained on
 VAL_DICE = "val/dice"
 # The round's segmenter's validation HD95, in millimetres where every validation case has a spacing (NIfTI,
 # DICOM, meta.csv), else in working-size pixels: a run logs one of the two.
@@ -47,6 +48,7 @@ SUMMARY_METRICS = {
     "reliability_spearman": RELIABILITY_SPEARMAN,
     "agreement_mean": AGREEMENT_MEAN,
     "accepted_fraction": ACCEPTED_FRACTION,
+    "annotations": ANNOTATIONS,
 }
 PERF_METRICS = {
     "cases_per_s": CASES_PER_S,
@@ -90,6 +92,7 @@ GALLERY_GROUPS = ("most_changed", "least_reliable")
 CURVES_DIR = "curves"
 MODEL_DIR = "model"
 SKIPPED_FILES = "data/skipped.json"
+ANSWERED_QUERIES = "annotations/answered.json"  # the answers a run took in: who, when, the round each joined
 DASHBOARD_DIR = "dashboard"  # report run: dashboard/index.html, dashboard/figures/<key>.png
 
 # Ray Tune searches (docs/tune.md).
