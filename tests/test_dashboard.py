@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import fnmatch
+import importlib.resources
 import json
 import os
 import re
 import shutil
 import subprocess
+import tomllib
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +33,9 @@ TRIALS = [
     (3.0, 0.7, 4, [0.80]),
 ]
 CHOSEN = 1
+SCRIPT = "<script>alert(1)</script>"
+ESCAPED = "&lt;script&gt;alert(1)&lt;/script&gt;"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -217,3 +223,49 @@ def test_dashboard_failure_is_only_a_warning(run, tmp_path, caplog):
     _, result = run
     assert report.build_and_link(result.tracking_uri, "0" * 32, tmp_path / "x.html") is None
     assert "could not be built" in caplog.text
+
+
+def test_names_and_answers_from_mlflow_are_escaped(tmp_path):
+    """Run, trial and search names, case ids, label names and annotators are text on the page, never markup."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    exp = "escapes"
+    source = Tracker(uri, exp, run_name=f"run {SCRIPT}", artifact_root=tmp_path / "artifacts")
+    source.log_params({"tracking": {"label_names": ["background", f"label {SCRIPT}"]}})
+    source.log_metrics({names.VAL_DICE: 0.5, names.ANNOTATIONS: 0}, step=0)
+    source.log_metrics({names.VAL_DICE: 0.6, names.ANNOTATIONS: 1}, step=1)
+    answer = {
+        "case_id": f"case {SCRIPT}",
+        "round": 1,
+        "reliability_before": 0.25,
+        "annotator": f"annotator {SCRIPT}",
+        "time": "2025-01-01T10:00:00",
+    }
+    source.log_dict({"answers": [answer]}, names.ANSWERED_QUERIES)
+    source.finish()
+    search = Tracker(uri, exp, run_name=f"search {SCRIPT}", tags={names.TAG_KIND: names.KIND_TUNE})
+    trial = Tracker(uri, exp, run_name=f"trial {SCRIPT}", parent_run_id=search.run_id)
+    trial.log_metrics({names.METRIC_OBJECTIVE: 0.7}, step=0)
+    trial.finish()
+    search.finish()
+
+    built = report.build_dashboard(uri, run_ids=[source.run_id, search.run_id], out=tmp_path / "page.html")
+    page = built.html_path.read_text()
+    assert SCRIPT not in page and "alert(1)</script>" not in page
+    assert f"<h2>Self-training run run {ESCAPED}</h2>" in page
+    assert f"<h2>Tune search search {ESCAPED}</h2>" in page
+    assert f'<td class="text">trial {ESCAPED}</td>' in page
+    assert f'<td class="text">case {ESCAPED}</td>' in page and f'<td class="text">annotator {ESCAPED}</td>' in page
+    # The page shows no label names: the one logged must not reach it, raw or escaped.
+    assert "label &lt;script" not in page
+    # The only scripts are the page's own status script.
+    assert page.count("<script") == 1
+    assert [f.key for f in built.figures] == ["run0_quality", "run0_annotations"]
+
+
+def test_the_page_template_ships_with_the_package():
+    template = importlib.resources.files("caudo_ray.tracking").joinpath("templates", report.TEMPLATE)
+    assert template.is_file() and template.read_text().startswith("{#- The label-quality dashboard")
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    patterns = pyproject["tool"]["setuptools"]["package-data"]["caudo_ray"]
+    assert any(fnmatch.fnmatch(f"tracking/templates/{report.TEMPLATE}", pattern) for pattern in patterns), patterns
+    assert any(re.match(r"jinja2\b", dep, re.IGNORECASE) for dep in pyproject["project"]["dependencies"])

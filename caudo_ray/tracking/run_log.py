@@ -1,7 +1,7 @@
 """What a self-training run logs to MLflow after each round: metrics, summary, overlays, case table, gallery,
 answered queries.
 
-The dashboard (:mod:`caudo_ray.tracking.report`) reads these back by the names in :mod:`caudo_ray.tracking.names`.
+The dashboard (:mod:`caudo_ray.tracking.report_data`) reads these back by the names in :mod:`caudo_ray.tracking.names`.
 """
 
 from __future__ import annotations
