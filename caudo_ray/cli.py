@@ -9,6 +9,7 @@ command resumes.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import shlex
@@ -20,8 +21,8 @@ from typing import Any
 
 import yaml
 
-from caudo_ray.config import ConfigError, RunConfig, load_config
-from caudo_ray.data import format_report, inspect_dataset
+from caudo_ray.config import QUERY_STRATEGIES, ConfigError, RunConfig, load_config
+from caudo_ray.data import file_stem, format_report, index_dataset, inspect_dataset
 from caudo_ray.deploy.from_run import final_provenance, final_segmenter
 from caudo_ray.deploy.mlflow_model import save_mlflow_model
 from caudo_ray.deploy.monai_bundle import write_monai_bundle
@@ -142,10 +143,11 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("output", type=Path)
     exp.set_defaults(func=cmd_export)
 
-    q = sub.add_parser("queries", help="the least reliable cases: what to annotate next")
+    q = sub.add_parser("queries", help="the cases to annotate next (by default the least reliable)")
     q.add_argument("--work-dir", required=True)
     q.add_argument("--round", type=int, default=None)
     q.add_argument("-k", type=int, default=None, help="how many (default: selection.num_queries)")
+    q.add_argument("--strategy", choices=QUERY_STRATEGIES, default=None, help="how to choose them (default: selection.query_strategy)")
     q.add_argument("--json", action="store_true")
     q.set_defaults(func=cmd_queries)
 
@@ -366,16 +368,41 @@ def cmd_export_model(args: argparse.Namespace) -> int:
 
 def cmd_queries(args: argparse.Namespace) -> int:
     cfg = _saved_config(args.work_dir)
-    store = PseudoLabelStore.open(Workspace.of(cfg).store_url, mode="r")
+    ws = Workspace.of(cfg)
+    store = PseudoLabelStore.open(ws.store_url, mode="r")
     r = _last_round(store, args.round)
-    rows = annotation_queries(store, r, args.k if args.k is not None else cfg.selection.num_queries)
+    strategy = args.strategy or cfg.selection.query_strategy
+    answered = [file_stem(p) for p in ws.annotations_dir.iterdir()] if ws.annotations_dir.is_dir() else []
+    rows = annotation_queries(
+        store,
+        r,
+        args.k if args.k is not None else cfg.selection.num_queries,
+        strategy=strategy,
+        groups=_case_groups(cfg),
+        answered=answered,
+        seed=cfg.seed,
+    )
     if args.json:
-        print(json.dumps([{"case_id": c, "reliability": s} for c, s in rows], indent=2))
+        print(json.dumps([dataclasses.asdict(q) for q in rows], indent=2))
     else:
-        print(f"least reliable cases of round {r} (label them into {Workspace.of(cfg).annotations_dir}/<case_id>.png):")
-        for rank, (case_id, score) in enumerate(rows, 1):
-            print(f"{rank:4d}  {case_id}  reliability={score:.3f}")
+        print(f"cases to annotate after round {r}, by {strategy} (label them into {ws.annotations_dir}/<case_id>.png):")
+        for rank, q in enumerate(rows, 1):
+            print(f"{rank:4d}  {q.case_id}  reliability={q.reliability:.3f}  entropy={q.entropy:.3f}  group={q.group}")
     return EXIT_OK
+
+
+def _case_groups(cfg: RunConfig) -> dict[str, str]:
+    """Case id -> group (exam, patient) of the run's data set, indexed as the run indexed it."""
+    index = index_dataset(
+        Path(cfg.data.path) if cfg.data.path else Workspace.of(cfg).phantom_dir,
+        group_column=cfg.data.group_column,
+        nifti_axis=cfg.data.nifti_axis,
+        split_column=cfg.split.column,
+        datalist=cfg.split.datalist,
+        volume_column=cfg.data.volume_column,
+        slice_column=cfg.data.slice_column,
+    )
+    return {ref.case_id: ref.group for ref in index.labelled + index.unlabelled}
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
