@@ -307,6 +307,17 @@ class SelectionConfig:
 
 
 @dataclass
+class AnnotationsConfig:
+    """Which answers to annotation queries a run accepts (``caudo-ray annotate``, files in ``annotations/``)."""
+
+    # An answer with no foreground: refused unless a query may rightly hold none (a slice past the organ).
+    allow_empty: bool = False
+
+    def validate(self, key: str) -> None:
+        """Nothing beyond the type, which loading checks (``_coerce``)."""
+
+
+@dataclass
 class RuntimeConfig:
     """How the work is spread over Ray; none of it changes results."""
 
@@ -554,6 +565,7 @@ class RunConfig:
     segmenter: SegmenterConfig = field(default_factory=SegmenterConfig)
     calibrator: CalibratorConfig = field(default_factory=CalibratorConfig)
     selection: SelectionConfig = field(default_factory=SelectionConfig)
+    annotations: AnnotationsConfig = field(default_factory=AnnotationsConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
@@ -581,10 +593,11 @@ class RunConfig:
         """Hash of everything that changes results; runtime, tracking and tune knobs are left out.
 
         A store written under one method hash is refused by a run with another, so resumed work never mixes
-        labels from different settings.
+        labels from different settings. ``annotations`` says which answers are accepted; the answers themselves
+        are data, recorded in the store.
         """
         d = self.to_dict()
-        for key in ("runtime", "tracking", "tune", "work_dir", "device"):
+        for key in ("runtime", "tracking", "tune", "annotations", "work_dir", "device"):
             d.pop(key)
         d["selection"].pop("query_strategy")  # which cases a person is asked about changes no label
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]

@@ -10,7 +10,10 @@ Layout::
       models/final_trained.pt                the final segmenter as trained (final.pt unless the drift guard
                                              kept an earlier round's)
       checkpoints/train_<r>.pt               training checkpoints (round ``rounds`` is the final segmenter)
-      annotations/       masks a person adds between rounds, named <case_id>.png; they join the exemplars
+      annotations/       answers to annotation queries, masks named <case_id>.<ext> (``caudo-ray annotate`` or by
+                         hand); a run takes them in before each round's training and they join the exemplars
+      annotations.jsonl  who gave each answer and when (``caudo-ray annotate``), moved into the store on intake
+      annotations_replaced/   answers a later ``annotate --replace`` replaced, kept
       mlflow.db, mlartifacts/   default MLflow tracking store
       run.json           MLflow run id, so a resumed run logs into the run it started
       run.log            what was skipped and why, round summaries
@@ -60,6 +63,13 @@ class Workspace:
     def model_path(self, r: int) -> Path:
         return self.models_dir / _ROUND_MODEL.format(r)
 
+    def next_round(self, rounds: int) -> int:
+        """The first round whose models are not saved yet (``rounds``: the final segmenter; past it, one more):
+        the first training an answer taken in now is part of."""
+        saved = set(self.saved_rounds())
+        first = next((r for r in range(rounds) if r not in saved), rounds)
+        return rounds + 1 if first == rounds and self.trained_final_path.exists() else first
+
     def saved_rounds(self) -> list[int]:
         """Rounds whose models are saved, ascending."""
         found = []
@@ -86,6 +96,14 @@ class Workspace:
     @property
     def annotations_dir(self) -> Path:
         return self.root / "annotations"
+
+    @property
+    def annotation_log_path(self) -> Path:
+        return self.root / "annotations.jsonl"
+
+    @property
+    def replaced_annotations_dir(self) -> Path:
+        return self.root / "annotations_replaced"
 
     @property
     def run_info_path(self) -> Path:

@@ -9,7 +9,7 @@ from PIL import Image
 
 from caudo_ray import data as D
 from caudo_ray.config import PhantomConfig
-from caudo_ray.errors import DataError, StoreError
+from caudo_ray.errors import StoreError
 from caudo_ray.run.prepare import load_labelled, prepare_run
 
 
@@ -70,9 +70,12 @@ def test_annotations_join_the_exemplars(tmp_path):
     assert ids == [*prepared.split.exemplars, pool_case]
     assert labels[-1].max() == 1
 
-    (prepared.workspace.annotations_dir / "nobody.png").write_bytes((prepared.workspace.annotations_dir / f"{pool_case}.png").read_bytes())
-    with pytest.raises(DataError, match="nobody"):
-        _prepare(cfg)
+    # A bad file dropped by hand is left out, named with its problem, and the run goes on with the answers before.
+    bad = prepared.workspace.annotations_dir / "nobody.png"
+    bad.write_bytes((prepared.workspace.annotations_dir / f"{pool_case}.png").read_bytes())
+    third = _prepare(cfg)
+    assert third.skipped == {str(bad): "annotation refused: names case 'nobody', which is not in the dataset (name answers <case_id>.<ext>)"}
+    assert third.store.exemplars()[0] == ids and list(third.store.annotations) == [pool_case]
 
 
 @pytest.mark.parametrize("scheme", ["path", "fsspec"])

@@ -24,6 +24,7 @@ from caudo_ray.data.phantom import phantom_case, write_phantom_dataset
 from caudo_ray.data.readers import (
     SUPPORTED_EXTENSIONS,
     Geometry,
+    check_mask_placement,
     file_extension,
     file_stem,
     read_image,
@@ -43,6 +44,7 @@ __all__ = [
     "Split",
     "check_exemplar",
     "check_exemplar_set",
+    "check_mask_placement",
     "discover_num_classes",
     "file_extension",
     "file_stem",

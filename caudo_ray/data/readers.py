@@ -235,22 +235,54 @@ def write_mask(mask_original: np.ndarray, geometry: Geometry, out_path: str | Pa
     if geometry.affine is None:  # a raster source: no placement in space to keep
         nib.save(nib.Nifti1Image(mask, np.eye(4)), str(out_path))
         return out_path
-    affine = np.asarray(geometry.affine, dtype=np.float64)
-    if geometry.is_volume_slice:
-        assert geometry.axis is not None and geometry.slice_index is not None
-        # Shift the origin to the slice, then drop its axis: world coordinates of every pixel are preserved.
-        shift = np.zeros(3)
-        shift[geometry.axis] = geometry.slice_index
-        origin = affine[:3, :3] @ shift + affine[:3, 3]
-        affine = affine.copy()
-        affine[:3, 3] = origin
-        cols = [i for i in range(3) if i != geometry.axis] + [geometry.axis]
-        affine[:3, :3] = affine[:3, :3][:, cols]
-        data = mask[:, :, None]
-    else:
-        data = mask.reshape(geometry.volume_shape or geometry.shape)
-    nib.save(nib.Nifti1Image(data, affine), str(out_path))
+    data = mask[:, :, None] if geometry.is_volume_slice else mask.reshape(geometry.volume_shape or geometry.shape)
+    nib.save(nib.Nifti1Image(data, _slice_affine(geometry)), str(out_path))
     return out_path
+
+
+def _slice_affine(geometry: Geometry) -> np.ndarray:
+    """The affine of a 2D NIfTI holding the array of ``geometry`` (which has an affine) where the source has it."""
+    affine = np.asarray(geometry.affine, dtype=np.float64)
+    if not geometry.is_volume_slice:
+        return affine
+    assert geometry.axis is not None and geometry.slice_index is not None
+    # Shift the origin to the slice, then drop its axis: world coordinates of every pixel are preserved.
+    shift = np.zeros(3)
+    shift[geometry.axis] = geometry.slice_index
+    origin = affine[:3, :3] @ shift + affine[:3, 3]
+    affine = affine.copy()
+    affine[:3, 3] = origin
+    cols = [i for i in range(3) if i != geometry.axis] + [geometry.axis]
+    affine[:3, :3] = affine[:3, :3][:, cols]
+    return affine
+
+
+def check_mask_placement(path: str | Path, geometry: Geometry, tolerance_mm: float = 1e-3) -> None:
+    """Refuse a NIfTI mask that would not lie on the image it labels; other formats carry no placement to check.
+
+    A 3D mask must have the image volume's shape and affine; a 2D one the affine :func:`write_mask` gives the
+    image (its slice's, for a slice of a volume). Shapes of the labelled slice itself are checked when the mask is
+    read (:func:`caudo_ray.data.dataset.load_case`).
+
+    Raises:
+        DataError: naming the file: another volume shape, or an affine further than ``tolerance_mm`` from the image's.
+    """
+    if file_extension(path) not in (".nii", ".nii.gz") or geometry.affine is None:
+        return
+    try:
+        header = nib.load(str(path))
+    except Exception as exc:  # noqa: BLE001 (nibabel raises several unrelated types for a bad header)
+        raise DataError(str(path), f"cannot read NIfTI header ({exc})") from None
+    spatial = _spatial_shape(tuple(header.shape), path)
+    if _is_2d(spatial):
+        expected = _slice_affine(geometry)
+    else:
+        if geometry.volume_shape is None or spatial != tuple(geometry.volume_shape):
+            raise DataError(str(path), f"volume shape {spatial} does not match the image's {geometry.volume_shape} ({geometry.source})")
+        expected = np.asarray(geometry.affine, dtype=np.float64)
+    gap = float(np.max(np.abs(np.asarray(header.affine, dtype=np.float64) - expected)))
+    if gap > tolerance_mm:
+        raise DataError(str(path), f"affine differs from the image's ({geometry.source}) by up to {gap:.3g}: it would not lie on the image")
 
 
 def write_volume(slices: Sequence[np.ndarray] | Mapping[int, np.ndarray], geometry: Geometry, out_path: str | Path) -> Path:

@@ -26,18 +26,20 @@ from caudo_ray.training.inputs import RoundInputs
 
 
 def training_inputs(store: PseudoLabelStore, r: int, *, with_pool: bool = False, veto: bool = False) -> RoundInputs:
-    """Exemplars plus, from round 1, the selected calibrated labels of round r-1 weighted by reliability; with
-    ``with_pool``, every usable pool image too (online consistency training) and, from round 1, round r-1's
-    calibrated label of each. With ``veto``, a label's pixels where the calibrator's proposal differs from the
+    """Exemplars (answered queries included) plus, from round 1, the selected calibrated labels of round r-1
+    weighted by reliability; with ``with_pool``, every usable pool image too (online consistency training) and,
+    from round 1, round r-1's calibrated label of each. With ``veto``, a label's pixels where the calibrator's proposal differs from the
     kept label are :data:`~caudo_ray.arrays.IGNORE`: a pixel the calibration disputes teaches nothing."""
     _, ex_images, ex_labels = store.exemplars()
-    usable = np.flatnonzero(store.usable_mask())
+    usable_mask = store.usable_mask()
+    usable = np.flatnonzero(usable_mask)
     pool = store.read_images(usable) if with_pool else None
     if r == 0:
         return RoundInputs(ex_images, ex_labels, pool_images=pool)
     prev = r - 1
     pool_labels = _taught(store.rounds.read(prev, usable), veto) if with_pool else None
-    selected = np.flatnonzero(store.rounds.selected(prev))
+    # A case answered since round r-1 was committed trains as an exemplar, no longer as a pseudo label.
+    selected = np.flatnonzero(store.rounds.selected(prev) & usable_mask)
     if not len(selected):
         return RoundInputs(ex_images, ex_labels, pool_images=pool, pool_labels=pool_labels)
     labels = store.rounds.read(prev, selected)

@@ -1,6 +1,8 @@
 """The coordinator: a whole self-training run, rounds of train -> label (streamed) -> select -> commit, resumable.
 
-The coordinator owns the store's group attributes, round commits and the MLflow run. Where the work runs is an
+The coordinator owns the store's group attributes, round commits and the MLflow run. Before each round's training
+from round 1 on (and the final segmenter's) it takes in the answers to annotation queries given since
+(``run.annotations.take_in``), so a person answering while the run goes is heard at its next round. Where the work runs is an
 :class:`~caudo_ray.rounds.executor.Executor` (in this process, or on Ray actors), which changes speed, never
 results.
 
@@ -25,6 +27,7 @@ from caudo_ray.rounds import guard
 from caudo_ray.rounds.executor import Executor, LocalExecutor, TrainContext
 from caudo_ray.rounds.loop import load_or_train, repair_round, stream_round
 from caudo_ray.rounds.steps import select_and_commit
+from caudo_ray.run.annotations import take_in
 from caudo_ray.run.prepare import PreparedRun, load_labelled, prepare_run
 from caudo_ray.store import PseudoLabelStore
 from caudo_ray.tracking import names
@@ -37,6 +40,7 @@ from caudo_ray.workspace import Workspace
 log = logging.getLogger(__name__)
 
 ExecutorFactory = Callable[[TrainContext], Executor]
+RoundHook = Callable[[int, PseudoLabelStore], None]
 
 
 @dataclass
@@ -63,12 +67,22 @@ class Coordinator:
         cfg: validated run config.
         executor_factory: builds the executor from the prepared run's :class:`TrainContext`; defaults to local.
         progress: show progress bars.
+        on_round_committed: called with ``r`` and a read-only handle of the store once this invocation has
+            committed and logged round ``r`` (not for rounds an earlier invocation committed). Answers it writes
+            into ``annotations/`` join round ``r + 1`` (the final segmenter after the last round).
     """
 
-    def __init__(self, cfg: RunConfig, executor_factory: ExecutorFactory | None = None, progress: bool = True):
+    def __init__(
+        self,
+        cfg: RunConfig,
+        executor_factory: ExecutorFactory | None = None,
+        progress: bool = True,
+        on_round_committed: RoundHook | None = None,
+    ):
         self.cfg = cfg
         self.executor_factory = executor_factory or (lambda ctx: LocalExecutor(ctx, progress))
         self.progress = progress
+        self.on_round_committed = on_round_committed
 
     def run(self) -> RunResult:
         cfg = self.cfg
@@ -90,12 +104,14 @@ class Coordinator:
                 owner = executor.owner(store)
                 trained: list[RoundModels] = []  # every segmenter trained so far, in order; the guard keeps one
                 for r in range(cfg.rounds):
+                    if r > 0:
+                        self._take_in_answers(r, owner, prepared, result)
                     models = load_or_train(ws.model_path(r), lambda: executor.train(r, trained[-1] if trained else None), ws.checkpoint_path(r))  # noqa: B023
                     trained.append(models)
                     if self._regressed(trained, tracker, result):
                         break
                     self._round(r, models, executor, owner, prepared, tracker, result)
-                result.final_metrics = self._final(trained, executor, prepared, tracker, result)
+                result.final_metrics = self._final(trained, executor, owner, prepared, tracker, result)
                 result.model = log_final_model(cfg, tracker, ws.final_model_path, store.exemplars()[0])
                 tracker.finish("FINISHED")
             except KeyboardInterrupt:
@@ -141,7 +157,9 @@ class Coordinator:
         perf["calibrator_train_s"] = models.calibrator_train_s
         result.recomputed += labelled
         prepared.lock.check()  # a run that lost its lock to another must not commit over it
-        summary = select_and_commit(cfg, owner, r, {"perf": perf, "val": _scalars(models.val_metrics)})
+        # Answers taken in by round r's training (earlier rounds' and round r's own), what the round's figures bought.
+        in_use = sum(1 for record in owner.annotations.values() if record["round"] <= r)
+        summary = select_and_commit(cfg, owner, r, {"perf": perf, "val": _scalars(models.val_metrics), "annotations": in_use})
         result.rounds.append(summary)
         # A read-only handle of our own: under Ray ``owner`` is the owner actor's proxy, which would ship every label.
         reader = PseudoLabelStore.open(ws.store_url, mode="r")
@@ -150,13 +168,25 @@ class Coordinator:
         log_round_views(tracker, reader, r, cfg.tracking.num_overlays)
         tracker.log_artifact(round_curves_png(tracker, ws.root / "round_curves.png"), names.CURVES_DIR)
         log.info("round %d committed: %s", r, {k: v for k, v in summary.items() if not isinstance(v, dict)})
+        if self.on_round_committed is not None:
+            self.on_round_committed(r, reader)
 
-    def _final(self, trained: list[RoundModels], executor: Executor, prepared: PreparedRun, tracker: Tracker, result: RunResult) -> dict:
+    def _take_in_answers(self, r: int, owner, prepared: PreparedRun, result: RunResult) -> None:
+        """Answers given since the last intake join round ``r``'s training, unless its models are trained already
+        (a resume): then they wait for the next round's."""
+        ws = prepared.workspace
+        if ws.next_round(self.cfg.rounds) != r:
+            return
+        for source, problem in take_in(owner, prepared.answers, ws, r).refused.items():
+            result.skipped[source] = f"annotation refused: {problem}"
+
+    def _final(self, trained: list[RoundModels], executor: Executor, owner, prepared: PreparedRun, tracker: Tracker, result: RunResult) -> dict:
         """The segmenter the run serves: the final one, trained on the exemplars plus the last round's selection,
         unless the guard stopped the rounds or finds it worse; then the best segmenter before. Logged, with its
         validation metrics."""
         ws, rounds = prepared.workspace, self.cfg.rounds
         if result.guard.get("regressed_at") is None:
+            self._take_in_answers(rounds, owner, prepared, result)
             trained.append(
                 load_or_train(
                     ws.trained_final_path,

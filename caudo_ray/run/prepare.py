@@ -6,7 +6,6 @@ already loaded, and only checks them.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ from tqdm.auto import tqdm
 from caudo_ray import data as D
 from caudo_ray.config import ConfigError, RunConfig, load_config, save_config
 from caudo_ray.errors import DataError, StoreError
+from caudo_ray.run.annotations import AnswerRules, take_in
 from caudo_ray.run.logs import attach_file_log
 from caudo_ray.store import NO_TRUTH, PseudoLabelStore, StoreLock
 from caudo_ray.workspace import Workspace
@@ -37,6 +37,7 @@ class PreparedRun:
     store: PseudoLabelStore
     lock: StoreLock
     num_classes: int
+    answers: AnswerRules  # what answers to annotation queries are checked against
     skipped: dict[str, str] = field(default_factory=dict)  # case id or file -> reason
 
 
@@ -88,23 +89,16 @@ def _prepare(cfg: RunConfig, ws: Workspace, lock: StoreLock, progress: bool, on_
     data_root = Path(cfg.data.path) if cfg.data.path else ws.phantom_dir
     if cfg.data.path is None and not (data_root / "images").is_dir():
         D.write_phantom_dataset(data_root, cfg.data.phantom)
-    index = D.index_dataset(
-        data_root,
-        group_column=cfg.data.group_column,
-        nifti_axis=cfg.data.nifti_axis,
-        split_column=cfg.split.column,
-        datalist=cfg.split.datalist,
-        volume_column=cfg.data.volume_column,
-        slice_column=cfg.data.slice_column,
-    )
+    index = index_of(cfg, data_root)
     num_classes = cfg.data.num_classes or D.discover_num_classes(index)
     split = _load_or_make_split(cfg, ws, index)
 
     skipped: dict[str, str] = {}
 
-    def skip(source: str, reason: str) -> None:
+    def skip(source: str, reason: str, *, said: bool = False) -> None:
         skipped[source] = reason
-        log.warning("skipped %s: %s", source, reason)
+        if not said:
+            log.warning("skipped %s: %s", source, reason)
         if on_skip is not None:
             on_skip(source, reason)
 
@@ -124,8 +118,24 @@ def _prepare(cfg: RunConfig, ws: Workspace, lock: StoreLock, progress: bool, on_
     )
 
     load_pool(store, pool_refs, cfg, num_classes, skip, progress)
-    _load_exemplars(store, [refs[c] for c in split.exemplars] + _annotation_refs(ws, refs), cfg, num_classes)
-    return PreparedRun(cfg, ws, data_root, index, split, store, lock, num_classes, skipped)
+    _load_exemplars(store, [refs[c] for c in split.exemplars], cfg, num_classes)
+    answers = AnswerRules.of(cfg, index, split, num_classes)
+    for source, problem in take_in(store, answers, ws, ws.next_round(cfg.rounds)).refused.items():
+        skip(source, f"annotation refused: {problem}", said=True)  # take_in has warned, naming the file
+    return PreparedRun(cfg, ws, data_root, index, split, store, lock, num_classes, answers, skipped)
+
+
+def index_of(cfg: RunConfig, data_root: Path) -> D.DatasetIndex:
+    """The dataset folder's cases as the config reads them (groups, volumes, a predefined split)."""
+    return D.index_dataset(
+        data_root,
+        group_column=cfg.data.group_column,
+        nifti_axis=cfg.data.nifti_axis,
+        split_column=cfg.split.column,
+        datalist=cfg.split.datalist,
+        volume_column=cfg.data.volume_column,
+        slice_column=cfg.data.slice_column,
+    )
 
 
 def load_labelled(prepared: PreparedRun, case_ids: list[str], *, skip_bad: bool = False) -> tuple[np.ndarray, np.ndarray]:
@@ -230,21 +240,12 @@ def load_pool(store: PseudoLabelStore, pool_refs, cfg: RunConfig, num_classes: i
     flush()
 
 
-def _annotation_refs(ws: Workspace, refs: dict[str, D.CaseRef]) -> list[D.CaseRef]:
-    """Masks a person added between rounds (``annotations/<case_id>.<ext>``) become exemplars."""
-    added = []
-    for path in sorted(ws.annotations_dir.iterdir()):
-        case_id = D.validate_case_id(D.file_stem(path), source=str(path))
-        if case_id not in refs:
-            raise DataError(str(path), f"annotation names case {case_id!r}, which is not in the dataset")
-        added.append(dataclasses.replace(refs[case_id], mask_path=path, labelled=True))
-    return added
-
-
 def _load_exemplars(store: PseudoLabelStore, refs: list[D.CaseRef], cfg: RunConfig, num_classes: int) -> None:
+    """The split's exemplars into the store, once (answers taken in since stay beside them)."""
     ids = [r.case_id for r in refs]
     current, _, _ = store.exemplars()
-    if list(current) == ids:
+    answered = store.annotations
+    if [c for c in current if c not in answered] == ids:
         return
     cases = D.check_exemplar_set([load_case(r, cfg, num_classes) for r in refs])
     store.set_exemplars(ids, np.stack([c.image for c in cases]), np.stack([c.mask for c in cases]))

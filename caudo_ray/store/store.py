@@ -3,7 +3,10 @@
 The store holds the pool's images (and hidden truth, for benchmarks), the exemplars and, through
 :attr:`PseudoLabelStore.rounds`, every round's pseudo labels. Workers write only the chunks of their own batch;
 the owner (the coordinator) writes group attributes. Cases that could not be loaded are recorded by the owner in the root
-attribute ``skipped`` (case id -> reason) and left out of :meth:`PseudoLabelStore.usable_mask`.
+attribute ``skipped`` (case id -> reason) and left out of :meth:`PseudoLabelStore.usable_mask`. Pool cases a person
+answered (annotated) join the exemplars; their records (file, sha256, annotator, time, the round they joined) are the
+root attribute ``annotations`` (case id -> record), answers they replaced are kept in ``annotations_replaced``, and
+they too are left out of :meth:`PseudoLabelStore.usable_mask`: an answered case is never again pseudo-labelled.
 """
 
 from __future__ import annotations
@@ -410,23 +413,49 @@ class PseudoLabelStore:
         skipped[self._case_ids[int(idx[0])]] = str(reason)
         self._root.attrs.update({"skipped": skipped, "updated": now()})
 
+    @property
+    def annotations(self) -> dict[str, dict]:
+        """The exemplars that are answered queries: case id -> record (file, sha256, annotator, time, round)."""
+        return dict(self._root.attrs.get("annotations", {}))
+
+    @property
+    def replaced_annotations(self) -> list[dict]:
+        """Records of answers a later answer for the same case replaced, oldest first."""
+        return list(self._root.attrs.get("annotations_replaced", []))
+
     def usable_mask(self) -> np.ndarray:
-        """Cases with a stored image and not skipped (bool (N,)): the ones rounds select from."""
-        skipped = self.skipped
+        """Cases with a stored image, not skipped and not annotated (bool (N,)): the ones rounds label and select."""
+        left_out = self.skipped.keys() | self.annotations.keys()
         usable = read_flags(self._loaded)
-        usable &= np.array([cid not in skipped for cid in self._case_ids], dtype=bool)
+        usable &= np.array([cid not in left_out for cid in self._case_ids], dtype=bool)
         return usable
 
-    def set_exemplars(self, ids: Sequence[str], images: np.ndarray, labels: np.ndarray) -> None:
+    def set_exemplars(
+        self,
+        ids: Sequence[str],
+        images: np.ndarray,
+        labels: np.ndarray,
+        *,
+        annotations: Mapping[str, Mapping[str, Any]] | None = None,
+        replaced: Sequence[Mapping[str, Any]] = (),
+    ) -> None:
         """Stores (replacing any earlier set) the labelled exemplars. Owner only.
 
         Args:
             ids: exemplar case ids.
             images: (K, H, W) float images at the working size.
             labels: (K, H, W) integer label maps with classes 0..C-1.
+            annotations: the record of each exemplar that is an answered query (case id -> record); the others
+                are the split's exemplars. Replaces the stored records; None keeps them.
+            replaced: records of earlier answers these replace, appended to :attr:`replaced_annotations`.
+
+        Raises:
+            DataError: shapes, values or ids are wrong, or an annotation names a case that is not an exemplar.
         """
         self._check_writable()
         ids = validate_names(ids, "exemplar ids")
+        if annotations is not None and not annotations.keys() <= set(ids):
+            raise DataError("annotations", f"records of cases that are not exemplars: {sorted(annotations.keys() - set(ids))}")
         images = np.asarray(images)
         labels = np.asarray(labels)
         k = len(ids)
@@ -448,7 +477,14 @@ class PseudoLabelStore:
         self._root.create_array(
             "exemplar/labels", data=labels.astype(np.uint8), chunks=(1, h, w), compressors=compressors(), overwrite=True
         )
-        self._root.attrs.update({"updated": now()})
+        attrs: dict[str, Any] = {"updated": now()}
+        if annotations is not None:
+            attrs["annotations"] = jsonable({k: dict(v) for k, v in annotations.items()}, "annotations")
+        if replaced:
+            attrs["annotations_replaced"] = self.replaced_annotations + jsonable([dict(r) for r in replaced], "replaced annotations")
+        # Attributes after the arrays: an interrupted write leaves the records of the set before, which the next
+        # intake finds different from the files and writes again.
+        self._root.attrs.update(attrs)
 
     def exemplars(self) -> tuple[list[str], np.ndarray, np.ndarray]:
         """Returns (ids, images float32 (K, H, W), labels uint8 (K, H, W)); K = 0 before any were stored."""

@@ -17,6 +17,7 @@ RELIABILITY_SPEARMAN = "round/reliability_spearman"
 AGREEMENT_MEAN = "round/agreement_mean"
 ACCEPTED_FRACTION = "round/calibration_accepted"  # share of cases whose calibrated label passed the reliability test
 CHANGED_FRACTION = "round/changed_fraction"
+ANNOTATIONS = "round/annotations"  # answered queries the round's segmenter trained on
 VAL_DICE = "val/dice"
 VAL_HD95 = "val/hd95"
 FINAL_VAL_PREFIX = "final/val_"  # the final segmenter's validation metrics, final/val_dice ...
@@ -44,6 +45,7 @@ SUMMARY_METRICS = {
     "reliability_spearman": RELIABILITY_SPEARMAN,
     "agreement_mean": AGREEMENT_MEAN,
     "accepted_fraction": ACCEPTED_FRACTION,
+    "annotations": ANNOTATIONS,
 }
 PERF_METRICS = {
     "cases_per_s": CASES_PER_S,

@@ -1,0 +1,146 @@
+"""Answers to annotation queries given while a run goes join its next round, on the local and the Ray executor,
+and a run resumed on the work dir continues from its last committed round with them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import tiny_config
+from mlflow import MlflowClient
+from PIL import Image
+
+from caudo_ray import data as D
+from caudo_ray.rounds.executor import LocalExecutor
+from caudo_ray.rounds.steps import annotation_queries, training_inputs
+from caudo_ray.run.coordinator import Coordinator
+from caudo_ray.store import PseudoLabelStore
+from caudo_ray.tracking import names
+from caudo_ray.workspace import Workspace
+
+
+def draw_answer(cfg, case_id: str) -> np.ndarray:
+    """A person's answer for ``case_id``: a box mask at the source image's size, written into ``annotations/``."""
+    ws = Workspace.of(cfg)
+    image = Image.open(ws.phantom_dir / "unlabeled" / f"{case_id}.png") if case_id.startswith("u") else None
+    if image is None:
+        image = Image.open(ws.phantom_dir / "images" / f"{case_id}.png")
+    mask = np.zeros((image.height, image.width), np.uint8)
+    mask[8:30, 10:36] = 1
+    Image.fromarray(mask).save(ws.annotations_dir / f"{case_id}.png")
+    return mask
+
+
+class Spy:
+    """Wraps an executor and records, for every training, the exemplar ids and selected pseudo-labelled images
+    it trains on, read from the store the moment it starts (as the trainer reads them)."""
+
+    def __init__(self, inner, store_url: str, seen: dict):
+        self.inner, self.store_url, self.seen = inner, store_url, seen
+
+    def train(self, r, previous, *, with_calibrator=True):
+        store = PseudoLabelStore.open(self.store_url, mode="r")
+        inputs = training_inputs(store, r)
+        self.seen[r] = (store.exemplars()[0], inputs.exemplar_images, inputs.pseudo_images)
+        return self.inner.train(r, previous, with_calibrator=with_calibrator)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def run_answering_after_round_0(cfg, executor_cls):
+    """A two-round run whose hook answers, after round 0, its least reliable query and a case round 0 selected for
+    round 1's pseudo labels; returns (result, {case id: mask}, seen)."""
+    seen: dict = {}
+    answered: dict = {}
+
+    def hook(r: int, store: PseudoLabelStore) -> None:
+        assert store.rounds.is_committed(r)
+        if r == 0:
+            [(query, _)] = annotation_queries(store, r, 1)
+            selected = store.case_ids[int(np.flatnonzero(store.rounds.selected(0))[0])]
+            for case_id in (query, selected):
+                answered[case_id] = draw_answer(cfg, case_id)
+
+    def factory(ctx):
+        return Spy(executor_cls(ctx, progress=False), ctx.store_url, seen)
+
+    result = Coordinator(cfg, executor_factory=factory, progress=False, on_round_committed=hook).run()
+    return result, answered, seen
+
+
+def assert_joined_round_1(cfg, result, answered, seen):
+    store = PseudoLabelStore.open(result.store_url, mode="r")
+    assert sorted(store.annotations) == sorted(answered) and len(answered) == 2
+    for case_id, mask in answered.items():
+        assert_joined(cfg, store, case_id, mask, seen)
+    client = MlflowClient(tracking_uri=result.tracking_uri)
+    history = {m.step: m.value for m in client.get_metric_history(result.run_id, names.ANNOTATIONS)}
+    assert history == {0: 0.0, 1: 2.0}
+    assert [s["annotations"] for s in result.rounds] == [0, 2]
+
+
+def assert_joined(cfg, store, case_id, mask, seen):
+    i = store.case_ids.index(case_id)
+    # Round 0 trained on the split's exemplars alone; round 1 and the final segmenter on the answer too.
+    assert case_id not in seen[0][0]
+    assert case_id in seen[1][0] and case_id in seen[cfg.rounds][0]
+    ids, images, labels = store.exemplars()
+    k = ids.index(case_id)
+    np.testing.assert_array_equal(labels[k], D.resize_mask(mask, cfg.data.working_size))
+    np.testing.assert_array_equal(images[k], store.read_images([i])[0])
+    # The answered image is among round 1's exemplar images and not among its pseudo-labelled ones.
+    assert any(np.array_equal(store.read_images([i])[0], x) for x in seen[1][1])
+    assert seen[1][2] is None or not any(np.array_equal(store.read_images([i])[0], x) for x in seen[1][2])
+    # It left the pool: not labelled in round 1, not selected, not usable, and recorded as an annotation.
+    assert not store.rounds.done(1)[i] and not store.rounds.selected(1)[i] and not store.usable_mask()[i]
+    record = store.annotations[case_id]
+    assert record["round"] == 1 and record["file"] == f"{case_id}.png" and len(record["sha256"]) == 64
+    assert record["annotator"].startswith("unknown")  # dropped into annotations/, not given through annotate
+
+
+def test_an_answer_given_while_the_run_goes_joins_the_next_round_locally(tmp_path):
+    cfg = tiny_config(tmp_path / "run")
+    assert_joined_round_1(cfg, *run_answering_after_round_0(cfg, LocalExecutor))
+
+
+def test_an_answer_given_while_the_run_goes_joins_the_next_round_on_ray(ray_session, tmp_path):
+    from caudo_ray.distributed.executor import RayExecutor
+
+    cfg = tiny_config(
+        tmp_path / "run", **{"runtime.use_ray": True, "runtime.num_workers": 2, "runtime.cpus_per_worker": 1, "runtime.trainer_cpus": 0}
+    )
+    assert_joined_round_1(cfg, *run_answering_after_round_0(cfg, RayExecutor))
+
+
+class Stop(Exception):
+    """Ends a run after a round, as a crash or a kill would."""
+
+
+def test_a_resumed_run_continues_from_its_last_committed_round_with_the_answers(tmp_path):
+    cfg = tiny_config(tmp_path / "run")
+    ws = Workspace.of(cfg)
+
+    def stop_after_round_0(r, store):
+        raise Stop
+
+    with pytest.raises(Stop):
+        Coordinator(cfg, progress=False, on_round_committed=stop_after_round_0).run()
+    store = PseudoLabelStore.open(ws.store_url, mode="r")
+    assert store.rounds.committed() == [0] and ws.saved_rounds() == [0]
+    round0 = store.rounds.read(0)
+    model_mtime = ws.model_path(0).stat().st_mtime_ns
+    [(case_id, _)] = annotation_queries(store, 0, 1)
+    mask = draw_answer(cfg, case_id)
+
+    result = Coordinator(cfg, progress=False).run()
+    store = PseudoLabelStore.open(ws.store_url, mode="r")
+    i = store.case_ids.index(case_id)
+    # Round 0 is not recomputed: its models and labels stay; only round 1 labels, without the answered case.
+    assert ws.model_path(0).stat().st_mtime_ns == model_mtime
+    again = store.rounds.read(0)
+    np.testing.assert_array_equal(again["calibrated"], round0["calibrated"])
+    assert result.recomputed == int(store.usable_mask().sum()) and not store.rounds.done(1)[i]
+    assert store.annotations[case_id]["round"] == 1
+    ids, _, labels = store.exemplars()
+    np.testing.assert_array_equal(labels[ids.index(case_id)], D.resize_mask(mask, cfg.data.working_size))
+    assert [s["annotations"] for s in result.rounds] == [0, 1]
