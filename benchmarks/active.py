@@ -5,15 +5,17 @@ one patient on ACDC, as the accuracy benchmark draws them) and, after each commi
 the run's top-k queries of one strategy (``selection.query_strategy``: reliability, random, entropy, diverse) with
 the hidden true masks of the training split. It writes each answer into the run's ``annotations/`` folder through
 the coordinator's ``on_round_committed`` hook, in the data set's own mask format and geometry, and the answers join
-the labelled set at the next round. With ``--budgets 1 2 4 8`` the rounds train with 0, 1, 2, 4 and 8 answers
-(1, 1, 2 and 4 answered after rounds 0-3); each round's segmenter is scored on the test set, so every strategy
-gives test Dice against annotations made: per slice on HC18, per volume on ACDC (``accuracy._score``).
+the labelled set at the next round. With ``--budgets 1 2 4 8`` a run has four rounds: rounds 0-3 train with 0, 1, 2
+and 4 answers, and the final segmenter (the one the run serves) with 8 (1, 1, 2 and 4 answered after rounds 0-3).
+Each of these segmenters is scored on the test set, so every strategy gives test Dice against annotations made:
+per slice on HC18, per volume on ACDC (``accuracy._score``).
 
 Every strategy runs with the same split, labelled set, seed, rounds and iteration budget; supervised is
 ``accuracy``'s upper bound (every labelled training case) at the same segmenter budget. The drift guard is off:
 a guard stop would end one strategy's rounds before its annotations are spent and leave the others' unmatched.
 The pool holds only cases with a mask (the data set's unlabelled images are left out), so every query can be
-answered. What strategy ranks what, and why no query comes from a group already labelled:
+answered, and an empty answer (an ACDC slice past the heart) is a true one (``annotations.allow_empty``); an answer
+the run refuses stops the benchmark. What strategy ranks what, and why no query comes from a group already labelled:
 ``caudo_ray.labelling.selection``.
 
 The report gives, per strategy, test Dice at each number of annotations (mean over draws), the answers made, and
@@ -78,6 +80,8 @@ from caudo_ray.store import PseudoLabelStore
 
 DEFAULT_BUDGETS = (1, 2, 4, 8)
 TARGET_FRACTION = 0.95  # "annotations to reach 0.95 x supervised"
+# What every profile needs for the annotator's answers to count: see the module docstring.
+ANSWERING = {"guard.enabled": False, "annotations.allow_empty": True}
 # Overrides of the run config per profile (dotted keys); ``rounds`` follows from --budgets.
 PROFILES: dict[str, dict[str, Any]] = {
     # Small enough for CI (well under 2 minutes for four strategies on 2 cores): 32x32, tiny networks.
@@ -96,9 +100,9 @@ PROFILES: dict[str, dict[str, Any]] = {
         "calibrator.inference_steps": 4,
         "consistency.unlabelled_batch_size": 2,
         "selection.fractions": [0.5, 0.75, 1.0],
-        "guard.enabled": False,
+        **ANSWERING,
     },
-    "full": {**{k: v for k, v in ACCURACY_PROFILES["full"].items() if k != "rounds"}, "guard.enabled": False},
+    "full": {**{k: v for k, v in ACCURACY_PROFILES["full"].items() if k != "rounds"}, **ANSWERING},
 }
 PROFILE_LIMIT = {"fast": 40, "full": None}  # labelled training cases kept (whole groups); None: all
 
@@ -195,7 +199,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     schedule = [b - a for a, b in zip([0, *args.budgets], args.budgets)]
     answers_at_round = [0, *args.budgets]
-    overrides = {**PROFILES[profile], "rounds": len(answers_at_round), **_parse_overrides(args.overrides)}
+    overrides = {**PROFILES[profile], "rounds": len(args.budgets), **_parse_overrides(args.overrides)}
     overrides["runtime.trainer_cpus"] = overrides["runtime.threads_per_worker"] = args.threads
     base = _config(work / "base", data_root, group_column, args.seed, overrides)
     num_classes = D.discover_num_classes(index, sample=64)
@@ -221,10 +225,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             run = Coordinator(cfg, progress=False, on_round_committed=annotator).run()
             wall = time.perf_counter() - t0
             prepared = _reopen(cfg)
+            refused = {a["case_id"] for a in annotator.answers} - set(prepared.store.annotations)
+            if refused or len(run.rounds) != cfg.rounds:
+                raise SystemExit(f"{cfg.work_dir}: {len(run.rounds)} of {cfg.rounds} rounds ran; answers not taken in: {sorted(refused)} ({run.skipped})")
             test = test or _test_set(prepared, index)
-            points = []
-            for r in range(len(run.rounds)):
-                scores = _score(cfg, RoundModels.load(prepared.workspace.model_path(r)), test, num_classes)
+            ws = prepared.workspace
+            points = []  # rounds 0..R-1, then the final segmenter (round R), which trained with every answer
+            for r, path in enumerate([*map(ws.model_path, range(cfg.rounds)), ws.final_model_path]):
+                scores = _score(cfg, RoundModels.load(path), test, num_classes)
                 points.append({"answers": answers_at_round[r], "round": r, "dice": _headline(scores), **scores})
             results[strategy].append({"draw": name, "labelled": labelled, "wall_s": wall, "points": points, "answers": annotator.answers})
             print(f"   {strategy:12s} " + "  ".join(f"{p['answers']}: {p['dice']:.4f}" for p in points) + f"  {wall:.0f} s", flush=True)
