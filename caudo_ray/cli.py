@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 
 from caudo_ray.config import QUERY_STRATEGIES, ConfigError, RunConfig, load_config
-from caudo_ray.data import file_stem, format_report, index_dataset, inspect_dataset
+from caudo_ray.data import file_stem, format_report, inspect_dataset
 from caudo_ray.deploy.from_run import final_provenance, final_segmenter
 from caudo_ray.deploy.mlflow_model import save_mlflow_model
 from caudo_ray.deploy.monai_bundle import write_monai_bundle
@@ -32,10 +32,12 @@ from caudo_ray.distributed.tune import format_trials, run_tune
 from caudo_ray.errors import DataError, StoreError
 from caudo_ray.inference import predict_folder
 from caudo_ray.rounds.steps import annotation_queries
+from caudo_ray.run.annotations import answer_files
 from caudo_ray.run.baseline import METHODS as BASELINE_METHODS
 from caudo_ray.run.baseline import train_baseline
 from caudo_ray.run.calibrate_dataset import calibrate_dataset
 from caudo_ray.run.coordinator import Coordinator, RunResult
+from caudo_ray.run.prepare import index_of
 from caudo_ray.store import PseudoLabelStore, export_round
 from caudo_ray.tracking.report import DashboardError, build_dashboard
 from caudo_ray.tracking.tracker import sqlite_tracking_uri
@@ -372,7 +374,7 @@ def cmd_queries(args: argparse.Namespace) -> int:
     store = PseudoLabelStore.open(ws.store_url, mode="r")
     r = _last_round(store, args.round)
     strategy = args.strategy or cfg.selection.query_strategy
-    answered = [file_stem(p) for p in ws.annotations_dir.iterdir()] if ws.annotations_dir.is_dir() else []
+    answered = [file_stem(p) for p in answer_files(ws.annotations_dir)]  # waiting for the run's next intake
     rows = annotation_queries(
         store,
         r,
@@ -393,15 +395,7 @@ def cmd_queries(args: argparse.Namespace) -> int:
 
 def _case_groups(cfg: RunConfig) -> dict[str, str]:
     """Case id -> group (exam, patient) of the run's data set, indexed as the run indexed it."""
-    index = index_dataset(
-        Path(cfg.data.path) if cfg.data.path else Workspace.of(cfg).phantom_dir,
-        group_column=cfg.data.group_column,
-        nifti_axis=cfg.data.nifti_axis,
-        split_column=cfg.split.column,
-        datalist=cfg.split.datalist,
-        volume_column=cfg.data.volume_column,
-        slice_column=cfg.data.slice_column,
-    )
+    index = index_of(cfg, Path(cfg.data.path) if cfg.data.path else Workspace.of(cfg).phantom_dir)
     return {ref.case_id: ref.group for ref in index.labelled + index.unlabelled}
 
 
