@@ -15,7 +15,7 @@ Every strategy runs with the same split, labelled set, seed, rounds and iteratio
 a guard stop would end one strategy's rounds before its annotations are spent and leave the others' unmatched.
 The pool holds only cases with a mask (the data set's unlabelled images are left out), so every query can be
 answered, and an empty answer (an ACDC slice past the heart) is a true one (``annotations.allow_empty``); an answer
-the run refuses stops the benchmark. What strategy ranks what, and why no query comes from a group already labelled:
+the run refuses stops the benchmark. What each strategy ranks by, and which cases are never asked for:
 ``caudo_ray.labelling.selection``.
 
 The report gives, per strategy, test Dice at each number of annotations (mean over draws), the answers made, and

@@ -289,6 +289,19 @@ def test_queries_never_come_from_a_labelled_group():
     assert [q.case_id for q in diverse] == ["p2_s0", "p1_s0"]
 
 
+def test_an_answered_group_stays_open_and_diverse_asks_it_last():
+    # p2_s0 was answered (it left the candidates); p2's other slices are still new slices.
+    ids = ["p1_s0", "p1_s1", "p2_s1", "p2_s2", "p3_s0"]
+    groups = ["p1", "p1", "p2", "p2", "p3"]
+    scores = {"reliability": np.array([0.5, 0.6, 0.1, 0.2, 0.7])}
+    plain = annotation_queries(ids, scores, 2, groups=groups, answered_groups=["p2"])
+    assert [q.case_id for q in plain] == ["p2_s1", "p2_s2"]  # the least reliable, wherever they are
+    diverse = annotation_queries(ids, scores, 4, strategy="diverse", groups=groups, answered_groups=["p2"])
+    # p1 and p3 were never answered: asked first; p2, answered once, joins the second pass with p1's second case.
+    assert [q.case_id for q in diverse] == ["p1_s0", "p3_s0", "p2_s1", "p1_s1"]
+    assert diverse_queries(scores["reliability"], groups, 2, asked={"p2": 1}).tolist() == [0, 4]
+
+
 def test_dice_per_case_and_spearman():
     truth = np.stack([ellipse(16, 16, 8, 6), ellipse(16, 16, 8, 6), np.zeros(SHAPE, bool)]).astype(np.uint8)
     pred = truth.copy()

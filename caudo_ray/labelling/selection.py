@@ -4,6 +4,7 @@ by strategy (reliability, random, entropy, diverse)."""
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -72,13 +73,16 @@ def annotation_queries(
     strategy: str = "reliability",
     groups: Sequence[str] | None = None,
     labelled_groups: Iterable[str] = (),
+    answered_groups: Sequence[str] = (),
     seed: int | Sequence[int] = 0,
 ) -> list[Query]:
     """The ``k`` cases to annotate next, in the order a person should answer them.
 
-    Cases of a group that already holds a labelled case (an exemplar or an earlier answer) are never queried: on
-    ACDC the slices of one patient share its anatomy, scanner and contrast, so a slice of a labelled patient shows
-    the segmenter little it has not seen, and the issue's simulated annotator counts only new patients' slices.
+    No case of the starting labelled set's groups is asked for: that set labels its patients (or exams) whole on
+    ACDC, and the slices of a labelled patient share its anatomy, scanner and contrast, so they are not new. A case
+    already answered has left the candidates; its group's other cases stay, since an answer labels one slice and a
+    data set of few patients would otherwise run out of queries after one answer each. The ``diverse`` strategy
+    asks for the groups nobody answered before those somebody did.
 
     Args:
         case_ids: (N,) candidate ids (the usable pool).
@@ -86,7 +90,8 @@ def annotation_queries(
         k: how many (fewer when fewer candidates are left).
         strategy: one of :data:`~caudo_ray.config.QUERY_STRATEGIES` (see :func:`query_order`).
         groups: (N,) group (exam, patient) of each candidate; None: each case is its own group.
-        labelled_groups: groups that hold a labelled case already.
+        labelled_groups: groups of the starting labelled set (the split's exemplars): never asked.
+        answered_groups: the group of each answer given so far (repeated per answer), for ``diverse``.
         seed: the ``random`` strategy's seed.
 
     Raises:
@@ -99,14 +104,15 @@ def annotation_queries(
     for name, values in (("case_ids", case_ids), ("groups", group_of), ("entropy", rel if entropy is None else entropy)):
         if len(values) != len(rel):
             raise DataError(name, f"{len(values)} values for {len(rel)} reliabilities")
-    covered = set(labelled_groups)
-    candidates = np.array([i for i, g in enumerate(group_of) if g not in covered], dtype=np.int64)
+    labelled = set(labelled_groups)
+    candidates = np.array([i for i, g in enumerate(group_of) if g not in labelled], dtype=np.int64)
     order = query_order(
         strategy,
         k,
         reliability=rel[candidates],
         entropy=None if entropy is None else entropy[candidates],
         groups=[group_of[i] for i in candidates],
+        asked=Counter(answered_groups),
         seed=seed,
     )
     return [
@@ -122,6 +128,7 @@ def query_order(
     reliability: np.ndarray,
     entropy: np.ndarray | None = None,
     groups: Sequence[str] | None = None,
+    asked: Mapping[str, int] | None = None,
     seed: int | Sequence[int] = 0,
 ) -> np.ndarray:
     """Indices of the ``k`` cases a strategy asks for, first query first.
@@ -143,7 +150,7 @@ def query_order(
             raise DataError("entropy", "the entropy strategy needs the round's entropy scores")
         return most_uncertain(entropy, k)
     if strategy == "diverse":
-        return diverse_queries(rel, [str(i) for i in range(len(rel))] if groups is None else groups, k)
+        return diverse_queries(rel, [str(i) for i in range(len(rel))] if groups is None else groups, k, asked=asked)
     raise ValueError(f"unknown query strategy {strategy!r}; expected one of {', '.join(QUERY_STRATEGIES)}")
 
 
@@ -162,24 +169,26 @@ def most_uncertain(entropy: np.ndarray, k: int) -> np.ndarray:
     return _ranked_ascending(-h)[:k]
 
 
-def diverse_queries(reliability: np.ndarray, groups: Sequence[str], k: int) -> np.ndarray:
+def diverse_queries(reliability: np.ndarray, groups: Sequence[str], k: int, *, asked: Mapping[str, int] | None = None) -> np.ndarray:
     """The least reliable cases, no two of one group while groups are left: indices, first query first.
 
     The first pass gives each group's least reliable case, least reliable first. When ``k`` exceeds the number of
     groups, the next pass gives each group's second least reliable case (least reliable first again), and so on:
-    every group is asked once before any is asked twice, and ``min(k, N)`` cases always come back.
+    every group is asked once before any is asked twice, and ``min(k, N)`` cases always come back. A group answered
+    ``n`` times in earlier rounds (``asked``) starts at pass ``n``, so the queries spread over the rounds too.
 
     Args:
         reliability: (N,) scores, higher is better.
         groups: (N,) group (exam, patient) of each case.
         k: how many.
+        asked: group -> answers given there already.
     """
     rel = _check_vector("reliability", reliability)
     if len(groups) != len(rel):
         raise DataError("groups", f"{len(groups)} groups for {len(rel)} reliabilities")
     order = _ranked_ascending(rel)
     rank_in_group = np.empty(len(rel), np.int64)
-    seen: dict[str, int] = {}
+    seen = dict(asked or {})
     for i in order:
         rank_in_group[i] = seen.get(groups[i], 0)
         seen[groups[i]] = rank_in_group[i] + 1

@@ -141,8 +141,8 @@ def annotation_queries(
 ) -> list[selection.Query]:
     """What a person should label next: ``k`` usable cases of round ``r`` chosen by ``strategy``.
 
-    No case of a group that holds a labelled case (an exemplar, or a case in ``answered``) is asked for
-    (:func:`~caudo_ray.labelling.selection.annotation_queries`).
+    No case of the starting labelled set's groups is asked for, and no case answered already
+    (:func:`~caudo_ray.labelling.selection.annotation_queries` says why).
 
     Args:
         store: the run's store.
@@ -150,20 +150,22 @@ def annotation_queries(
         k: how many.
         strategy: one of :data:`~caudo_ray.config.QUERY_STRATEGIES`.
         groups: case id -> group (exam, patient) from the data set's index; None or a missing id: its own group.
-        answered: case ids answered but not yet among the store's exemplars (masks waiting for the next round).
+        answered: case ids answered but not yet taken into the store (masks waiting for the run's next round).
         seed: the run's seed; the ``random`` strategy draws from (seed, r), so each round asks anew, reproducibly.
     """
     scores = store.rounds.scores(r)
-    usable = np.flatnonzero(store.usable_mask())
+    taken_in = store.annotations
+    waiting = set(answered) - taken_in.keys()
+    usable = np.array([i for i in np.flatnonzero(store.usable_mask()) if store.case_ids[i] not in waiting], dtype=np.int64)
     ids = [store.case_ids[i] for i in usable]
     group = (lambda c: c) if groups is None else (lambda c: groups.get(c, c))
-    labelled = [*store.exemplars()[0], *answered]
     return selection.annotation_queries(
         ids,
         {name: scores[name][usable] for name in ("reliability", "entropy") if name in scores},
         k,
         strategy=strategy,
         groups=[group(c) for c in ids],
-        labelled_groups={group(c) for c in labelled},
+        labelled_groups={group(c) for c in store.exemplars()[0] if c not in taken_in},
+        answered_groups=[group(c) for c in [*taken_in, *sorted(waiting)]],
         seed=(seed, r),
     )
