@@ -55,6 +55,7 @@ from benchmarks.accuracy import (
     DEFAULT_DATA,
     GROUP_COLUMNS,
     PUBLISHED_GROUPS,
+    SEPARATION,
     _config,
     _fresh_dir,
     _headline,
@@ -290,6 +291,9 @@ def summarise(report: dict[str, Any]) -> dict[str, Any]:
         s["annotations_to_reach"] = min(reached) if reached else None
     report["target_fraction"] = TARGET_FRACTION
     report["targets"] = _targets(report["strategies"], sup)
+    # Supervision must beat the rounds before any answer for "annotations to reach it" to mean anything.
+    before = [s["dice_by_answers"]["0"] for s in report["strategies"].values() if "0" in s["dice_by_answers"]]
+    report["separates"] = None if sup is None or not before else bool(sup - max(before) >= SEPARATION)
     return report
 
 
@@ -359,6 +363,11 @@ def format_table(report: dict[str, Any]) -> str:
         lines.append(f"target: reliability above entropy at every budget: {'met' if t['reliability_beats_entropy_at_every_budget'] else 'missed'}")
     if t["reliability_8_over_supervised"] is not None:
         lines.append(f"reliability with 8 annotations / supervised: {t['reliability_8_over_supervised']:.3f}")
+    if report["separates"] is False:
+        lines.append(
+            f"WARNING: supervised is not {SEPARATION} above the rounds before any answer: this profile cannot say what "
+            "annotations buy (use the full profile)"
+        )
     for name, s in report["strategies"].items():
         for entry in s["draws"]:
             asked = ", ".join(f"{a['case_id']}({a['group']})" for a in entry["answers"])

@@ -82,6 +82,7 @@ def test_fast_profile_answers_each_budget_with_distinct_new_cases(fast_run):
     assert len({s["draws"][0]["points"][0]["dice"] for s in report["strategies"].values()}) == 1
     sup = report["supervised"]
     assert 0.0 < sup["dice"] <= 1.0 and sup["cases"] > budgets[-1]
+    assert report["separates"] is (sup["dice"] - report["strategies"]["reliability"]["dice_by_answers"]["0"] >= bench.SEPARATION)
     for s in report["strategies"].values():
         reach = s["annotations_to_reach"]
         expected = [int(n) for n, v in s["dice_by_answers"].items() if v >= bench.TARGET_FRACTION * sup["dice"]]
