@@ -1,4 +1,4 @@
-"""``caudo-ray`` command line: run, tune, demo, predict, export, export-model, queries, data inspect, dashboard.
+"""``caudo-ray`` command line: run, tune, demo, predict, export, export-model, queries, annotate, data inspect, dashboard.
 
 Exit status: 0 done; 3 done, but some input files were skipped (listed in the log and in MLflow); 2 the config
 or the command line was refused before any work started; 1 the run failed; 130 stopped by Ctrl-C (SIGINT), 143
@@ -32,12 +32,13 @@ from caudo_ray.distributed.tune import format_trials, run_tune
 from caudo_ray.errors import DataError, StoreError
 from caudo_ray.inference import predict_folder
 from caudo_ray.rounds.steps import annotation_queries
-from caudo_ray.run.annotations import answer_files
+from caudo_ray.run.annotations import annotate, answer_files
 from caudo_ray.run.baseline import METHODS as BASELINE_METHODS
 from caudo_ray.run.baseline import train_baseline
 from caudo_ray.run.calibrate_dataset import calibrate_dataset
 from caudo_ray.run.coordinator import Coordinator, RunResult
-from caudo_ray.run.prepare import index_of
+from caudo_ray.run.prepare import answer_rules, index_of
+from caudo_ray.run.queries import export_queries
 from caudo_ray.store import PseudoLabelStore, export_round
 from caudo_ray.tracking.report import DashboardError, build_dashboard
 from caudo_ray.tracking.tracker import sqlite_tracking_uri
@@ -151,7 +152,17 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("-k", type=int, default=None, help="how many (default: selection.num_queries)")
     q.add_argument("--strategy", choices=QUERY_STRATEGIES, default=None, help="how to choose them (default: selection.query_strategy)")
     q.add_argument("--json", action="store_true")
+    q.add_argument(
+        "--export", type=Path, default=None, metavar="DIR", help="write each query's image and its current label to correct, with a manifest"
+    )
     q.set_defaults(func=cmd_queries)
+
+    ann = sub.add_parser("annotate", help="give answers to queries (masks named <case_id>.<ext>); they join the run's next round")
+    ann.add_argument("--work-dir", required=True)
+    ann.add_argument("answers", type=Path, help="folder of masks, e.g. the masks/ of `queries --export`")
+    ann.add_argument("--annotator", default=None, help="who answered (default: your user name)")
+    ann.add_argument("--replace", action="store_true", help="replace earlier answers for the same cases (their records are kept)")
+    ann.set_defaults(func=cmd_annotate)
 
     data = sub.add_parser("data", help="dataset utilities")
     data_sub = data.add_subparsers(required=True, metavar="ACTION")
@@ -256,7 +267,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
             f"  pseudo-label store (Zarr): {ws.store_url}\n"
             f"  MLflow store:              {ws.mlflow_db.resolve()}\n"
             f"  open the MLflow UI:        .venv/bin/mlflow ui --backend-store-uri {uri} --host 127.0.0.1\n"
-            f"  annotation queries:        .venv/bin/caudo-ray queries --work-dir {cfg.work_dir}\n"
+            f"  annotation queries:        .venv/bin/caudo-ray queries --work-dir {cfg.work_dir} --export review/  "
+            f"(answers: .venv/bin/caudo-ray annotate --work-dir {cfg.work_dir} review/masks)\n"
             f"  export calibrated labels:  .venv/bin/caudo-ray export --work-dir {cfg.work_dir} labels_out/\n"
             f"  segment new images:        .venv/bin/caudo-ray predict --work-dir {cfg.work_dir} images/ masks_out/"
         )
@@ -284,6 +296,8 @@ def _round_line(summary: dict) -> str:
             f"calibrated ({100 * summary['calibration_gain']:+.2f} points)"
         )
     parts.append(f"selected {summary['selected']}/{summary['cases']}, reliability mean {summary['reliability_mean']:.3f}")
+    if summary.get("annotations"):
+        parts.append(f"trained with {summary['annotations']} answered queries")
     return f"round {summary['round']}: " + ", ".join(parts)
 
 
@@ -322,10 +336,11 @@ def _run(cfg: RunConfig, progress: bool) -> tuple[int, RunResult]:
 
 
 def _saved_config(work_dir: str) -> RunConfig:
+    """The config a run saved in ``work_dir``, with the work dir as named here (the run may have named it otherwise)."""
     config = Workspace(Path(work_dir)).config_path
     if not config.exists():
         raise StoreError(f"{work_dir} has no config.yaml: is it the work dir of a run?")
-    return load_config(config)
+    return load_config(config, {"work_dir": work_dir})
 
 
 def _open_store(work_dir: str) -> PseudoLabelStore:
@@ -384,10 +399,21 @@ def cmd_queries(args: argparse.Namespace) -> int:
         answered=answered,
         seed=cfg.seed,
     )
+    if args.export is not None:
+        exported = export_queries(store, r, rows, args.export)
+        if args.json:
+            print(json.dumps(exported, indent=2))
+            return EXIT_OK
+        print(f"wrote the {len(exported)} cases of round {r} chosen by {strategy} to {args.export} ({args.export / 'manifest.csv'}):")
+        for row in exported:
+            where = f" slice {row['slice']}" if row["slice"] != "" else ""
+            print(f"{row['rank']:4d}  {row['case_id']}  reliability={float(row['reliability']):.3f}  correct {row['pre_annotation']}{where}")
+        print(f"correct the masks, then: caudo-ray annotate --work-dir {args.work_dir} {args.export / 'masks'}")
+        return EXIT_OK
     if args.json:
         print(json.dumps([dataclasses.asdict(q) for q in rows], indent=2))
     else:
-        print(f"cases to annotate after round {r}, by {strategy} (label them into {ws.annotations_dir}/<case_id>.png):")
+        print(f"cases to annotate after round {r}, by {strategy} (answer with caudo-ray annotate, or masks named <case_id>.png in {ws.annotations_dir}):")
         for rank, q in enumerate(rows, 1):
             print(f"{rank:4d}  {q.case_id}  reliability={q.reliability:.3f}  entropy={q.entropy:.3f}  group={q.group}")
     return EXIT_OK
@@ -397,6 +423,19 @@ def _case_groups(cfg: RunConfig) -> dict[str, str]:
     """Case id -> group (exam, patient) of the run's data set, indexed as the run indexed it."""
     index = index_of(cfg, Path(cfg.data.path) if cfg.data.path else Workspace.of(cfg).phantom_dir)
     return {ref.case_id: ref.group for ref in index.labelled + index.unlabelled}
+
+
+def cmd_annotate(args: argparse.Namespace) -> int:
+    cfg = _saved_config(args.work_dir)
+    records = annotate(cfg, answer_rules(cfg), args.answers, annotator=args.annotator, replace=args.replace)
+    for record in records:
+        replaced = f", replacing {record['replaced']}" if record["replaced"] else ""
+        print(f"{record['case_id']}: {record['file']} by {record['annotator']} at {record['time']}{replaced}")
+    print(
+        f"{len(records)} answer(s) in {Workspace.of(cfg).annotations_dir}: a run going on this work dir takes them in before its "
+        "next round's training; otherwise the next `caudo-ray run` on it does"
+    )
+    return EXIT_OK
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:

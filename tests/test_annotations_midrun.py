@@ -3,6 +3,9 @@ and a run resumed on the work dir continues from its last committed round with t
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 from conftest import tiny_config
@@ -39,8 +42,7 @@ class Spy:
 
     def train(self, r, previous, *, with_calibrator=True):
         store = PseudoLabelStore.open(self.store_url, mode="r")
-        inputs = training_inputs(store, r)
-        self.seen[r] = (store.exemplars()[0], inputs.exemplar_images, inputs.pseudo_images)
+        self.seen[r] = (store.exemplars()[0], training_inputs(store, r))
         return self.inner.train(r, previous, with_calibrator=with_calibrator)
 
     def __getattr__(self, name):
@@ -55,6 +57,8 @@ def run_answering_after_round_0(cfg, executor_cls):
 
     def hook(r: int, store: PseudoLabelStore) -> None:
         assert store.rounds.is_committed(r)
+        # The page was rebuilt for this round already, before the run ends.
+        answered.setdefault("pages", []).append(Workspace.of(cfg).dashboard_path.read_text())
         if r == 0:
             query = annotation_queries(store, r, 1)[0].case_id
             selected = store.case_ids[int(np.flatnonzero(store.rounds.selected(0))[0])]
@@ -65,6 +69,8 @@ def run_answering_after_round_0(cfg, executor_cls):
         return Spy(executor_cls(ctx, progress=False), ctx.store_url, seen)
 
     result = Coordinator(cfg, executor_factory=factory, progress=False, on_round_committed=hook).run()
+    pages = answered.pop("pages")
+    assert len(pages) == cfg.rounds and "What annotations bought" not in pages[0] and "What annotations bought" in pages[1]
     return result, answered, seen
 
 
@@ -75,8 +81,19 @@ def assert_joined_round_1(cfg, result, answered, seen):
         assert_joined(cfg, store, case_id, mask, seen)
     client = MlflowClient(tracking_uri=result.tracking_uri)
     history = {m.step: m.value for m in client.get_metric_history(result.run_id, names.ANNOTATIONS)}
-    assert history == {0: 0.0, 1: 2.0}
+    assert history == {0: 0.0, 1: 2.0, 2: 2.0}  # step 2: the final segmenter
     assert [s["annotations"] for s in result.rounds] == [0, 2]
+    # The answered queries, as a table in MLflow and on the page, with what each case's reliability was when asked.
+    table = json.loads(Path(client.download_artifacts(result.run_id, names.ANSWERED_QUERIES)).read_text())["answers"]
+    reliability = store.rounds.scores(0)["reliability"]
+    assert [row["case_id"] for row in table] == sorted(answered) and {row["round"] for row in table} == {1}
+    for row in table:
+        assert row["reliability_before"] == pytest.approx(float(reliability[store.case_ids.index(row["case_id"])]), rel=1e-6)
+    page = result.dashboard.read_text()
+    assert "What annotations bought" in page and all(case_id in page for case_id in answered)
+    # Rebuilt after every round and at the end, into one report run.
+    reports = client.search_runs([client.get_run(result.run_id).info.experiment_id], f"tags.{names.TAG_SOURCES} = '{result.run_id}'")
+    assert len(reports) == 1
 
 
 def assert_joined(cfg, store, case_id, mask, seen):
@@ -88,9 +105,14 @@ def assert_joined(cfg, store, case_id, mask, seen):
     k = ids.index(case_id)
     np.testing.assert_array_equal(labels[k], D.resize_mask(mask, cfg.data.working_size))
     np.testing.assert_array_equal(images[k], store.read_images([i])[0])
-    # The answered image is among round 1's exemplar images and not among its pseudo-labelled ones.
-    assert any(np.array_equal(store.read_images([i])[0], x) for x in seen[1][1])
-    assert seen[1][2] is None or not any(np.array_equal(store.read_images([i])[0], x) for x in seen[1][2])
+    # The answered image is among round 1's exemplar images and not among its pseudo-labelled ones, nor among the
+    # split's exemplars, on whose views the drift guard reads every round.
+    image = store.read_images([i])[0]
+    inputs = seen[1][1]
+    assert any(np.array_equal(image, x) for x in inputs.exemplar_images)
+    assert inputs.pseudo_images is None or not any(np.array_equal(image, x) for x in inputs.pseudo_images)
+    first_images, _ = inputs.first_exemplars()
+    np.testing.assert_array_equal(first_images, seen[0][1].exemplar_images)
     # It left the pool: not labelled in round 1, not selected, not usable, and recorded as an annotation.
     assert not store.rounds.done(1)[i] and not store.rounds.selected(1)[i] and not store.usable_mask()[i]
     record = store.annotations[case_id]
@@ -144,3 +166,16 @@ def test_a_resumed_run_continues_from_its_last_committed_round_with_the_answers(
     ids, _, labels = store.exemplars()
     np.testing.assert_array_equal(labels[ids.index(case_id)], D.resize_mask(mask, cfg.data.working_size))
     assert [s["annotations"] for s in result.rounds] == [0, 1]
+
+
+def test_a_dashboard_that_cannot_be_built_does_not_fail_the_run(tmp_path, monkeypatch, caplog):
+    from caudo_ray.tracking import report
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no page today")
+
+    monkeypatch.setattr(report, "build_dashboard", broken)
+    cfg = tiny_config(tmp_path / "run", rounds=1)
+    result = Coordinator(cfg, progress=False).run()
+    assert result.dashboard is None and "could not be built" in caplog.text
+    assert MlflowClient(tracking_uri=result.tracking_uri).get_run(result.run_id).info.status == "FINISHED"

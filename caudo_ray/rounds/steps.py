@@ -30,18 +30,21 @@ def training_inputs(store: PseudoLabelStore, r: int, *, with_pool: bool = False,
     weighted by reliability; with ``with_pool``, every usable pool image too (online consistency training) and,
     from round 1, round r-1's calibrated label of each. With ``veto``, a label's pixels where the calibrator's proposal differs from the
     kept label are :data:`~caudo_ray.arrays.IGNORE`: a pixel the calibration disputes teaches nothing."""
-    _, ex_images, ex_labels = store.exemplars()
+    ids, ex_images, ex_labels = store.exemplars()
+    answers = store.annotations
+    # take_in stores the answers after the split's exemplars.
+    answered = sum(cid in answers for cid in ids)
     usable_mask = store.usable_mask()
     usable = np.flatnonzero(usable_mask)
     pool = store.read_images(usable) if with_pool else None
     if r == 0:
-        return RoundInputs(ex_images, ex_labels, pool_images=pool)
+        return RoundInputs(ex_images, ex_labels, pool_images=pool, answered=answered)
     prev = r - 1
     pool_labels = _taught(store.rounds.read(prev, usable), veto) if with_pool else None
     # A case answered since round r-1 was committed trains as an exemplar, no longer as a pseudo label.
     selected = np.flatnonzero(store.rounds.selected(prev) & usable_mask)
     if not len(selected):
-        return RoundInputs(ex_images, ex_labels, pool_images=pool, pool_labels=pool_labels)
+        return RoundInputs(ex_images, ex_labels, pool_images=pool, pool_labels=pool_labels, answered=answered)
     labels = store.rounds.read(prev, selected)
     return RoundInputs(
         ex_images,
@@ -51,6 +54,7 @@ def training_inputs(store: PseudoLabelStore, r: int, *, with_pool: bool = False,
         labels["scores"]["reliability"].astype(np.float32),
         pool,
         pool_labels,
+        answered,
     )
 
 

@@ -134,7 +134,7 @@ def train_round_models(
     if val is not None and len(val[0]):
         val_metrics = evaluate(net, *val, num_classes, device=device)
     check_images, check_labels = augment_views(
-        inputs.exemplar_images, inputs.exemplar_labels, EXEMPLAR_CHECK_VIEWS, cfg=cfg.segmenter, rng_seed=cfg.seed * 1000 + EXEMPLAR_CHECK_SEED
+        *inputs.first_exemplars(), EXEMPLAR_CHECK_VIEWS, cfg=cfg.segmenter, rng_seed=cfg.seed * 1000 + EXEMPLAR_CHECK_SEED
     )
     # The shape prior of the reliability score: the exemplars' labels over the views the segmenter trained on.
     _, views = augment_views(inputs.exemplar_images, inputs.exemplar_labels, PRIOR_VIEWS, cfg=cfg.segmenter, rng_seed=seed)

@@ -33,7 +33,7 @@ from caudo_ray.store import PseudoLabelStore
 from caudo_ray.tracking import names
 from caudo_ray.tracking.figures import round_curves_png
 from caudo_ray.tracking.report import build_and_link
-from caudo_ray.tracking.run_log import log_overlays, log_round, log_round_views
+from caudo_ray.tracking.run_log import log_answers, log_overlays, log_round, log_round_views
 from caudo_ray.tracking.tracker import Tracker, sqlite_tracking_uri
 from caudo_ray.workspace import Workspace
 
@@ -166,8 +166,11 @@ class Coordinator:
         log_round(tracker, r, summary, models.val_metrics)
         log_overlays(tracker, reader, r, cfg.tracking.num_overlays)
         log_round_views(tracker, reader, r, cfg.tracking.num_overlays)
+        log_answers(tracker, reader)
         tracker.log_artifact(round_curves_png(tracker, ws.root / "round_curves.png"), names.CURVES_DIR)
         log.info("round %d committed: %s", r, {k: v for k, v in summary.items() if not isinstance(v, dict)})
+        # The page is rebuilt now, not only at the end, so a long run can be watched; a failed build is a warning.
+        result.dashboard = build_and_link(tracker.tracking_uri, tracker.run_id, ws.dashboard_path)
         if self.on_round_committed is not None:
             self.on_round_committed(r, reader)
 
@@ -187,6 +190,9 @@ class Coordinator:
         ws, rounds = prepared.workspace, self.cfg.rounds
         if result.guard.get("regressed_at") is None:
             self._take_in_answers(rounds, owner, prepared, result)
+            # Step ``rounds`` is the final segmenter's, as for its final/val_* metrics.
+            tracker.log_metrics({names.ANNOTATIONS: len(owner.annotations)}, step=rounds)
+            log_answers(tracker, PseudoLabelStore.open(ws.store_url, mode="r"))
             trained.append(
                 load_or_train(
                     ws.trained_final_path,

@@ -125,6 +125,21 @@ def _prepare(cfg: RunConfig, ws: Workspace, lock: StoreLock, progress: bool, on_
     return PreparedRun(cfg, ws, data_root, index, split, store, lock, num_classes, answers, skipped)
 
 
+def answer_rules(cfg: RunConfig) -> AnswerRules:
+    """What answers to the queries of a prepared work dir are checked against, read without taking its lock (a
+    run may hold it: answers given while it goes join its next round).
+
+    Raises:
+        StoreError: the work dir was never prepared (no split or store).
+    """
+    ws = Workspace.of(cfg)
+    if not ws.split_path.exists():
+        raise StoreError(f"{ws.root} has no split.json: start a run on it first")
+    store = PseudoLabelStore.open(ws.store_url, mode="r")
+    index = index_of(cfg, Path(cfg.data.path) if cfg.data.path else ws.phantom_dir)
+    return AnswerRules.of(cfg, index, D.Split.from_json(ws.split_path), store.num_classes)
+
+
 def index_of(cfg: RunConfig, data_root: Path) -> D.DatasetIndex:
     """The dataset folder's cases as the config reads them (groups, volumes, a predefined split)."""
     return D.index_dataset(

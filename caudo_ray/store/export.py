@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from caudo_ray.data import Geometry, restore_mask, write_mask
+from caudo_ray.data import Geometry, restore_mask, write_mask, write_volume
 from caudo_ray.errors import StoreError
 from caudo_ray.store.layout import LABEL_KINDS, READ_BLOCK, chunk_batches
 from caudo_ray.store.store import PseudoLabelStore
@@ -29,6 +29,7 @@ def export_round(
     which: str = "calibrated",
     fmt: str = "png",
     selected_only: bool = False,
+    cases: Sequence[int] | None = None,
 ) -> list[Path]:
     """Writes each done case's label map of round ``r`` at its original geometry.
 
@@ -40,6 +41,7 @@ def export_round(
         fmt: ``"png"``, ``"nifti"`` (``.nii.gz``) or ``"source"`` (the format the case came from; a JPEG or DICOM
             source gets a PNG mask).
         selected_only: export only the cases selected when the round was committed.
+        cases: export only these case indices (those done).
 
     Returns:
         The written paths, in case order.
@@ -57,6 +59,8 @@ def export_round(
     keep = store.rounds.done(r)
     if selected_only:
         keep &= store.rounds.selected(r)
+    if cases is not None:
+        keep &= np.isin(np.arange(store.num_cases), np.asarray(cases, dtype=np.int64))
     idx = np.flatnonzero(keep)
     ids = store.case_ids
     written: list[Path] = []
@@ -73,6 +77,29 @@ def export_round(
             written.append(Path(write_mask(restore_mask(mask, geo), geo, path)))
     log.info("exported %d %s label maps of round %d to %s", len(written), which, r, out)
     return written
+
+
+def export_volume(store: PseudoLabelStore, r: int, i: int, out_path: str | os.PathLike, *, which: str = "calibrated") -> Path:
+    """Writes the whole label volume that case ``i`` (a slice of a 3D volume) is a slice of, with the volume's shape
+    and affine: round ``r``'s labels on the volume's slices that are done in the store, background elsewhere.
+
+    Raises:
+        StoreError: unknown ``which``, or case ``i`` is not a slice of a volume.
+    """
+    if which not in LABEL_KINDS:
+        raise StoreError(f"which must be one of {list(LABEL_KINDS)}, got {which!r}")
+    geometries = store.geometries()
+    geo = Geometry.from_dict(geometries[i])
+    if not geo.is_volume_slice:
+        raise StoreError(f"{store.case_ids[i]}: not a slice of a volume ({geo.source})")
+    done = store.rounds.done(r)
+    members = [j for j, g in enumerate(geometries) if g.get("source") == geo.source and done[j]]
+    labels = store.rounds.read(r, members)[which] if members else []
+    slices = {k: np.zeros(geo.shape, np.uint8) for k in range(geo.volume_shape[geo.axis])}
+    for j, mask in zip(members, labels):
+        member = Geometry.from_dict(geometries[j])
+        slices[member.slice_index] = restore_mask(mask, member)
+    return Path(write_volume(slices, geo, out_path))
 
 
 def _extension(fmt: str, geometry: Mapping[str, Any], case_id: str) -> str:

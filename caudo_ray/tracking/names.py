@@ -89,6 +89,7 @@ GALLERY_GROUPS = ("most_changed", "least_reliable")
 CURVES_DIR = "curves"
 MODEL_DIR = "model"
 SKIPPED_FILES = "data/skipped.json"
+ANSWERED_QUERIES = "annotations/answered.json"  # the answers a run took in: who, when, the round each joined
 DASHBOARD_DIR = "dashboard"  # report run: dashboard/index.html, dashboard/figures/<key>.png
 
 # Ray Tune searches (docs/tune.md).

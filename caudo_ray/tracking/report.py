@@ -63,6 +63,7 @@ class TrainingRun:
     tables: dict[int, dict[str, Any]]
     gallery_round: int | None = None
     gallery: dict[str, list[tuple[dict[str, Any], np.ndarray]]] = field(default_factory=dict)
+    answers: list[dict[str, Any]] = field(default_factory=list)  # the answered queries (run_log.answered_queries)
 
     @property
     def name(self) -> str:
@@ -156,6 +157,9 @@ def _collect_training(client: MlflowClient, run: Run, scratch: Path) -> Training
             table = json.loads(path.read_text())
             tables[int(table["round"])] = table
     out = TrainingRun(run, metrics, tables)
+    if names.ANSWERED_QUERIES.split("/")[0] in top:
+        local = Path(client.download_artifacts(run_id, names.ANSWERED_QUERIES, str(scratch / run_id)))
+        out.answers = json.loads(local.read_text())["answers"]
     with_gallery = [r for r, t in tables.items() if any(t.get("gallery", {}).values())]
     if with_gallery:
         r = max(with_gallery)
@@ -268,6 +272,34 @@ def _quality_figure(tr: TrainingRun) -> bytes | None:
         ylabel="Dice gain",
     )
     return _png(fig)
+
+
+def _annotations_figure(tr: TrainingRun) -> bytes | None:
+    """Validation Dice of each round's segmenter against the answered queries it trained on."""
+    made = dict(tr.metrics.get(names.ANNOTATIONS, []))
+    # Rounds' segmenters, then the final one (its step is the number of rounds, its Dice final/val_dice).
+    val = dict(tr.metrics.get(names.VAL_DICE, [])) | dict(tr.metrics.get(f"{names.FINAL_VAL_PREFIX}dice", []))
+    final = max(dict(tr.metrics.get(f"{names.FINAL_VAL_PREFIX}dice", [])), default=None)
+    steps = sorted(set(made) & set(val))
+    if not steps or not any(made.values()):
+        return None
+    fig, axes = _new_figure(5.5, 3.2)
+    ax = axes[0, 0]
+    x, y = [made[r] for r in steps], [val[r] for r in steps]
+    ax.plot(x, y, marker="o")
+    for r, xi, yi in zip(steps, x, y):
+        ax.annotate("final" if r == final else f"round {r}", (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set(title="segmenter on validation against annotations made", xlabel="annotations in use", ylabel="val Dice")
+    return _png(fig)
+
+
+def _answers_table(tr: TrainingRun) -> str:
+    if not tr.answers:
+        return ""
+    columns = [("case", "case_id"), ("joined round", "round"), ("reliability when asked", "reliability_before"), ("annotator", "annotator"), ("time", "time")]
+    head = "".join(f"<th class='text'>{label}</th>" for label, _ in columns)
+    rows = "".join("<tr>" + "".join(f"<td class='text'>{_fmt(a.get(key))}</td>" for _, key in columns) + "</tr>" for a in tr.answers)
+    return f"<table><tr>{head}</tr>{rows}</table>"
 
 
 def _selection_figure(tr: TrainingRun) -> bytes | None:
@@ -529,6 +561,7 @@ _ROUND_COLUMNS = [
     ("reliability mean", names.RELIABILITY_MEAN),
     ("Spearman rel. vs Dice", names.RELIABILITY_SPEARMAN),
     ("val Dice", names.VAL_DICE),
+    ("annotations", names.ANNOTATIONS),
     ("cases/s", names.CASES_PER_S),
 ]
 
@@ -616,6 +649,12 @@ def _render(training: list[TrainingRun], searches: list[TuneSearch]) -> tuple[li
                 _selection_figure(tr),
             ),
         ]
+        if tr.answers or any(v for _, v in tr.metrics.get(names.ANNOTATIONS, [])):
+            parts += [
+                "<h3>What annotations bought</h3>",
+                add(f"{prefix}_annotations", "Validation Dice against the answered queries each round trained on", _annotations_figure(tr)),
+                _answers_table(tr),
+            ]
         if has_truth:
             parts += [
                 "<h3>Reliability vs true Dice</h3>",
@@ -677,6 +716,7 @@ def build_dashboard(
     run_ids: Sequence[str] | None = None,
     experiment: str | None = None,
     out: str | Path | None = None,
+    report_run_id: str | None = None,
 ) -> DashboardResult:
     """Build the dashboard of some runs (or a whole experiment) and log it as a new report run.
 
@@ -685,6 +725,7 @@ def build_dashboard(
         run_ids: source runs (self-training runs or Tune parents); or
         experiment: every self-training run and Tune search of this experiment.
         out: also write the page here (figures as PNGs in ``<out stem>_figures/`` next to it).
+        report_run_id: log into this earlier report run instead (a rebuild replaces its page).
 
     Raises:
         DashboardError: no such run or experiment, or nothing to show.
@@ -708,6 +749,7 @@ def build_dashboard(
         report = Tracker(
             tracking_uri,
             exp_name,
+            run_id=report_run_id,
             run_name=f"dashboard {', '.join(r.info.run_name or r.info.run_id for r in sources)}"[:250],
             tags={names.TAG_KIND: names.KIND_DASHBOARD, names.TAG_SOURCES: ",".join(source_ids)},
         )
@@ -746,15 +788,30 @@ def link_dashboard(client: MlflowClient, source_run_id: str, result: DashboardRe
     client.set_tag(source_run_id, names.TAG_NOTE, note)
 
 
+def _report_run_of(client: MlflowClient, run_id: str) -> str | None:
+    """The report run a run's dashboard went to before, while it is still there to log into."""
+    earlier = client.get_run(run_id).data.tags.get(names.TAG_DASHBOARD_RUN)
+    if earlier is None:
+        return None
+    try:
+        return earlier if client.get_run(earlier).info.lifecycle_stage == "active" else None
+    except MlflowException:
+        return None
+
+
 def build_and_link(tracking_uri: str, run_id: str, out: Path) -> Path | None:
-    """Build a finished self-training run's dashboard and link it from the run; never raises.
+    """Build a self-training run's dashboard and link it from the run; never raises.
+
+    A run rebuilds it after every committed round and when it ends, into the report run it linked before, so
+    the page of a run of hours can be watched while it goes and the experiment gets one report run per run.
 
     Returns:
-        The page, or None when the build failed (logged as a warning: the run itself is finished and intact).
+        The page, or None when the build failed (logged as a warning: the run itself goes on, intact).
     """
     try:
-        result = build_dashboard(tracking_uri, run_ids=[run_id], out=out)
-        link_dashboard(MlflowClient(tracking_uri=tracking_uri), run_id, result)
+        client = MlflowClient(tracking_uri=tracking_uri)
+        result = build_dashboard(tracking_uri, run_ids=[run_id], out=out, report_run_id=_report_run_of(client, run_id))
+        link_dashboard(client, run_id, result)
     except Exception:  # a report must not fail the run it reports on
         log.warning("the dashboard of MLflow run %s could not be built", run_id, exc_info=True)
         return None

@@ -1,4 +1,5 @@
-"""What a self-training run logs to MLflow after each round: metrics, summary, overlays, case table, gallery.
+"""What a self-training run logs to MLflow after each round: metrics, summary, overlays, case table, gallery,
+answered queries.
 
 The dashboard (:mod:`caudo_ray.tracking.report`) reads these back by the names in :mod:`caudo_ray.tracking.names`.
 """
@@ -27,6 +28,30 @@ def log_round(tracker: Tracker, r: int, summary: dict[str, Any], val_metrics: di
         metrics[names.VAL_HD95] = val_metrics["hd95"]
     tracker.log_metrics(metrics, step=r)
     tracker.log_dict(summary, names.ROUND_SUMMARY.format(r=r))
+
+
+def answered_queries(store: PseudoLabelStore) -> list[dict[str, Any]]:
+    """The answered queries, in the order they joined: each answer's record (case id, the round it joined,
+    annotator, time, file, sha256) with ``reliability_before``, its reliability in the round whose queries it
+    answered (the last committed before it joined; null when none was)."""
+    committed = set(store.rounds.committed())
+    index = {case_id: i for i, case_id in enumerate(store.case_ids)}
+    reliability: dict[int, np.ndarray] = {}
+    rows = []
+    for record in sorted(store.annotations.values(), key=lambda rec: (rec["round"], rec["case_id"])):
+        asked = max((r for r in committed if r < record["round"]), default=None)
+        if asked is not None and asked not in reliability:
+            reliability[asked] = store.rounds.scores(asked)["reliability"]
+        before = None if asked is None else float(reliability[asked][index[record["case_id"]]])
+        rows.append({**record, "reliability_before": before if before is None or math.isfinite(before) else None})
+    return rows
+
+
+def log_answers(tracker: Tracker, store: PseudoLabelStore) -> None:
+    """The table of answered queries (:func:`answered_queries`), when there are any."""
+    rows = answered_queries(store)
+    if rows:
+        tracker.log_dict({"answers": rows}, names.ANSWERED_QUERIES)
 
 
 def log_overlays(tracker: Tracker, store: PseudoLabelStore, r: int, k: int) -> None:

@@ -20,6 +20,8 @@ class RoundInputs:
         pool_images: (N, H, W) float32 every usable pool image, for online consistency training; None without it.
         pool_labels: (N, H, W) uint8 the previous round's calibrated label of each of ``pool_images``, which
             anchored consistency training teaches within; None in round 0 or without the pool.
+        answered: how many of the exemplars, the last ones, are answered queries; the drift guard reads every
+            round on views of the others alone, the labelled set the run started from, so its readings compare.
     """
 
     exemplar_images: np.ndarray
@@ -29,6 +31,7 @@ class RoundInputs:
     pseudo_weights: np.ndarray | None = None
     pool_images: np.ndarray | None = None
     pool_labels: np.ndarray | None = None
+    answered: int = 0
 
     @property
     def has_pseudo(self) -> bool:
@@ -36,4 +39,9 @@ class RoundInputs:
 
     def exemplars_only(self) -> RoundInputs:
         """The labelled set alone (what the calibrator trains on)."""
-        return RoundInputs(self.exemplar_images, self.exemplar_labels)
+        return RoundInputs(self.exemplar_images, self.exemplar_labels, answered=self.answered)
+
+    def first_exemplars(self) -> tuple[np.ndarray, np.ndarray]:
+        """Images and labels of the labelled set the run started from (the exemplars without the answers)."""
+        k = len(self.exemplar_images) - self.answered
+        return self.exemplar_images[:k], self.exemplar_labels[:k]
