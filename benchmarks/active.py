@@ -37,6 +37,7 @@ import argparse
 import dataclasses
 import json
 import platform
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -165,9 +166,10 @@ class SimulatedAnnotator:
         if len(queries) < k:
             raise SystemExit(f"round {r}: {self.strategy} found {len(queries)} cases to ask for, {k} needed: the pool is too small for --budgets")
         for q in queries:
-            ref = self.refs[q.case_id]
-            [(mask, geometry)] = D.read_mask(ref.mask_path, nifti_axis=ref.nifti_axis, slice_index=ref.slice_index)
-            D.write_mask(mask, geometry, self.annotations_dir / f"{q.case_id}.png")
+            # The data set's own mask file is the answer a person would give: its format and geometry, and for a
+            # slice of a volume the whole label volume, from which the run takes the slice the case names.
+            mask_path = self.refs[q.case_id].mask_path
+            shutil.copyfile(mask_path, self.annotations_dir / f"{q.case_id}{D.file_extension(mask_path)}")
             self.answers.append({"round": r, **dataclasses.asdict(q)})
 
 
