@@ -131,6 +131,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.budgets != sorted(set(args.budgets)) or args.budgets[0] < 1:
         p.error(f"--budgets {args.budgets}: expected increasing positive numbers of annotations")
+    if any(item.partition("=")[0].strip() == "rounds" for item in args.overrides):
+        p.error("--set rounds: the rounds follow from --budgets (one per number of annotations before the last)")
     return args
 
 
@@ -141,7 +143,7 @@ class SimulatedAnnotator:
 
     Attributes:
         strategy: the query strategy it is asked by.
-        schedule: answers to make after round r (``schedule[r]``); none after the last.
+        schedule: answers to make after round r (``schedule[r]``), one entry per round.
         refs: case id -> the data set's case, whose mask is the answer.
         groups: case id -> group (exam, patient).
         annotations_dir: the run's annotations folder.
@@ -158,8 +160,6 @@ class SimulatedAnnotator:
     answers: list[dict[str, Any]] = field(default_factory=list)
 
     def __call__(self, r: int, store: PseudoLabelStore) -> None:
-        if r >= len(self.schedule):
-            return
         k = self.schedule[r]
         answered = [a["case_id"] for a in self.answers]
         queries = annotation_queries(store, r, k, strategy=self.strategy, groups=self.groups, answered=answered, seed=self.seed)

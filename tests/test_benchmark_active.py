@@ -108,3 +108,17 @@ def test_pieces_merge_into_the_whole_report(fast_run, tmp_path):
         bench.main(["--merge", *map(str, paths), "--out", str(tmp_path / "bad.json")])
     with pytest.raises(SystemExit, match="reliability draw0 is in two pieces"):
         bench.main(["--merge", str(paths[0]), str(paths[0]), "--out", str(tmp_path / "twice.json")])
+
+
+@pytest.mark.parametrize(
+    "argv, problem",
+    [
+        (["--budgets", "2", "1"], "--budgets [2, 1]: expected increasing positive"),
+        (["--budgets", "0", "4"], "--budgets [0, 4]: expected increasing positive"),
+        (["--set", "rounds=6"], "--set rounds: the rounds follow from --budgets"),
+    ],
+)
+def test_refuses_budgets_and_rounds_that_do_not_fit(argv, problem, capsys):
+    with pytest.raises(SystemExit):
+        _load_benchmark().parse_args(argv)
+    assert problem in capsys.readouterr().err
