@@ -9,6 +9,7 @@ command resumes.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import shlex
@@ -17,8 +18,8 @@ import sys
 from importlib import resources
 from pathlib import Path
 
-from caudo_ray.config import ConfigError, RunConfig, load_config, parse_overrides
-from caudo_ray.data import format_report, inspect_dataset
+from caudo_ray.config import QUERY_STRATEGIES, ConfigError, RunConfig, load_config, parse_overrides
+from caudo_ray.data import file_stem, format_report, inspect_dataset
 from caudo_ray.deploy.from_run import final_provenance, final_segmenter
 from caudo_ray.deploy.mlflow_model import save_mlflow_model
 from caudo_ray.deploy.monai_bundle import write_monai_bundle
@@ -28,12 +29,12 @@ from caudo_ray.distributed.tune import format_trials, run_tune
 from caudo_ray.errors import DataError, StoreError
 from caudo_ray.inference import predict_folder
 from caudo_ray.rounds.steps import annotation_queries
-from caudo_ray.run.annotations import annotate
+from caudo_ray.run.annotations import annotate, answer_files
 from caudo_ray.run.baseline import METHODS as BASELINE_METHODS
 from caudo_ray.run.baseline import train_baseline
 from caudo_ray.run.calibrate_dataset import calibrate_dataset
 from caudo_ray.run.coordinator import Coordinator, RunResult
-from caudo_ray.run.prepare import answer_rules
+from caudo_ray.run.prepare import answer_rules, index_of
 from caudo_ray.run.queries import export_queries
 from caudo_ray.store import PseudoLabelStore, export_round
 from caudo_ray.tracking.report import DashboardError, build_dashboard
@@ -142,10 +143,11 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("output", type=Path)
     exp.set_defaults(func=cmd_export)
 
-    q = sub.add_parser("queries", help="the least reliable cases: what to annotate next")
+    q = sub.add_parser("queries", help="the cases to annotate next (by default the least reliable)")
     q.add_argument("--work-dir", required=True)
     q.add_argument("--round", type=int, default=None)
     q.add_argument("-k", type=int, default=None, help="how many (default: selection.num_queries)")
+    q.add_argument("--strategy", choices=QUERY_STRATEGIES, default=None, help="how to choose them (default: selection.query_strategy)")
     q.add_argument("--json", action="store_true")
     q.add_argument(
         "--export", type=Path, default=None, metavar="DIR", help="write each query's image and its current label to correct, with a manifest"
@@ -375,28 +377,44 @@ def cmd_export_model(args: argparse.Namespace) -> int:
 
 def cmd_queries(args: argparse.Namespace) -> int:
     cfg = _saved_config(args.work_dir)
-    store = PseudoLabelStore.open(Workspace.of(cfg).store_url, mode="r")
+    ws = Workspace.of(cfg)
+    store = PseudoLabelStore.open(ws.store_url, mode="r")
     r = _last_round(store, args.round)
-    k = args.k if args.k is not None else cfg.selection.num_queries
+    strategy = args.strategy or cfg.selection.query_strategy
+    answered = [file_stem(p) for p in answer_files(ws.annotations_dir)]  # waiting for the run's next intake
+    rows = annotation_queries(
+        store,
+        r,
+        args.k if args.k is not None else cfg.selection.num_queries,
+        strategy=strategy,
+        groups=_case_groups(cfg),
+        answered=answered,
+        seed=cfg.seed,
+    )
     if args.export is not None:
-        exported = export_queries(store, r, k, args.export)
+        exported = export_queries(store, r, rows, args.export)
         if args.json:
             print(json.dumps(exported, indent=2))
             return EXIT_OK
-        print(f"wrote the {len(exported)} least reliable cases of round {r} to {args.export} ({args.export / 'manifest.csv'}):")
+        print(f"wrote the {len(exported)} cases of round {r} chosen by {strategy} to {args.export} ({args.export / 'manifest.csv'}):")
         for row in exported:
             where = f" slice {row['slice']}" if row["slice"] != "" else ""
             print(f"{row['rank']:4d}  {row['case_id']}  reliability={float(row['reliability']):.3f}  correct {row['pre_annotation']}{where}")
         print(f"correct the masks, then: caudo-ray annotate --work-dir {args.work_dir} {args.export / 'masks'}")
         return EXIT_OK
-    rows = annotation_queries(store, r, k)
     if args.json:
-        print(json.dumps([{"case_id": c, "reliability": s} for c, s in rows], indent=2))
+        print(json.dumps([dataclasses.asdict(q) for q in rows], indent=2))
     else:
-        print(f"least reliable cases of round {r} (answer with caudo-ray annotate, or masks named <case_id>.png in {Workspace.of(cfg).annotations_dir}):")
-        for rank, (case_id, score) in enumerate(rows, 1):
-            print(f"{rank:4d}  {case_id}  reliability={score:.3f}")
+        print(f"cases to annotate after round {r}, by {strategy} (answer with caudo-ray annotate, or masks named <case_id>.png in {ws.annotations_dir}):")
+        for rank, q in enumerate(rows, 1):
+            print(f"{rank:4d}  {q.case_id}  reliability={q.reliability:.3f}  entropy={q.entropy:.3f}  group={q.group}")
     return EXIT_OK
+
+
+def _case_groups(cfg: RunConfig) -> dict[str, str]:
+    """Case id -> group (exam, patient) of the run's data set, indexed as the run indexed it."""
+    index = index_of(cfg, Path(cfg.data.path) if cfg.data.path else Workspace.of(cfg).phantom_dir)
+    return {ref.case_id: ref.group for ref in index.labelled + index.unlabelled}
 
 
 def cmd_annotate(args: argparse.Namespace) -> int:

@@ -35,6 +35,7 @@ class ConfigError(ValueError):
 
 
 TARGET_LABELS = ("filled", "ring")  # what of a phantom's target is labelled
+QUERY_STRATEGIES = ("reliability", "random", "entropy", "diverse")  # annotation query strategies (selection.py)
 
 
 @dataclass
@@ -298,6 +299,9 @@ class SelectionConfig:
 
     fractions: tuple[float, ...] = (0.5, 0.75, 1.0)  # fraction of the pool selected after round r
     num_queries: int = 10
+    # How the queries are chosen (labelling/selection.py): least reliable first, a seeded random draw, highest
+    # segmenter entropy first, or least reliable with no two of one group (exam, patient).
+    query_strategy: str = "reliability"
 
     def validate(self, key: str) -> None:
         if not self.fractions:
@@ -305,6 +309,8 @@ class SelectionConfig:
         for i, frac in enumerate(self.fractions):
             _fraction(f"{key}.fractions[{i}]", frac, allow_zero=False)
         _non_negative(f"{key}.num_queries", self.num_queries)
+        if self.query_strategy not in QUERY_STRATEGIES:
+            raise ConfigError(f"{key}.query_strategy", f"must be one of {', '.join(QUERY_STRATEGIES)}, got {self.query_strategy!r}")
 
 
 @dataclass
@@ -600,6 +606,7 @@ class RunConfig:
         d = self.to_dict()
         for key in ("runtime", "tracking", "tune", "annotations", "work_dir", "device"):
             d.pop(key)
+        d["selection"].pop("query_strategy")  # which cases a person is asked about changes no label
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -60,7 +60,7 @@ def run_answering_after_round_0(cfg, executor_cls):
         # The page was rebuilt for this round already, before the run ends.
         answered.setdefault("pages", []).append(Workspace.of(cfg).dashboard_path.read_text())
         if r == 0:
-            [(query, _)] = annotation_queries(store, r, 1)
+            query = annotation_queries(store, r, 1)[0].case_id
             selected = store.case_ids[int(np.flatnonzero(store.rounds.selected(0))[0])]
             for case_id in (query, selected):
                 answered[case_id] = draw_answer(cfg, case_id)
@@ -151,7 +151,7 @@ def test_a_resumed_run_continues_from_its_last_committed_round_with_the_answers(
     assert store.rounds.committed() == [0] and ws.saved_rounds() == [0]
     round0 = store.rounds.read(0)
     model_mtime = ws.model_path(0).stat().st_mtime_ns
-    [(case_id, _)] = annotation_queries(store, 0, 1)
+    case_id = annotation_queries(store, 0, 1)[0].case_id
     mask = draw_answer(cfg, case_id)
 
     result = Coordinator(cfg, progress=False).run()

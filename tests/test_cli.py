@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -113,9 +114,44 @@ def test_queries_lists_the_least_reliable_ascending(finished, capsys):
     rel = [r["reliability"] for r in rows]
     assert rel == sorted(rel)
     store = PseudoLabelStore.open(str(finished / "store.zarr"))
-    scores = store.rounds.scores(0)["reliability"]
+    scores = store.rounds.scores(0)
     usable = store.usable_mask()
-    others = [s for cid, s, ok in zip(store.case_ids, scores, usable) if ok and cid not in {r["case_id"] for r in rows}]
+    groups = _phantom_groups(finished)
+    labelled = {groups[c] for c in store.exemplars()[0]}
+    # Candidates: usable cases of groups without a labelled case; a case of an exemplar's group is never asked.
+    open_ = [i for i, (cid, ok) in enumerate(zip(store.case_ids, usable)) if ok and groups[cid] not in labelled]
+    assert len(open_) < int(usable.sum())  # the phantom's exemplar shares its group with pool cases
+    assert {r["group"] for r in rows} <= {groups[store.case_ids[i]] for i in open_}
+    others = [scores["reliability"][i] for i in open_ if store.case_ids[i] not in {r["case_id"] for r in rows}]
     assert max(rel) <= min(others)
     assert main(["queries", "--work-dir", str(finished)]) == EXIT_OK
     assert len([line for line in capsys.readouterr().out.splitlines() if "reliability=" in line]) == 5  # num_queries
+
+    assert main(["queries", "--work-dir", str(finished), "-k", "4", "--json", "--strategy", "entropy"]) == EXIT_OK
+    by_entropy = json.loads(capsys.readouterr().out)
+    entropy = [r["entropy"] for r in by_entropy]
+    assert entropy == sorted(entropy, reverse=True)
+    assert entropy[-1] >= max(scores["entropy"][i] for i in open_ if store.case_ids[i] not in {r["case_id"] for r in by_entropy})
+    assert main(["queries", "--work-dir", str(finished), "-k", "4", "--json", "--strategy", "diverse"]) == EXIT_OK
+    diverse = json.loads(capsys.readouterr().out)
+    assert len({r["group"] for r in diverse}) == len(diverse) == 4  # no two of one group
+    assert diverse[0]["case_id"] == rows[0]["case_id"]  # the least reliable case still comes first
+
+    # An answer waiting in annotations/ for the run's next round is not asked for again; the ranking moves up.
+    waiting = finished / "annotations" / f"{rows[0]['case_id']}.png"
+    waiting.write_bytes(b"not read: only its name counts here")
+    try:
+        assert main(["queries", "--work-dir", str(finished), "-k", "4", "--json"]) == EXIT_OK
+        after = json.loads(capsys.readouterr().out)
+        assert main(["queries", "--work-dir", str(finished), "-k", "4", "--json", "--strategy", "diverse"]) == EXIT_OK
+        diverse_after = json.loads(capsys.readouterr().out)
+    finally:
+        waiting.unlink()
+    assert [r["case_id"] for r in after[:3]] == [r["case_id"] for r in rows[1:]]
+    assert diverse_after[0]["group"] != rows[0]["group"]  # its group, answered once, waits for the second pass
+
+
+def _phantom_groups(work_dir) -> dict[str, str]:
+    """Case id -> group, read from the phantom data set's meta.csv as written, not through the index."""
+    with (work_dir / "phantoms" / "meta.csv").open(newline="") as fh:
+        return {Path(row["filename"]).stem: row["group"] for row in csv.DictReader(fh)}

@@ -39,6 +39,7 @@ def test_caudo_trains_online_from_round_1_and_the_peer_is_unimatch_from_the_star
         ({"data": {"phantom": {"target_width": [0.6, 0.2]}}}, "data.phantom.target_width"),
         ({"calibrator": {"arbitrate": "sometimes"}}, "calibrator.arbitrate"),
         ({"calibrator": {"keep_class_presence": "maybe"}}, "calibrator.keep_class_presence"),
+        ({"selection": {"query_strategy": "margin"}}, "selection.query_strategy"),
     ],
 )
 def test_bad_values_are_refused_naming_the_key(raw, key):
@@ -69,6 +70,8 @@ def test_method_hash_tracks_method_not_runtime():
     base = load_config()
     assert load_config(None, {"runtime.num_workers": 4, "work_dir": "elsewhere"}).method_hash() == base.method_hash()
     assert load_config(None, {"calibrator.guidance_strength": 3.0}).method_hash() != base.method_hash()
+    # The query strategy picks what a person is asked about; no label changes, so a run resumes under another one.
+    assert load_config(None, {"selection.query_strategy": "diverse"}).method_hash() == base.method_hash()
 
 
 @pytest.mark.parametrize(

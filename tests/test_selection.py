@@ -4,9 +4,10 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from caudo_ray.config import QUERY_STRATEGIES
 from caudo_ray.errors import DataError
 from caudo_ray.labelling.reliability import BAND_RADIUS, ShapePrior, _shape_features, reliability_scores
-from caudo_ray.labelling.selection import annotation_queries, area_strata, select_top
+from caudo_ray.labelling.selection import annotation_queries, area_strata, diverse_queries, least_reliable, select_top
 from caudo_ray.metrics import dice_per_case, spearman
 
 SHAPE = (32, 32)
@@ -224,13 +225,81 @@ def test_stratified_selection_keeps_every_stratum():
 def test_annotation_queries_least_reliable_ascending():
     ids = [f"case{i}" for i in range(6)]
     rel = np.array([0.8, 0.2, 0.5, 0.2, 0.9, 0.1])
-    queries = annotation_queries(ids, rel, 3)
-    assert [q[0] for q in queries] == ["case5", "case1", "case3"]
-    assert [q[1] for q in queries] == pytest.approx([0.1, 0.2, 0.2])
-    assert len(annotation_queries(ids, rel, 100)) == 6
-    assert annotation_queries(ids, rel, 0) == []
+    queries = annotation_queries(ids, {"reliability": rel}, 3)
+    assert [q.case_id for q in queries] == ["case5", "case1", "case3"]
+    assert [q.reliability for q in queries] == pytest.approx([0.1, 0.2, 0.2])
+    assert [q.group for q in queries] == ["case5", "case1", "case3"]  # no groups: each case its own
+    assert len(annotation_queries(ids, {"reliability": rel}, 100)) == 6
+    assert annotation_queries(ids, {"reliability": rel}, 0) == []
     with pytest.raises(DataError, match="case_ids"):
-        annotation_queries(ids[:2], rel, 1)
+        annotation_queries(ids[:2], {"reliability": rel}, 1)
+    with pytest.raises(ValueError, match="unknown query strategy 'margin'"):
+        annotation_queries(ids, {"reliability": rel}, 1, strategy="margin")
+
+
+def test_entropy_queries_ask_for_the_most_uncertain_first():
+    ids = [f"case{i}" for i in range(5)]
+    scores = {"reliability": np.array([0.1, 0.9, 0.5, 0.3, 0.7]), "entropy": np.array([0.05, 0.40, 0.40, 0.10, np.nan])}
+    queries = annotation_queries(ids, scores, 3, strategy="entropy")
+    # NaN entropy (a case the segmenter gave nothing finite for) first, then highest first, ties by index.
+    assert [q.case_id for q in queries] == ["case4", "case1", "case2"]
+    assert queries[1].entropy == pytest.approx(0.40)
+    with pytest.raises(DataError, match="entropy"):
+        annotation_queries(ids, {"reliability": scores["reliability"]}, 1, strategy="entropy")
+
+
+def test_random_queries_are_seeded_distinct_and_not_the_reliability_order():
+    ids = [f"case{i:02d}" for i in range(40)]
+    rel = np.linspace(0.0, 1.0, 40)
+    first = [q.case_id for q in annotation_queries(ids, {"reliability": rel}, 8, strategy="random", seed=(3, 1))]
+    again = [q.case_id for q in annotation_queries(ids, {"reliability": rel}, 8, strategy="random", seed=(3, 1))]
+    other = [q.case_id for q in annotation_queries(ids, {"reliability": rel}, 8, strategy="random", seed=(3, 2))]
+    assert first == again and first != other
+    assert len(set(first)) == 8
+    assert first != ids[:8]  # the least reliable eight, in order: what the reliability strategy asks
+
+
+def test_diverse_queries_take_one_case_per_group_until_every_group_is_asked():
+    groups = np.array(["a", "a", "a", "b", "b", "c"])
+    rel = np.array([0.10, 0.20, 0.30, 0.15, 0.05, 0.90])
+    assert diverse_queries(rel, groups, 3).tolist() == [4, 0, 5]  # b's least reliable, then a's, then c's
+    # k beyond the groups: a second pass over each group's next least reliable case, least reliable first.
+    assert diverse_queries(rel, groups, 5).tolist() == [4, 0, 5, 3, 1]
+    assert diverse_queries(rel, groups, 10).tolist() == [4, 0, 5, 3, 1, 2]
+    # The plain ranking would ask group a and b twice within its first four.
+    assert least_reliable(rel, 4).tolist() == [4, 0, 3, 1]
+    with pytest.raises(DataError, match="groups"):
+        diverse_queries(rel, groups[:2], 1)
+
+
+def test_queries_never_come_from_a_labelled_group():
+    ids = [f"p{p}_s{s}" for p in range(3) for s in range(3)]
+    groups = [f"p{p}" for p in range(3) for _ in range(3)]
+    rel = np.array([0.0, 0.1, 0.2, 0.5, 0.6, 0.7, 0.3, 0.4, 0.8])
+    entropy = 1.0 - rel
+    for strategy in QUERY_STRATEGIES:
+        queries = annotation_queries(
+            ids, {"reliability": rel, "entropy": entropy}, 9, strategy=strategy, groups=groups, labelled_groups={"p0"}, seed=0
+        )
+        assert {q.group for q in queries} == {"p1", "p2"}, strategy  # p0, the exemplar's patient, holds the worst
+        assert len(queries) == 6 and len({q.case_id for q in queries}) == 6, strategy
+    reliability = annotation_queries(ids, {"reliability": rel}, 2, groups=groups, labelled_groups={"p0"})
+    assert [q.case_id for q in reliability] == ["p2_s0", "p2_s1"]
+    diverse = annotation_queries(ids, {"reliability": rel}, 2, strategy="diverse", groups=groups, labelled_groups={"p0"})
+    assert [q.case_id for q in diverse] == ["p2_s0", "p1_s0"]
+
+
+def test_an_answered_group_stays_open_and_diverse_asks_it_last():
+    # p2_s0 was answered (it left the candidates); p2's other slices are still new slices.
+    ids = ["p1_s0", "p1_s1", "p2_s1", "p2_s2", "p3_s0"]
+    groups = ["p1", "p1", "p2", "p2", "p3"]
+    scores = {"reliability": np.array([0.5, 0.6, 0.1, 0.2, 0.7])}
+    plain = annotation_queries(ids, scores, 2, groups=groups, answered_groups=["p2"])
+    assert [q.case_id for q in plain] == ["p2_s1", "p2_s2"]  # the least reliable, wherever they are
+    diverse = annotation_queries(ids, scores, 4, strategy="diverse", groups=groups, answered_groups=["p2"])
+    # p1 and p3 were never answered: asked first; p2, answered once, joins the second pass with p1's second case.
+    assert [q.case_id for q in diverse] == ["p1_s0", "p3_s0", "p2_s1", "p1_s1"]
+    assert diverse_queries(scores["reliability"], groups, 2, asked={"p2": 1}).tolist() == [0, 4]
 
 
 def test_dice_per_case_and_spearman():

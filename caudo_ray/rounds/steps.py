@@ -4,12 +4,14 @@
   the store by whoever trains (the trainer actor reads it itself; the driver never holds the pool).
 - ``label_cases``: a calibration worker's whole job for one batch: read images, label, write results.
 - ``select_and_commit``: the owner's step once a round's ``done`` mask is full.
+- ``annotation_queries``: a committed round's cases to annotate next, by the configured strategy.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -131,9 +133,43 @@ def select_and_commit(cfg: RunConfig, store: PseudoLabelStore, r: int, extra_sum
     return summary
 
 
-def annotation_queries(store: PseudoLabelStore, r: int, k: int) -> list[tuple[str, float]]:
-    """The ``k`` least reliable usable cases of round ``r``: what a person should label next."""
+def annotation_queries(
+    store: PseudoLabelStore,
+    r: int,
+    k: int,
+    *,
+    strategy: str = "reliability",
+    groups: Mapping[str, str] | None = None,
+    answered: Iterable[str] = (),
+    seed: int = 0,
+) -> list[selection.Query]:
+    """What a person should label next: ``k`` usable cases of round ``r`` chosen by ``strategy``.
+
+    No case of the starting labelled set's groups is asked for, and no case answered already
+    (:func:`~caudo_ray.labelling.selection.annotation_queries` says why).
+
+    Args:
+        store: the run's store.
+        r: a committed round.
+        k: how many.
+        strategy: one of :data:`~caudo_ray.config.QUERY_STRATEGIES`.
+        groups: case id -> group (exam, patient) from the data set's index; None or a missing id: its own group.
+        answered: case ids answered but not yet taken into the store (masks waiting for the run's next round).
+        seed: the run's seed; the ``random`` strategy draws from (seed, r), so each round asks anew, reproducibly.
+    """
     scores = store.rounds.scores(r)
-    usable = store.usable_mask()
-    ids = [cid for cid, ok in zip(store.case_ids, usable) if ok]
-    return selection.annotation_queries(ids, scores["reliability"][usable], k)
+    taken_in = store.annotations
+    waiting = set(answered) - taken_in.keys()
+    usable = np.array([i for i in np.flatnonzero(store.usable_mask()) if store.case_ids[i] not in waiting], dtype=np.int64)
+    ids = [store.case_ids[i] for i in usable]
+    group = (lambda c: c) if groups is None else (lambda c: groups.get(c, c))
+    return selection.annotation_queries(
+        ids,
+        {name: scores[name][usable] for name in ("reliability", "entropy") if name in scores},
+        k,
+        strategy=strategy,
+        groups=[group(c) for c in ids],
+        labelled_groups={group(c) for c in store.exemplars()[0] if c not in taken_in},
+        answered_groups=[group(c) for c in [*taken_in, *sorted(waiting)]],
+        seed=(seed, r),
+    )

@@ -15,22 +15,24 @@ from __future__ import annotations
 
 import csv
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 from caudo_ray.data import Geometry
 from caudo_ray.errors import StoreError
-from caudo_ray.rounds.steps import annotation_queries
+from caudo_ray.labelling.selection import Query
 from caudo_ray.store import PseudoLabelStore, export_round, export_volume
 
 MANIFEST = "manifest.csv"
 MANIFEST_COLUMNS = ("rank", "case_id", "reliability", "round", "slice", "image", "pre_annotation", "source")
 
 
-def export_queries(store: PseudoLabelStore, r: int, k: int, out_dir: Path) -> list[dict]:
-    """Write round ``r``'s ``k`` least reliable cases with their pre-annotations and a manifest into ``out_dir``.
+def export_queries(store: PseudoLabelStore, r: int, queries: Sequence[Query], out_dir: Path) -> list[dict]:
+    """Write round ``r``'s queries (``rounds.steps.annotation_queries``) with their pre-annotations and a manifest
+    into ``out_dir``.
 
     Returns:
-        The manifest's rows, least reliable first (paths relative to ``out_dir``).
+        The manifest's rows, in the queries' order (paths relative to ``out_dir``).
 
     Raises:
         StoreError: ``out_dir`` already holds an export (its manifest), or a query's image is gone from its
@@ -42,7 +44,8 @@ def export_queries(store: PseudoLabelStore, r: int, k: int, out_dir: Path) -> li
     images.mkdir(parents=True, exist_ok=True)
     index = {case_id: i for i, case_id in enumerate(store.case_ids)}
     rows = []
-    for rank, (case_id, reliability) in enumerate(annotation_queries(store, r, k), 1):
+    for rank, query in enumerate(queries, 1):
+        case_id, reliability = query.case_id, query.reliability
         i = index[case_id]
         geometry = Geometry.from_dict(store.geometries([i])[0])
         if geometry.is_volume_slice:
