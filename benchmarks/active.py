@@ -63,7 +63,6 @@ from benchmarks.accuracy import (
     _labelled_sets,
     _make_work_dir,
     _meta_header,
-    _parse_overrides,
     _reopen,
     _score,
     _split,
@@ -74,7 +73,7 @@ from benchmarks.accuracy import (
 )
 from benchmarks.accuracy import PROFILES as ACCURACY_PROFILES
 from caudo_ray import data as D
-from caudo_ray.config import QUERY_STRATEGIES
+from caudo_ray.config import QUERY_STRATEGIES, parse_overrides
 from caudo_ray.networks.bundle import RoundModels
 from caudo_ray.rounds.steps import annotation_queries
 from caudo_ray.run.coordinator import Coordinator
@@ -202,7 +201,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     schedule = [b - a for a, b in zip([0, *args.budgets], args.budgets)]
     answers_at_round = [0, *args.budgets]
-    overrides = {**PROFILES[profile], "rounds": len(args.budgets), **_parse_overrides(args.overrides)}
+    overrides = {**PROFILES[profile], "rounds": len(args.budgets), **parse_overrides(args.overrides)}
     overrides["runtime.trainer_cpus"] = overrides["runtime.threads_per_worker"] = args.threads
     base = _config(work / "base", data_root, group_column, args.seed, overrides)
     num_classes = D.discover_num_classes(index, sample=64)
