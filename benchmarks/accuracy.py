@@ -171,30 +171,61 @@ class TestSet:
     volume_spacing: dict[str, tuple[float, float, float]] | None = None
 
 
+@dataclass(frozen=True)
+class Source:
+    """A benchmark's dataset folder (``--data``) and how its meta.csv reads: groups, volumes, pixel spacing."""
+
+    root: Path
+    group_column: str | None
+    has_volumes: bool
+    spacing: dict[str, Any]  # the data.spacing_column / data.spacing_scale it needs
+
+    @classmethod
+    def of(cls, args: argparse.Namespace) -> Source:
+        root = args.data.resolve()
+        if not (root / "images").is_dir():
+            raise SystemExit(f"--data {root}: no images/ folder (expected a dataset folder in the project's layout)")
+        header = _meta_header(root)
+        spacing_column = next((c for c in SPACING_COLUMNS if c in header), None)
+        return cls(
+            root,
+            args.group_column or next((c for c in GROUP_COLUMNS if c in header), None),
+            {"volume", "slice"} <= set(header),
+            {"spacing_column": spacing_column, "spacing_scale": SPACING_COLUMNS.get(spacing_column, 1.0)},
+        )
+
+    @property
+    def name(self) -> str:
+        return self.root.name
+
+    def index(self, root: Path | None = None) -> D.DatasetIndex:
+        """The cases of this folder, or of a subset of it written to ``root``."""
+        return D.index_dataset(root or self.root, group_column=self.group_column, split_column="split", **self.spacing)
+
+    def published_cases(self, args: argparse.Namespace, index: D.DatasetIndex) -> list[str]:
+        """The cases of the published labelled groups (the first draw): a subset keeps them whole."""
+        kind, _, k = (args.labelled or "").partition(":")
+        if kind == "cases" or not self.has_volumes:
+            return []
+        groups = PUBLISHED_GROUPS.get(self.name.lower(), {}).get(int(k) if k.isdigit() else 1, [])
+        return [c for g in groups for c in index.groups.get(g, [])]
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     profile = "fast" if args.fast else "full"
     torch.set_num_threads(args.threads)
-    data_root = args.data.resolve()
-    if not (data_root / "images").is_dir():
-        raise SystemExit(f"--data {data_root}: no images/ folder (expected a dataset folder in the project's layout)")
-    dataset = data_root.name
-    header = _meta_header(data_root)
-    group_column = args.group_column or next((c for c in GROUP_COLUMNS if c in header), None)
-    has_volumes = {"volume", "slice"} <= set(header)
-    spacing_column = next((c for c in SPACING_COLUMNS if c in header), None)
-    spacing = {"spacing_column": spacing_column, "spacing_scale": SPACING_COLUMNS.get(spacing_column, 1.0)}
+    source = Source.of(args)
+    dataset, group_column, has_volumes, spacing = source.name, source.group_column, source.has_volumes, source.spacing
     work = (args.work_dir or REPO_ROOT / "runs" / f"accuracy-{dataset}-{profile}").resolve()
     _fresh_dir(work)
     limit = PROFILE_LIMIT[profile] if args.limit is None else args.limit
-    full_index = D.index_dataset(data_root, group_column=group_column, split_column="split", **spacing)
+    full_index = source.index()
+    data_root = source.root
     if limit:
-        # The published labelled groups (the first draw) stay in the subset, whole.
-        kind, _, k = (args.labelled or "").partition(":")
-        published = PUBLISHED_GROUPS.get(dataset.lower(), {}).get(int(k) if k.isdigit() else 1, []) if kind != "cases" and has_volumes else []
-        keep = (args.exemplars or []) + [c for g in published for c in full_index.groups.get(g, [])]
+        keep = (args.exemplars or []) + source.published_cases(args, full_index)
         data_root = _subset_dataset(full_index, work / "data", limit, args.seed, keep)
-    index = D.index_dataset(data_root, group_column=group_column, split_column="split", **spacing)
+    index = source.index(data_root)
 
     overrides = {**PROFILES[profile], **(_fast_scale(index) if profile == "fast" else {}), **(SMOKE if args.smoke else {}), **parse_overrides(args.overrides)}
     overrides["runtime.trainer_cpus"] = overrides["runtime.threads_per_worker"] = args.threads

@@ -55,14 +55,14 @@ sys.path.insert(0, str(REPO_ROOT))
 from benchmarks.accuracy import (
     DEFAULT_DATA,
     GROUP_COLUMNS,
-    PUBLISHED_GROUPS,
     SEPARATION,
+    SMOKE,
+    Source,
     _config,
     _fresh_dir,
     _headline,
     _labelled_sets,
     _make_work_dir,
-    _meta_header,
     _reopen,
     _score,
     _split,
@@ -87,19 +87,12 @@ ANSWERING = {"guard.enabled": False, "annotations.allow_empty": True}
 PROFILES: dict[str, dict[str, Any]] = {
     # Small enough for CI (well under 2 minutes for four strategies on 2 cores): 32x32, tiny networks.
     "fast": {
-        "data.working_size": [32, 32],
-        "segmenter.channels": [4, 8, 16],
-        "segmenter.strides": [2, 2],
-        "segmenter.num_res_units": 0,
+        # accuracy's --smoke networks (rounds follow from --budgets), with budgets that learn something
+        **{k: v for k, v in SMOKE.items() if k != "rounds"},
         "segmenter.iterations": 60,
         "segmenter.finetune_iterations": 30,
-        "segmenter.batch_size": 4,
-        "calibrator.block_out_channels": [8, 16],
         "calibrator.autoencoder_iterations": 10,
         "calibrator.denoiser_iterations": 10,
-        "calibrator.batch_size": 4,
-        "calibrator.inference_steps": 4,
-        "consistency.unlabelled_batch_size": 2,
         "selection.fractions": [0.5, 0.75, 1.0],
         **ANSWERING,
     },
@@ -179,23 +172,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return _write(report, args.out or args.merge[0].with_name("active-merged.json"))
     profile = "fast" if args.fast else "full"
     torch.set_num_threads(args.threads)
-    data_root = args.data.resolve()
-    if not (data_root / "images").is_dir():
-        raise SystemExit(f"--data {data_root}: no images/ folder (expected a dataset folder in the project's layout)")
-    dataset = data_root.name
-    header = _meta_header(data_root)
-    group_column = args.group_column or next((c for c in GROUP_COLUMNS if c in header), None)
-    has_volumes = {"volume", "slice"} <= set(header)
+    source = Source.of(args)
+    dataset, group_column, has_volumes = source.name, source.group_column, source.has_volumes
     work = (args.work_dir or REPO_ROOT / "runs" / f"active-{dataset}-{profile}").resolve()
     _fresh_dir(work)
     limit = PROFILE_LIMIT[profile] if args.limit is None else args.limit
     # Only cases the annotator can answer: the unlabelled images stay out of the pool.
-    full_index = dataclasses.replace(D.index_dataset(data_root, group_column=group_column, split_column="split"), unlabelled=[])
-    kind, _, k = (args.labelled or "").partition(":")
-    published = PUBLISHED_GROUPS.get(dataset.lower(), {}).get(int(k) if k.isdigit() else 1, []) if kind != "cases" and has_volumes else []
-    keep = [c for g in published for c in full_index.groups.get(g, [])]
-    data_root = _subset_dataset(full_index, work / "data", limit or len(full_index.labelled), args.seed, keep)
-    index = D.index_dataset(data_root, group_column=group_column, split_column="split")
+    full_index = dataclasses.replace(source.index(), unlabelled=[])
+    data_root = _subset_dataset(full_index, work / "data", limit or len(full_index.labelled), args.seed, source.published_cases(args, full_index))
+    index = source.index(data_root)
     refs = index.by_id()
     groups = {c: ref.group for c, ref in refs.items()}
 
@@ -203,6 +188,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     answers_at_round = [0, *args.budgets]
     overrides = {**PROFILES[profile], "rounds": len(args.budgets), **parse_overrides(args.overrides)}
     overrides["runtime.trainer_cpus"] = overrides["runtime.threads_per_worker"] = args.threads
+    overrides.update({f"data.{key}": value for key, value in source.spacing.items()})
     base = _config(work / "base", data_root, group_column, args.seed, overrides)
     num_classes = D.discover_num_classes(index, sample=64)
     draws = _labelled_sets(args, index, dataset, has_volumes, base)

@@ -300,8 +300,9 @@ class SelectionConfig:
     fractions: tuple[float, ...] = (0.5, 0.75, 1.0)  # fraction of the pool selected after round r
     num_queries: int = 10
     # How the queries are chosen (labelling/selection.py): least reliable first, a seeded random draw, highest
-    # segmenter entropy first, or least reliable with no two of one group (exam, patient).
-    query_strategy: str = "reliability"
+    # segmenter entropy first, or least reliable with no two of one group (exam, patient). The default is the one
+    # benchmarks/active.py measured best (docs/benchmarks.md, "Active learning").
+    query_strategy: str = "diverse"
 
     def validate(self, key: str) -> None:
         if not self.fractions:

@@ -75,7 +75,7 @@ def export_round(
                 raise StoreError(f"{case_id}: export path {path} would leave {out}")
             geo = Geometry.from_dict(geometry)
             written.append(Path(write_mask(restore_mask(mask, geo), geo, path)))
-    log.info("exported %d %s label maps of round %d to %s", len(written), which, r, out)
+    log.debug("exported %d %s label maps of round %d to %s", len(written), which, r, out)
     return written
 
 
