@@ -390,6 +390,9 @@ class TrackingConfig:
     # Class names of the exported models (MLflow Model, MONAI bundle), background first; None: background,
     # class_1, class_2, ...
     label_names: list[str] | None = None
+    # Rebuild the dashboard page after every committed round, so a run of hours can be watched while it goes
+    # (a few seconds a round); off, the page is built once, when the run ends.
+    dashboard_every_round: bool = True
 
     def validate(self, key: str) -> None:
         _non_negative(f"{key}.num_overlays", self.num_overlays)

@@ -121,7 +121,7 @@ def assert_joined(cfg, store, case_id, mask, seen):
 
 
 def test_an_answer_given_while_the_run_goes_joins_the_next_round_locally(tmp_path):
-    cfg = tiny_config(tmp_path / "run")
+    cfg = tiny_config(tmp_path / "run", **{"tracking.dashboard_every_round": True})
     assert_joined_round_1(cfg, *run_answering_after_round_0(cfg, LocalExecutor))
 
 
@@ -129,7 +129,14 @@ def test_an_answer_given_while_the_run_goes_joins_the_next_round_on_ray(ray_sess
     from caudo_ray.distributed.executor import RayExecutor
 
     cfg = tiny_config(
-        tmp_path / "run", **{"runtime.use_ray": True, "runtime.num_workers": 2, "runtime.cpus_per_worker": 1, "runtime.trainer_cpus": 0}
+        tmp_path / "run",
+        **{
+            "runtime.use_ray": True,
+            "runtime.num_workers": 2,
+            "runtime.cpus_per_worker": 1,
+            "runtime.trainer_cpus": 0,
+            "tracking.dashboard_every_round": True,
+        },
     )
     assert_joined_round_1(cfg, *run_answering_after_round_0(cfg, RayExecutor))
 

@@ -168,8 +168,8 @@ class Coordinator:
         log_answers(tracker, reader)
         tracker.log_artifact(round_curves_png(tracker, ws.root / "round_curves.png"), names.CURVES_DIR)
         log.info("round %d committed: %s", r, {k: v for k, v in summary.items() if not isinstance(v, dict)})
-        # The page is rebuilt now, not only at the end, so a long run can be watched; a failed build is a warning.
-        result.dashboard = build_and_link(tracker.tracking_uri, tracker.run_id, ws.dashboard_path)
+        if cfg.tracking.dashboard_every_round:  # a failed build is a warning, never the run's failure
+            result.dashboard = build_and_link(tracker.tracking_uri, tracker.run_id, ws.dashboard_path)
         if self.on_round_committed is not None:
             self.on_round_committed(r, reader)
 
