@@ -143,7 +143,7 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("output", type=Path)
     exp.set_defaults(func=cmd_export)
 
-    q = sub.add_parser("queries", help="the cases to annotate next (by default the least reliable, one per exam or patient)")
+    q = sub.add_parser("queries", help="the cases to annotate next (selection.query_strategy: a seeded random draw by default)")
     q.add_argument("--work-dir", required=True)
     q.add_argument("--round", type=int, default=None)
     q.add_argument("-k", type=int, default=None, help="how many (default: selection.num_queries)")

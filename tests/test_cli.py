@@ -108,7 +108,7 @@ def test_export_writes_labels_at_original_geometry(finished, tmp_path, capsys):
 
 def test_queries_lists_the_least_reliable_ascending(finished, capsys):
     capsys.readouterr()
-    assert main(["queries", "--work-dir", str(finished), "-k", "4", "--json"]) == EXIT_OK
+    assert main(["queries", "--work-dir", str(finished), "-k", "4", "--json", "--strategy", "reliability"]) == EXIT_OK
     rows = json.loads(capsys.readouterr().out)
     assert len(rows) == 4
     rel = [r["reliability"] for r in rows]
@@ -126,6 +126,11 @@ def test_queries_lists_the_least_reliable_ascending(finished, capsys):
     assert max(rel) <= min(others)
     assert main(["queries", "--work-dir", str(finished)]) == EXIT_OK
     assert len([line for line in capsys.readouterr().out.splitlines() if "reliability=" in line]) == 5  # num_queries
+    # The default strategy is the seeded random draw (selection.query_strategy), the same on every call.
+    assert main(["queries", "--work-dir", str(finished), "-k", "4", "--json"]) == EXIT_OK
+    default = json.loads(capsys.readouterr().out)
+    assert main(["queries", "--work-dir", str(finished), "-k", "4", "--json", "--strategy", "random"]) == EXIT_OK
+    assert default == json.loads(capsys.readouterr().out) and default != rows
 
     assert main(["queries", "--work-dir", str(finished), "-k", "4", "--json", "--strategy", "entropy"]) == EXIT_OK
     by_entropy = json.loads(capsys.readouterr().out)
@@ -141,7 +146,7 @@ def test_queries_lists_the_least_reliable_ascending(finished, capsys):
     waiting = finished / "annotations" / f"{rows[0]['case_id']}.png"
     waiting.write_bytes(b"not read: only its name counts here")
     try:
-        assert main(["queries", "--work-dir", str(finished), "-k", "4", "--json"]) == EXIT_OK
+        assert main(["queries", "--work-dir", str(finished), "-k", "4", "--json", "--strategy", "reliability"]) == EXIT_OK
         after = json.loads(capsys.readouterr().out)
         assert main(["queries", "--work-dir", str(finished), "-k", "4", "--json", "--strategy", "diverse"]) == EXIT_OK
         diverse_after = json.loads(capsys.readouterr().out)
