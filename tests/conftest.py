@@ -58,8 +58,8 @@ def tiny_config(work_dir: Path, **overrides) -> RunConfig:
         },
         "selection": {"fractions": [0.5, 0.75], "num_queries": 5},
         "runtime": {"use_ray": False, "num_workers": 2, "batch_size": 8, "max_in_flight": 2},
-        # The page is built once, at the end: rebuilt after every round it costs the suite minutes over its dozens
-        # of runs. tests/test_annotations_midrun.py turns the rebuild on and checks it.
+        # The page is built once, at the end: a rebuild after every round costs each run a few seconds more.
+        # tests/test_annotations_midrun.py turns the rebuild on and checks it.
         "tracking": {"num_overlays": 2, "dashboard_every_round": False},
         # 20 iterations leave the exemplar-view reading noise; tests/test_guard.py turns the guard on.
         "guard": {"enabled": False},
