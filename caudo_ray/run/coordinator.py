@@ -18,8 +18,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from caudo_ray.config import RunConfig
 from caudo_ray.deploy.mlflow_model import LoggedSegmenter, log_final_model
 from caudo_ray.networks.bundle import RoundModels
@@ -93,11 +91,15 @@ class Coordinator:
         try:
             tracker = open_tracker(cfg, prepared)
             # A bad validation case is skipped and reported like a bad pool file; a bad exemplar stops the run.
-            ctx = TrainContext(cfg, ws.store_url, prepared.num_classes, load_labelled(prepared, prepared.split.val, skip_bad=True))
+            ctx = TrainContext(
+                cfg, ws.store_url, prepared.num_classes, load_labelled(prepared, prepared.split.val, skip_bad=True)
+            )
             if prepared.skipped:
                 tracker.log_dict(prepared.skipped, names.SKIPPED_FILES)
                 tracker.log_metrics({names.SKIPPED: len(prepared.skipped)}, step=0)
-            result = RunResult(ws.root, ws.store_url, tracker.run_id, tracker.tracking_uri, skipped=dict(prepared.skipped))
+            result = RunResult(
+                ws.root, ws.store_url, tracker.run_id, tracker.tracking_uri, skipped=dict(prepared.skipped)
+            )
             executor = self.executor_factory(ctx)
             try:
                 owner = executor.owner(store)
@@ -105,7 +107,11 @@ class Coordinator:
                 for r in range(cfg.rounds):
                     if r > 0:
                         self._take_in_answers(r, owner, prepared, result)
-                    models = load_or_train(ws.model_path(r), lambda: executor.train(r, trained[-1] if trained else None), ws.checkpoint_path(r))  # noqa: B023
+                    models = load_or_train(
+                        ws.model_path(r),
+                        lambda: executor.train(r, trained[-1] if trained else None),
+                        ws.checkpoint_path(r),
+                    )  # noqa: B023
                     trained.append(models)
                     if self._regressed(trained, tracker, result):
                         break
@@ -132,20 +138,31 @@ class Coordinator:
         readings = [guard.reading(m) for m in trained]
         verdict = guard.judge(readings, self.cfg.guard)
         step = len(trained) - 1
-        tracker.log_metrics({names.GUARD_EXEMPLAR_DICE: float(np.mean(list(readings[-1].values())))}, step=step)
+        per_class = {f"{names.GUARD_EXEMPLAR_DICE}_{k.removeprefix('dice_')}": v for k, v in readings[-1].items()}
+        tracker.log_metrics({names.GUARD_EXEMPLAR_DICE: guard.mean_reading(readings[-1]), **per_class}, step=step)
         result.guard = {"readings": readings, "kept": verdict.best, "regressed_at": step if verdict.regressed else None}
         if verdict.regressed:
             what = "the final segmenter" if step == self.cfg.rounds else f"round {step}"
+            g = self.cfg.guard
             log.warning(
-                "%s does worse on the exemplars' views than round %d (by %.3f Dice on its worst class, tolerance %.3f): "
-                "the rounds stop and the run keeps round %d's segmenter",
-                what, verdict.best, verdict.drop, self.cfg.guard.tolerance, verdict.best,
+                "%s does worse on the exemplars' views than round %d (by %.3f Dice on the mean, tolerance %.3f; "
+                "%.3f on its worst class, tolerance %.3f): the rounds stop and the run keeps round %d's segmenter",
+                what, verdict.best, verdict.drop, g.tolerance, verdict.class_drop, g.class_tolerance, verdict.best,
             )  # fmt: skip
             tracker.set_tags({names.TAG_GUARD_STOPPED: str(step)})
         tracker.set_tags({names.TAG_GUARD_KEPT: str(verdict.best)})
         return verdict.regressed
 
-    def _round(self, r: int, models: RoundModels, executor: Executor, owner, prepared: PreparedRun, tracker: Tracker, result: RunResult) -> None:
+    def _round(
+        self,
+        r: int,
+        models: RoundModels,
+        executor: Executor,
+        owner,
+        prepared: PreparedRun,
+        tracker: Tracker,
+        result: RunResult,
+    ) -> None:
         cfg, ws = self.cfg, prepared.workspace
         if owner.rounds.is_committed(r):
             result.recomputed += repair_round(cfg, owner, executor, r, models)
@@ -158,7 +175,9 @@ class Coordinator:
         prepared.lock.check()  # a run that lost its lock to another must not commit over it
         # Answers taken in by round r's training (earlier rounds' and round r's own), what the round's figures bought.
         in_use = sum(1 for record in owner.annotations.values() if record["round"] <= r)
-        summary = select_and_commit(cfg, owner, r, {"perf": perf, "val": _scalars(models.val_metrics), "annotations": in_use})
+        summary = select_and_commit(
+            cfg, owner, r, {"perf": perf, "val": _scalars(models.val_metrics), "annotations": in_use}
+        )
         result.rounds.append(summary)
         # A read-only handle of our own: under Ray ``owner`` is the owner actor's proxy, which would ship every label.
         reader = PseudoLabelStore.open(ws.store_url, mode="r")
@@ -182,7 +201,15 @@ class Coordinator:
         for source, problem in take_in(owner, prepared.answers, ws, r).refused.items():
             result.skipped[source] = f"annotation refused: {problem}"
 
-    def _final(self, trained: list[RoundModels], executor: Executor, owner, prepared: PreparedRun, tracker: Tracker, result: RunResult) -> dict:
+    def _final(
+        self,
+        trained: list[RoundModels],
+        executor: Executor,
+        owner,
+        prepared: PreparedRun,
+        tracker: Tracker,
+        result: RunResult,
+    ) -> dict:
         """The segmenter the run serves: the final one, trained on the exemplars plus the last round's selection,
         unless the guard stopped the rounds or finds it worse; then the best segmenter before. Logged, with its
         validation metrics."""

@@ -32,7 +32,8 @@ STORE_S_PER_CASE = "perf/store_write_s_per_case"
 TRAIN_S = "perf/train_s"
 CALIBRATOR_TRAIN_S = "perf/calibrator_train_s"  # the part of train_s spent on the calibrator
 SKIPPED = "data/skipped"
-# The drift guard (rounds.guard): each segmenter's mean exemplar-view Dice, step = its round (rounds: the final one).
+# The drift guard (rounds.guard): each segmenter's mean exemplar-view Dice, step = its round (rounds: the final one);
+# its per-class readings are logged beside it as guard/exemplar_dice_class<c>.
 GUARD_EXEMPLAR_DICE = "guard/exemplar_dice"
 
 # Round summary keys (rounds.steps.select_and_commit) -> metric names.
