@@ -210,13 +210,28 @@ class Source:
         groups = PUBLISHED_GROUPS.get(self.name.lower(), {}).get(int(k) if k.isdigit() else 1, [])
         return [c for g in groups for c in index.groups.get(g, [])]
 
+    def overrides(self, args: argparse.Namespace, defaults: dict[str, Any]) -> dict[str, Any]:
+        """Every run's config overrides: the profile's ``defaults``, then ``--set``, then the threads and the
+        pixel-spacing keys this folder needs."""
+        overrides = {**defaults, **parse_overrides(args.overrides)}
+        overrides["runtime.trainer_cpus"] = overrides["runtime.threads_per_worker"] = args.threads
+        overrides.update({f"data.{key}": value for key, value in self.spacing.items()})
+        return overrides
+
+    def draws(self, args: argparse.Namespace, index: D.DatasetIndex, base: RunConfig) -> list[tuple[str, list[str]]]:
+        """The labelled set of each draw (:func:`_labelled_sets`); a ``--draw`` outside them is refused."""
+        draws = _labelled_sets(args, index, self.name, self.has_volumes, base)
+        if args.draw is not None and not 0 <= args.draw < len(draws):
+            raise SystemExit(f"--draw {args.draw}: the profile draws {len(draws)} labelled sets (0 to {len(draws) - 1})")
+        return draws
+
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     profile = "fast" if args.fast else "full"
     torch.set_num_threads(args.threads)
     source = Source.of(args)
-    dataset, group_column, has_volumes, spacing = source.name, source.group_column, source.has_volumes, source.spacing
+    dataset, group_column = source.name, source.group_column
     work = (args.work_dir or REPO_ROOT / "runs" / f"accuracy-{dataset}-{profile}").resolve()
     _fresh_dir(work)
     limit = PROFILE_LIMIT[profile] if args.limit is None else args.limit
@@ -227,14 +242,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         data_root = _subset_dataset(full_index, work / "data", limit, args.seed, keep)
     index = source.index(data_root)
 
-    overrides = {**PROFILES[profile], **(_fast_scale(index) if profile == "fast" else {}), **(SMOKE if args.smoke else {}), **parse_overrides(args.overrides)}
-    overrides["runtime.trainer_cpus"] = overrides["runtime.threads_per_worker"] = args.threads
-    overrides.update({f"data.{key}": value for key, value in spacing.items()})
+    overrides = source.overrides(args, {**PROFILES[profile], **(_fast_scale(index) if profile == "fast" else {}), **(SMOKE if args.smoke else {})})
     base = _config(work / "base", data_root, group_column, args.seed, overrides)
     num_classes = D.discover_num_classes(index, sample=64)
-    draws = _labelled_sets(args, index, dataset, has_volumes, base)
-    if args.draw is not None and not 0 <= args.draw < len(draws):
-        raise SystemExit(f"--draw {args.draw}: the profile draws {len(draws)} labelled sets (0 to {len(draws) - 1})")
+    draws = source.draws(args, index, base)
 
     budget = base.segmenter.iterations + base.rounds * base.segmenter.finetune_iterations
     methods = [m for m in METHODS if m in args.methods]

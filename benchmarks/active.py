@@ -61,7 +61,6 @@ from benchmarks.accuracy import (
     _config,
     _fresh_dir,
     _headline,
-    _labelled_sets,
     _make_work_dir,
     _reopen,
     _score,
@@ -73,7 +72,7 @@ from benchmarks.accuracy import (
 )
 from benchmarks.accuracy import PROFILES as ACCURACY_PROFILES
 from caudo_ray import data as D
-from caudo_ray.config import QUERY_STRATEGIES, parse_overrides
+from caudo_ray.config import QUERY_STRATEGIES
 from caudo_ray.networks.bundle import RoundModels
 from caudo_ray.rounds.steps import annotation_queries
 from caudo_ray.run.coordinator import Coordinator
@@ -186,14 +185,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     schedule = [b - a for a, b in zip([0, *args.budgets], args.budgets)]
     answers_at_round = [0, *args.budgets]
-    overrides = {**PROFILES[profile], "rounds": len(args.budgets), **parse_overrides(args.overrides)}
-    overrides["runtime.trainer_cpus"] = overrides["runtime.threads_per_worker"] = args.threads
-    overrides.update({f"data.{key}": value for key, value in source.spacing.items()})
+    overrides = source.overrides(args, {**PROFILES[profile], "rounds": len(args.budgets)})
     base = _config(work / "base", data_root, group_column, args.seed, overrides)
     num_classes = D.discover_num_classes(index, sample=64)
-    draws = _labelled_sets(args, index, dataset, has_volumes, base)
-    if args.draw is not None and not 0 <= args.draw < len(draws):
-        raise SystemExit(f"--draw {args.draw}: the profile draws {len(draws)} labelled sets (0 to {len(draws) - 1})")
+    draws = source.draws(args, index, base)
     budget = base.segmenter.iterations + base.rounds * base.segmenter.finetune_iterations
     strategies = [s for s in QUERY_STRATEGIES if s in (args.strategies or QUERY_STRATEGIES)]
 

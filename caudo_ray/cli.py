@@ -101,9 +101,7 @@ def _parser() -> argparse.ArgumentParser:
     _run_options(tune, allow_no_ray=False)  # trials are Ray Tune trials: a search always runs on Ray
     tune.set_defaults(func=cmd_tune)
 
-    base = sub.add_parser(
-        "baseline", help="train one baseline segmenter at a run's budget: consistency, exemplar_only, supervised"
-    )
+    base = sub.add_parser("baseline", help="train one baseline segmenter at a run's budget: consistency, exemplar_only, supervised")
     base.add_argument("--method", required=True, choices=BASELINE_METHODS, help="which baseline")
     _run_options(base, allow_no_ray=False)  # one segmenter in this process: Ray plays no part
     base.set_defaults(func=cmd_baseline)
@@ -124,18 +122,14 @@ def _parser() -> argparse.ArgumentParser:
 
     pred = sub.add_parser("predict", help="segment a folder of images with a finished run's final model")
     pred.add_argument("--work-dir", required=True, help="work dir of a finished run")
-    pred.add_argument(
-        "inputs", type=Path, help="folder of images (PNG, JPEG, NIfTI, DICOM) and DICOM series subfolders"
-    )
+    pred.add_argument("inputs", type=Path, help="folder of images (PNG, JPEG, NIfTI, DICOM) and DICOM series subfolders")
     pred.add_argument("output", type=Path, help="folder for the masks (same names and formats)")
     pred.add_argument(
         "--dicom-seg", action="store_true", help="also write each DICOM series' mask as a DICOM SEG (<folder>.seg.dcm)"
     )
     pred.set_defaults(func=cmd_predict)
 
-    model = sub.add_parser(
-        "export-model", help="write a finished run's final segmenter as a MONAI bundle or an MLflow Model"
-    )
+    model = sub.add_parser("export-model", help="write a finished run's final segmenter as a MONAI bundle or an MLflow Model")
     model.add_argument("--work-dir", required=True, help="work dir of a finished run")
     model.add_argument("--format", choices=EXPORT_FORMATS, default="monai-bundle")
     model.add_argument("output", type=Path, help="folder to write (an MLflow Model needs a new or empty one)")
@@ -150,37 +144,22 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("output", type=Path)
     exp.set_defaults(func=cmd_export)
 
-    q = sub.add_parser(
-        "queries", help="the cases to annotate next (selection.query_strategy: a seeded random draw by default)"
-    )
+    q = sub.add_parser("queries", help="the cases to annotate next (selection.query_strategy: a seeded random draw by default)")
     q.add_argument("--work-dir", required=True)
     q.add_argument("--round", type=int, default=None)
     q.add_argument("-k", type=int, default=None, help="how many (default: selection.num_queries)")
-    q.add_argument(
-        "--strategy",
-        choices=QUERY_STRATEGIES,
-        default=None,
-        help="how to choose them (default: selection.query_strategy)",
-    )
+    q.add_argument("--strategy", choices=QUERY_STRATEGIES, default=None, help="how to choose them (default: selection.query_strategy)")
     q.add_argument("--json", action="store_true")
     q.add_argument(
-        "--export",
-        type=Path,
-        default=None,
-        metavar="DIR",
-        help="write each query's image and its current label to correct, with a manifest",
+        "--export", type=Path, default=None, metavar="DIR", help="write each query's image and its current label to correct, with a manifest"
     )
     q.set_defaults(func=cmd_queries)
 
-    ann = sub.add_parser(
-        "annotate", help="give answers to queries (masks named <case_id>.<ext>); they join the run's next round"
-    )
+    ann = sub.add_parser("annotate", help="give answers to queries (masks named <case_id>.<ext>); they join the run's next round")
     ann.add_argument("--work-dir", required=True)
     ann.add_argument("answers", type=Path, help="folder of masks, e.g. the masks/ of `queries --export`")
     ann.add_argument("--annotator", default=None, help="who answered (default: your user name)")
-    ann.add_argument(
-        "--replace", action="store_true", help="replace earlier answers for the same cases (their records are kept)"
-    )
+    ann.add_argument("--replace", action="store_true", help="replace earlier answers for the same cases (their records are kept)")
     ann.set_defaults(func=cmd_annotate)
 
     data = sub.add_parser("data", help="dataset utilities")
@@ -197,14 +176,9 @@ def _parser() -> argparse.ArgumentParser:
     which.add_argument("--experiment", default=None, help="every self-training run and Tune search of an experiment")
     where = dash.add_mutually_exclusive_group()
     where.add_argument("--tracking-uri", default=None, help="MLflow tracking URI of the runs")
-    where.add_argument(
-        "--work-dir", default=None, help="a run's work dir: its MLflow store (and run, without --run-id)"
-    )
+    where.add_argument("--work-dir", default=None, help="a run's work dir: its MLflow store (and run, without --run-id)")
     dash.add_argument(
-        "--out",
-        type=Path,
-        default=None,
-        help="HTML file to write (default: <work dir>/dashboard.html, else ./dashboard.html)",
+        "--out", type=Path, default=None, help="HTML file to write (default: <work dir>/dashboard.html, else ./dashboard.html)"
     )
     dash.set_defaults(func=cmd_dashboard)
     return p
@@ -220,11 +194,7 @@ def _run_options(p: argparse.ArgumentParser, config_required: bool = False, allo
     p.add_argument("--address", default=None, help="Ray cluster to join (e.g. auto, or host:6379)")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite in the work dir)")
     p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override any config key, e.g. calibrator.guidance_strength=2",
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override any config key, e.g. calibrator.guidance_strength=2"
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -318,9 +288,7 @@ def _round_line(summary: dict) -> str:
             f"pool pseudo-label Dice {summary['pseudo_dice_initial']:.4f} -> {summary['pseudo_dice_calibrated']:.4f} "
             f"calibrated ({100 * summary['calibration_gain']:+.2f} points)"
         )
-    parts.append(
-        f"selected {summary['selected']}/{summary['cases']}, reliability mean {summary['reliability_mean']:.3f}"
-    )
+    parts.append(f"selected {summary['selected']}/{summary['cases']}, reliability mean {summary['reliability_mean']:.3f}")
     if summary.get("annotations"):
         parts.append(f"trained with {summary['annotations']} answered queries")
     return f"round {summary['round']}: " + ", ".join(parts)
@@ -333,9 +301,7 @@ def _guard_line(guard: dict, rounds: int) -> str:
         return "the final segmenter" if i == rounds else f"round {i}"
 
     readings = ", ".join(f"{mean_reading(r):.3f}" for r in guard["readings"])
-    stopped = (
-        "" if guard["regressed_at"] is None else f"; {name(guard['regressed_at'])} regressed, so the rounds stopped"
-    )
+    stopped = "" if guard["regressed_at"] is None else f"; {name(guard['regressed_at'])} regressed, so the rounds stopped"
     return f"drift guard: exemplar-view Dice {readings} (rounds 0.., then the final segmenter){stopped}; serving {name(guard['kept'])}"
 
 
@@ -355,9 +321,7 @@ def _run(cfg: RunConfig, progress: bool) -> tuple[int, RunResult]:
     if result.dashboard is not None:
         print(f"dashboard: {result.dashboard}")
     if result.skipped:
-        print(
-            f"completed with {len(result.skipped)} skipped input(s); see {Workspace.of(cfg).log_path}:", file=sys.stderr
-        )
+        print(f"completed with {len(result.skipped)} skipped input(s); see {Workspace.of(cfg).log_path}:", file=sys.stderr)
         for source, reason in sorted(result.skipped.items()):
             print(f"  {source}: {reason}", file=sys.stderr)
         return EXIT_SKIPPED, result
@@ -433,22 +397,16 @@ def cmd_queries(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(exported, indent=2))
             return EXIT_OK
-        print(
-            f"wrote the {len(exported)} cases of round {r} chosen by {strategy} to {args.export} ({args.export / 'manifest.csv'}):"
-        )
+        print(f"wrote the {len(exported)} cases of round {r} chosen by {strategy} to {args.export} ({args.export / 'manifest.csv'}):")
         for row in exported:
             where = f" slice {row['slice']}" if row["slice"] != "" else ""
-            print(
-                f"{row['rank']:4d}  {row['case_id']}  reliability={float(row['reliability']):.3f}  correct {row['pre_annotation']}{where}"
-            )
+            print(f"{row['rank']:4d}  {row['case_id']}  reliability={float(row['reliability']):.3f}  correct {row['pre_annotation']}{where}")
         print(f"correct the masks, then: caudo-ray annotate --work-dir {args.work_dir} {args.export / 'masks'}")
         return EXIT_OK
     if args.json:
         print(json.dumps([dataclasses.asdict(q) for q in rows], indent=2))
     else:
-        print(
-            f"cases to annotate after round {r}, by {strategy} (answer with caudo-ray annotate, or masks named <case_id>.png in {ws.annotations_dir}):"
-        )
+        print(f"cases to annotate after round {r}, by {strategy} (answer with caudo-ray annotate, or masks named <case_id>.png in {ws.annotations_dir}):")
         for rank, q in enumerate(rows, 1):
             print(f"{rank:4d}  {q.case_id}  reliability={q.reliability:.3f}  entropy={q.entropy:.3f}  group={q.group}")
     return EXIT_OK
@@ -508,10 +466,7 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
             run_ids = [info["run_id"]]
         out = out or ws.dashboard_path
     if uri is None or (run_ids is None and args.experiment is None):
-        print(
-            "error: name the runs (--run-id or --experiment) and their store (--tracking-uri or --work-dir)",
-            file=sys.stderr,
-        )
+        print("error: name the runs (--run-id or --experiment) and their store (--tracking-uri or --work-dir)", file=sys.stderr)
         return EXIT_REFUSED
     try:
         result = build_dashboard(uri, run_ids=run_ids, experiment=args.experiment, out=out)

@@ -78,9 +78,7 @@ class PhantomConfig:
         if not 0 < self.decoy_size[0] <= self.decoy_size[1]:
             raise ConfigError(f"{key}.decoy_size", f"needs 0 < low <= high, got {list(self.decoy_size)}")
         if self.target_label not in TARGET_LABELS:
-            raise ConfigError(
-                f"{key}.target_label", f"must be one of {', '.join(TARGET_LABELS)}, got {self.target_label!r}"
-            )
+            raise ConfigError(f"{key}.target_label", f"must be one of {', '.join(TARGET_LABELS)}, got {self.target_label!r}")
 
 
 @dataclass
@@ -113,13 +111,9 @@ class DataConfig:
         _size(f"{key}.working_size", self.working_size, minimum=16)
         for dim in self.working_size:
             if dim % 16:
-                raise ConfigError(
-                    f"{key}.working_size", f"each side must be a multiple of 16, got {list(self.working_size)}"
-                )
+                raise ConfigError(f"{key}.working_size", f"each side must be a multiple of 16, got {list(self.working_size)}")
         if self.num_classes is not None and self.num_classes < 2:
-            raise ConfigError(
-                f"{key}.num_classes", f"must be >= 2 (background + at least one class), got {self.num_classes}"
-            )
+            raise ConfigError(f"{key}.num_classes", f"must be >= 2 (background + at least one class), got {self.num_classes}")
         if self.nifti_axis not in (0, 1, 2):
             raise ConfigError(f"{key}.nifti_axis", f"must be 0, 1 or 2, got {self.nifti_axis}")
         _positive(f"{key}.max_pixels", self.max_pixels)
@@ -175,17 +169,12 @@ class SplitConfig:
                 raise ConfigError(f"{key}.labelled_groups", f"groups repeat: {self.labelled_groups}")
         if self.num_labelled_groups is not None:
             _positive(f"{key}.num_labelled_groups", self.num_labelled_groups)
-        ways = [
-            name for name in ("exemplars", "labelled_groups", "num_labelled_groups") if getattr(self, name) is not None
-        ]
+        ways = [name for name in ("exemplars", "labelled_groups", "num_labelled_groups") if getattr(self, name) is not None]
         if len(ways) > 1:
             raise ConfigError(f"{key}.{ways[1]}", f"contradicts {key}.{ways[0]}: choose the labelled set one way")
         # num_exemplars always has a value (1); only another count beside a chosen way is a contradiction.
         if ways and self.num_exemplars != 1:
-            raise ConfigError(
-                f"{key}.num_exemplars",
-                f"{self.num_exemplars} contradicts {key}.{ways[0]}: choose the labelled set one way",
-            )
+            raise ConfigError(f"{key}.num_exemplars", f"{self.num_exemplars} contradicts {key}.{ways[0]}: choose the labelled set one way")
         for name in ("column", "datalist"):
             if getattr(self, name) is not None and not getattr(self, name).strip():
                 raise ConfigError(f"{key}.{name}", "must not be empty; use null to leave it out")
@@ -228,9 +217,7 @@ class SegmenterConfig:
         if self.target_area_limits is not None:
             lo, hi = self.target_area_limits
             if not 0 < lo <= hi <= 1:
-                raise ConfigError(
-                    f"{key}.target_area_limits", f"needs 0 < low <= high <= 1, got {list(self.target_area_limits)}"
-                )
+                raise ConfigError(f"{key}.target_area_limits", f"needs 0 < low <= high <= 1, got {list(self.target_area_limits)}")
         _non_negative(f"{key}.exemplar_weight", self.exemplar_weight)
         _fraction(f"{key}.exemplar_fraction", self.exemplar_fraction, allow_zero=False)
 
@@ -296,10 +283,7 @@ class CalibratorConfig:
         _positive(f"{key}.train_timesteps", self.train_timesteps)
         _positive(f"{key}.inference_steps", self.inference_steps)
         if self.inference_steps > self.train_timesteps:
-            raise ConfigError(
-                f"{key}.inference_steps",
-                f"must be <= train_timesteps ({self.train_timesteps}), got {self.inference_steps}",
-            )
+            raise ConfigError(f"{key}.inference_steps", f"must be <= train_timesteps ({self.train_timesteps}), got {self.inference_steps}")
         if not 0.0 < self.calibration_strength <= 1.0:
             raise ConfigError(f"{key}.calibration_strength", f"must be in (0, 1], got {self.calibration_strength}")
         if self.guidance_strength < 0:
@@ -328,9 +312,7 @@ class SelectionConfig:
             _fraction(f"{key}.fractions[{i}]", frac, allow_zero=False)
         _non_negative(f"{key}.num_queries", self.num_queries)
         if self.query_strategy not in QUERY_STRATEGIES:
-            raise ConfigError(
-                f"{key}.query_strategy", f"must be one of {', '.join(QUERY_STRATEGIES)}, got {self.query_strategy!r}"
-            )
+            raise ConfigError(f"{key}.query_strategy", f"must be one of {', '.join(QUERY_STRATEGIES)}, got {self.query_strategy!r}")
 
 
 @dataclass
@@ -637,9 +619,7 @@ class RunConfig:
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def load_config(
-    source: str | Path | dict[str, Any] | None = None, overrides: dict[str, Any] | None = None
-) -> RunConfig:
+def load_config(source: str | Path | dict[str, Any] | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
     """Build and validate a :class:`RunConfig` from a YAML file, a dict, or the defaults.
 
     Args:

@@ -91,15 +91,11 @@ class Coordinator:
         try:
             tracker = open_tracker(cfg, prepared)
             # A bad validation case is skipped and reported like a bad pool file; a bad exemplar stops the run.
-            ctx = TrainContext(
-                cfg, ws.store_url, prepared.num_classes, load_labelled(prepared, prepared.split.val, skip_bad=True)
-            )
+            ctx = TrainContext(cfg, ws.store_url, prepared.num_classes, load_labelled(prepared, prepared.split.val, skip_bad=True))
             if prepared.skipped:
                 tracker.log_dict(prepared.skipped, names.SKIPPED_FILES)
                 tracker.log_metrics({names.SKIPPED: len(prepared.skipped)}, step=0)
-            result = RunResult(
-                ws.root, ws.store_url, tracker.run_id, tracker.tracking_uri, skipped=dict(prepared.skipped)
-            )
+            result = RunResult(ws.root, ws.store_url, tracker.run_id, tracker.tracking_uri, skipped=dict(prepared.skipped))
             executor = self.executor_factory(ctx)
             try:
                 owner = executor.owner(store)
@@ -107,11 +103,7 @@ class Coordinator:
                 for r in range(cfg.rounds):
                     if r > 0:
                         self._take_in_answers(r, owner, prepared, result)
-                    models = load_or_train(
-                        ws.model_path(r),
-                        lambda: executor.train(r, trained[-1] if trained else None),
-                        ws.checkpoint_path(r),
-                    )  # noqa: B023
+                    models = load_or_train(ws.model_path(r), lambda: executor.train(r, trained[-1] if trained else None), ws.checkpoint_path(r))  # noqa: B023
                     trained.append(models)
                     if self._regressed(trained, tracker, result):
                         break
@@ -153,16 +145,7 @@ class Coordinator:
         tracker.set_tags({names.TAG_GUARD_KEPT: str(verdict.best)})
         return verdict.regressed
 
-    def _round(
-        self,
-        r: int,
-        models: RoundModels,
-        executor: Executor,
-        owner,
-        prepared: PreparedRun,
-        tracker: Tracker,
-        result: RunResult,
-    ) -> None:
+    def _round(self, r: int, models: RoundModels, executor: Executor, owner, prepared: PreparedRun, tracker: Tracker, result: RunResult) -> None:
         cfg, ws = self.cfg, prepared.workspace
         if owner.rounds.is_committed(r):
             result.recomputed += repair_round(cfg, owner, executor, r, models)
@@ -175,9 +158,7 @@ class Coordinator:
         prepared.lock.check()  # a run that lost its lock to another must not commit over it
         # Answers taken in by round r's training (earlier rounds' and round r's own), what the round's figures bought.
         in_use = sum(1 for record in owner.annotations.values() if record["round"] <= r)
-        summary = select_and_commit(
-            cfg, owner, r, {"perf": perf, "val": _scalars(models.val_metrics), "annotations": in_use}
-        )
+        summary = select_and_commit(cfg, owner, r, {"perf": perf, "val": _scalars(models.val_metrics), "annotations": in_use})
         result.rounds.append(summary)
         # A read-only handle of our own: under Ray ``owner`` is the owner actor's proxy, which would ship every label.
         reader = PseudoLabelStore.open(ws.store_url, mode="r")
@@ -201,15 +182,7 @@ class Coordinator:
         for source, problem in take_in(owner, prepared.answers, ws, r).refused.items():
             result.skipped[source] = f"annotation refused: {problem}"
 
-    def _final(
-        self,
-        trained: list[RoundModels],
-        executor: Executor,
-        owner,
-        prepared: PreparedRun,
-        tracker: Tracker,
-        result: RunResult,
-    ) -> dict:
+    def _final(self, trained: list[RoundModels], executor: Executor, owner, prepared: PreparedRun, tracker: Tracker, result: RunResult) -> dict:
         """The segmenter the run serves: the final one, trained on the exemplars plus the last round's selection,
         unless the guard stopped the rounds or finds it worse; then the best segmenter before. Logged, with its
         validation metrics."""
