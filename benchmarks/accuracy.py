@@ -64,6 +64,7 @@ from caudo_ray.config import RunConfig, load_config, parse_overrides
 from caudo_ray.metrics import hd95_of, segmentation_metrics, spearman, volume_metrics
 from caudo_ray.networks.bundle import RoundModels, build_models
 from caudo_ray.networks.segmenter import predict
+from caudo_ray.rounds import guard
 from caudo_ray.rounds.train import train_round_models
 from caudo_ray.run.baseline import plain_config
 from caudo_ray.run.coordinator import Coordinator
@@ -278,6 +279,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 models = RoundModels.load(prepared.workspace.model_path(row["round"]))
                 row["round_model_test_dice"] = _headline(_score(cfg, models, test, num_classes))
                 row["exemplar_view_dice"] = models.exemplar_metrics.get("dice", math.nan)
+                row["guard_reading"] = guard.reading(models)  # per class, what the drift guard judged
             pseudo += rows
             _print_scores(method, scores, wall)
         # Exemplar-only, consistency and supervised need the labelled set and the pool, not a run: a run's work

@@ -134,9 +134,7 @@ def train_round_models(
     val_metrics: dict[str, Any] = {}
     if val is not None and len(val):
         val_metrics = evaluate(net, val, num_classes, device=device)
-    check_images, check_labels = augment_views(
-        *inputs.first_exemplars(), EXEMPLAR_CHECK_VIEWS, cfg=cfg.segmenter, rng_seed=cfg.seed * 1000 + EXEMPLAR_CHECK_SEED
-    )
+    check_images, check_labels = exemplar_check_views(cfg, *inputs.first_exemplars())
     # The shape prior of the reliability score: the exemplars' labels over the views the segmenter trained on.
     _, views = augment_views(inputs.exemplar_images, inputs.exemplar_labels, PRIOR_VIEWS, cfg=cfg.segmenter, rng_seed=seed)
     return RoundModels(
@@ -159,12 +157,24 @@ def exemplar_view_dice(
     """Mean Dice of a segmenter over augmented exemplar views, overall (``dice``) and per foreground class
     (``dice_class<c>``; a class absent from a view and its prediction counts 1, so a view without it neither
     helps nor hurts)."""
+    return {k: float(v.mean()) for k, v in exemplar_view_scores(net, images, labels, num_classes, device=device).items()}
+
+
+def exemplar_view_scores(
+    net: torch.nn.Module, images: np.ndarray, labels: np.ndarray, num_classes: int, *, device: torch.device | None = None
+) -> dict[str, np.ndarray]:
+    """:func:`exemplar_view_dice` view by view: one Dice per view under each key, for paired comparisons."""
     device = device or next(net.parameters()).device
     pred = predict(net, images, device=str(device), return_features=False).probs.argmax(1).astype(np.uint8)
-    out = {"dice": float(dice_per_case(pred, labels, num_classes).mean())}
+    out = {"dice": dice_per_case(pred, labels, num_classes)}
     for c in range(1, num_classes):
-        out[f"dice_class{c}"] = float(dice_per_case((pred == c).astype(np.uint8), (labels == c).astype(np.uint8), 2).mean())
+        out[f"dice_class{c}"] = dice_per_case((pred == c).astype(np.uint8), (labels == c).astype(np.uint8), 2)
     return out
+
+
+def exemplar_check_views(cfg: RunConfig, images: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The augmented views of the run's first exemplars that every segmenter of the run is read on (the guard's)."""
+    return augment_views(images, labels, EXEMPLAR_CHECK_VIEWS, cfg=cfg.segmenter, rng_seed=cfg.seed * 1000 + EXEMPLAR_CHECK_SEED)
 
 
 def evaluate(net: torch.nn.Module, cases: LabelledCases, num_classes: int, *, device: torch.device | None = None) -> dict[str, Any]:
