@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+import threading
 from pathlib import Path
 
 import nibabel as nib
@@ -16,8 +17,10 @@ from PIL import Image
 
 from caudo_ray import data as D
 from caudo_ray.cli import main
+from caudo_ray.errors import DataError
+from caudo_ray.run import annotations as A
 from caudo_ray.run.coordinator import Coordinator
-from caudo_ray.run.prepare import prepare_run
+from caudo_ray.run.prepare import answer_rules, prepare_run
 from caudo_ray.store import PseudoLabelStore
 from caudo_ray.workspace import Workspace
 
@@ -217,3 +220,41 @@ def test_a_slice_query_exports_its_whole_volume_with_the_affine_and_comes_back(t
         geometry = D.Geometry.from_dict(store.geometries([store.case_ids.index(row["case_id"])])[0])
         answered = np.asarray(nib.load(out / row["pre_annotation"]).dataobj)[:, :, geometry.slice_index]
         np.testing.assert_array_equal(exemplar_labels[ids.index(row["case_id"])], D.resize_mask(answered, cfg.data.working_size))
+
+
+def test_two_annotates_at_once_take_turns_and_neither_overwrites_the_other(png_run, tmp_path):
+    """The later of two ``annotate`` calls checks against the earlier one's answers: while one holds the work dir's
+    annotate lock, a second waits, and then refuses a case the first answered in the meantime."""
+    cfg = png_run
+    ws = Workspace.of(cfg)
+    store = PseudoLabelStore.open(ws.store_url, mode="r")
+    answered = {D.file_stem(p) for p in A.answer_files(ws.annotations_dir)}
+    case = next(c for c, ok in zip(store.case_ids, store.usable_mask()) if ok and c not in answered)
+    shape = np.array(Image.open(Path(store.geometries([store.case_ids.index(case)])[0]["source"]))).shape
+    first, second = np.zeros(shape, np.uint8), np.zeros(shape, np.uint8)
+    first[10:30, 12:34] = 1
+    second[5:40, 8:20] = 1
+    folder = tmp_path / "second"
+    folder.mkdir()
+    Image.fromarray(second).save(folder / f"{case}.png")
+    rules = answer_rules(cfg)
+    outcome: dict[str, object] = {}
+
+    def second_annotator():
+        try:
+            outcome["records"] = A.annotate(cfg, rules, folder, annotator="second")
+        except Exception as err:  # noqa: BLE001 - whatever it is, it is checked below
+            outcome["error"] = err
+
+    with A._one_annotate_at_a_time(ws):  # the first annotate, mid-copy
+        waiting = threading.Thread(target=second_annotator)
+        waiting.start()
+        waiting.join(timeout=2.0)
+        assert waiting.is_alive(), f"the second annotate did not wait for the first: {outcome}"
+        Image.fromarray(first).save(ws.annotations_dir / f"{case}.png")
+    waiting.join(timeout=60)
+    assert not waiting.is_alive()
+
+    assert isinstance(outcome.get("error"), DataError), outcome
+    assert f"case {case!r} was answered already" in str(outcome["error"])
+    np.testing.assert_array_equal(np.array(Image.open(ws.annotations_dir / f"{case}.png")), first)

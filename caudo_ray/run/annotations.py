@@ -13,12 +13,15 @@ warning naming it and the problem, and taken in once it is fixed; the run goes o
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import getpass
 import hashlib
 import json
 import logging
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -100,7 +103,9 @@ def annotate(cfg: RunConfig, rules: AnswerRules, folder: Path, *, annotator: str
     """Check every answer in ``folder``, then copy them into the work dir's ``annotations/`` and log who and when.
 
     Safe while a run goes: it writes files only (never the store), each under a hidden name first and then renamed
-    into place, so a run never takes in half a file; the run takes them in before its next round's training.
+    into place, so a run never takes in half a file; the run takes them in before its next round's training. Two
+    ``annotate`` calls on one work dir take turns (a lock file in ``annotations/``): the later one checks against
+    the earlier one's answers, so neither overwrites the other's.
 
     Args:
         cfg: the run's config.
@@ -122,6 +127,24 @@ def annotate(cfg: RunConfig, rules: AnswerRules, folder: Path, *, annotator: str
     files = answer_files(folder)
     if not files:
         raise DataError(str(folder), "holds no answers: masks named <case_id>.<ext> (.png, .nii.gz ...)")
+    with _one_annotate_at_a_time(ws):
+        return _check_and_copy(ws, rules, files, annotator, replace)
+
+
+@contextmanager
+def _one_annotate_at_a_time(ws: Workspace) -> Iterator[None]:
+    """Hold the work dir's annotate lock (``annotations/.annotate.lock``, hidden from :func:`answer_files`),
+    waiting for another ``annotate`` to finish; the kernel lets it go if the holder dies."""
+    ws.annotations_dir.mkdir(parents=True, exist_ok=True)
+    with (ws.annotations_dir / ".annotate.lock").open("a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _check_and_copy(ws: Workspace, rules: AnswerRules, files: list[Path], annotator: str | None, replace: bool) -> list[dict]:
     earlier = {D.file_stem(p): p for p in answer_files(ws.annotations_dir)}
     seen: dict[str, Path] = {}
     for path in files:
@@ -133,7 +156,6 @@ def annotate(cfg: RunConfig, rules: AnswerRules, folder: Path, *, annotator: str
         if case_id in earlier and not replace:
             raise DataError(str(path), f"case {case_id!r} was answered already ({earlier[case_id]}); pass --replace to replace that answer (its record is kept)")
     who = annotator or getpass.getuser()
-    ws.annotations_dir.mkdir(parents=True, exist_ok=True)
     records = []
     for case_id, path in seen.items():
         when = datetime.now(UTC).isoformat(timespec="seconds")
