@@ -82,7 +82,7 @@ def read_run(run_dir: Path) -> dict[str, Any]:
         verdict = guard.judge(history[: i + 1], judge_with)
         row: dict[str, Any] = {"segmenter": name, "file": str(path), "reading": history[i], "mean": guard.mean_reading(history[i])}
         if i:
-            best = max(range(i), key=lambda j: (guard.mean_reading(history[j]), j))
+            best = guard.best_before(history[: i + 1])
             diffs = {k: scores[best][k] - scores[i][k] for k in scores[i]}
             diffs["mean"] = np.mean([diffs[k] for k in scores[i]], axis=0)
             row["against"] = found[best][0]

@@ -135,6 +135,14 @@ def test_a_drifted_round_stops_the_run_and_the_earlier_segmenter_is_served(tmp_p
         assert torch.equal(served.segmenter[key], value), key
     tags = MlflowClient(tracking_uri=second.tracking_uri).get_run(second.run_id).data.tags
     assert tags[names.TAG_GUARD_KEPT] == "0" and tags[names.TAG_GUARD_STOPPED] == "1"
+    # MLflow holds each reading, on the mean and per class, at the segmenter's step (the rerun logs rounds 0 and 1
+    # again into the first run's MLflow run, which also holds the first run's final segmenter at step 2).
+    client = MlflowClient(tracking_uri=second.tracking_uri)
+    for key in (names.GUARD_EXEMPLAR_DICE, f"{names.GUARD_EXEMPLAR_DICE}_class1"):
+        latest = {m.step: m.value for m in sorted(client.get_metric_history(second.run_id, key), key=lambda m: m.timestamp)}
+        assert {0, 1} <= latest.keys(), key
+        for step in (0, 1):
+            assert latest[step] == pytest.approx(readings[step]["dice_class1"], abs=1e-6), (key, step)
     # The store keeps what was committed: nothing is rewritten by a stop.
     assert PseudoLabelStore.open(second.store_url).rounds.committed() == [0, 1]
 

@@ -55,17 +55,21 @@ def judge(history: list[dict[str, float]], cfg: GuardConfig) -> Verdict:
     """
     if not history:
         raise ValueError("judge needs at least one reading")
-    means = [mean_reading(h) for h in history]
-    earlier = range(len(history) - 1)
-    if not earlier:
+    if len(history) == 1:
         return Verdict(False, 0, -math.inf, -math.inf)
-    best = max(earlier, key=lambda i: (means[i], i))
+    best = best_before(history)
     latest = history[-1]
-    drop = means[best] - means[-1]
+    drop = mean_reading(history[best]) - mean_reading(latest)
     class_drop = max(history[best][k] - latest.get(k, 0.0) for k in history[best])
     if cfg.enabled and (drop > cfg.tolerance or class_drop > cfg.class_tolerance):
         return Verdict(True, best, drop, class_drop)
     return Verdict(False, len(history) - 1, drop, class_drop)
+
+
+def best_before(history: list[dict[str, float]]) -> int:
+    """Index of the segmenter the last of ``history`` is judged against: the highest mean reading before it, the
+    later one on a tie."""
+    return max(range(len(history) - 1), key=lambda i: (mean_reading(history[i]), i))
 
 
 def mean_reading(reading: dict[str, float]) -> float:
