@@ -11,7 +11,11 @@ round r's models, exactly as that round's calibration workers did, and compares 
   views with round r's segmenter, and fine-tuned with round r-1's selected pseudo labels as further pairs;
 - **label rules** (round-0 calibrator): what a label keeps of its calibration, from none (the initial label, or
   the average of the segmenter's two views) through the gate, arbitration and the class-presence rule (together
-  the default) to candidates that give the calibrator less say, each against the initial labels' Dice;
+  the default) to candidates that give the calibrator less say, each against the initial labels' Dice; then what
+  arbitration forbids: candidates that let a confident calibrated class (top probability >= each of
+  ``CONFIDENT_ADD``) overrule the two views where they agree, with and without the class-presence rule, one that
+  also lets the calibrator decide where round r-1's segmenter disagrees with round r's (round >= 1), and the
+  oracle bound (the agreed pixels take the calibrated class only where the truth has it);
 - **presence flips**: per class, the cases where the gated, arbitrated calibration adds a class the label lacked
   or erases one it had, how often the truth agrees, and how much of the labels' Dice change they account for;
 - **where calibration loses**: in the pixels the segmenter's two views dispute (the only ones arbitration lets
@@ -60,6 +64,8 @@ from caudo_ray.workspace import Workspace
 CASE_BOUNDS = [(0.0, 0.0), (0.3, 0.6), (0.4, 0.7), (0.5, 0.8), (0.6, 0.9), (0.7, 1.0)]
 _BATCH = 32
 GATE_AND_ARBITRATION = "gate + arbitration"
+# Confidence of the calibrated class above which the arbitration candidates let it overrule two agreeing views.
+CONFIDENT_ADD = (0.8, 0.9, 0.95, 0.99)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -100,6 +106,13 @@ def main(argv=None) -> dict:
         outs = [predict_tensor(net, x[i : i + _BATCH]) for i in range(0, len(x), _BATCH)]
         probs, feats = torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
         flipped = torch.cat([predict_tensor(net, x[i : i + _BATCH].flip(-1))[0].flip(-1) for i in range(0, len(x), _BATCH)])
+    # Round r-1's segmenter on the same cases: where two rounds' models disagree is a second, label-free mark of
+    # the errors the segmenter really makes.
+    previous = None
+    if r > 0:
+        prev_net, _ = build_models(cfg, RoundModels.load(ws.model_path(r - 1)), device)
+        with torch.no_grad():
+            previous = torch.cat([predict_tensor(prev_net, x[i : i + _BATCH])[0] for i in range(0, len(x), _BATCH)])
     p0, pf = probs.numpy(), flipped.numpy()
     initial = dice_per_case(p0.argmax(1).astype(np.uint8), truth, store.num_classes)
     prior = ShapePrior.from_dict(models.shape_prior) if models.shape_prior is not None else None
@@ -132,10 +145,10 @@ def main(argv=None) -> dict:
         ])
         rows += _gate_rows(name, train_s, probs, calibrated, initial_scores["reliability"], pf, prior, truth, initial, store.num_classes)
         if name == "round-0 calibrator":
-            labels = _rule_labels(probs, calibrated, flipped, initial_scores, c.gate, prior)
+            labels = _rule_labels(probs, calibrated, flipped, previous, initial_scores, c.gate, prior, truth)
             rules = [{"rule": rule, **_change(_dice(maps, truth, store.num_classes), initial)} for rule, maps in labels.items()]
             disputed = _disputed_pixels(probs, calibrated, flipped, truth, store.num_classes)
-            veto = _veto_pixels(probs, calibrated, flipped, truth)
+            veto = _veto_pixels(probs, calibrated, flipped, previous, truth)
             flips = _presence_flips(probs, labels[GATE_AND_ARBITRATION], truth, store.num_classes)
     report = {
         "run_dir": str(args.run_dir),
@@ -161,9 +174,9 @@ def main(argv=None) -> dict:
             f"{row['calibrator']:30s} {row['gate']:26s} {row['dice']:7.4f} {row['gain']:+8.4f} {row['better']:7.2f} "
             f"{row['worse']:6.2f} {row['worst_case_change']:+7.3f} {row['reliability_spearman']:7.3f} {row['train_s']:8.0f}"
         )
-    print(f"\n{'label rule (round-0 calibrator)':58s} {'Dice':>7s} {'gain':>8s} {'better':>7s} {'worse':>6s} {'worst':>7s}")
+    print(f"\n{'label rule (round-0 calibrator)':78s} {'Dice':>7s} {'gain':>8s} {'better':>7s} {'worse':>6s} {'worst':>7s}")
     for row in rules:
-        print(f"{row['rule']:58s} {row['dice']:7.4f} {row['gain']:+8.4f} {row['better']:7.2f} {row['worse']:6.2f} {row['worst_case_change']:+7.3f}")
+        print(f"{row['rule']:78s} {row['dice']:7.4f} {row['gain']:+8.4f} {row['better']:7.2f} {row['worse']:6.2f} {row['worst_case_change']:+7.3f}")
     print(
         f"\ndisputed pixels ({disputed['share']:.2%} of all): right in the initial label {disputed['right_initial']:.3f}, "
         f"the mirrored view {disputed['right_mirrored']:.3f}, the calibrated map {disputed['right_calibrated']:.3f}"
@@ -212,15 +225,35 @@ def _gate_rows(name, train_s, probs, calibrated, reliability, pf, prior, truth, 
     return rows
 
 
-def _rule_labels(probs, calibrated, flipped, initial_scores, gate, prior) -> dict[str, torch.Tensor]:
-    """The labels each rule keeps of one calibration, by rule, from no calibration to the submitted default."""
+def _rule_labels(probs, calibrated, flipped, previous, initial_scores, gate, prior, truth) -> dict[str, torch.Tensor]:
+    """The labels each rule keeps of one calibration, by rule, from no calibration to the submitted default, then
+    what arbitration forbids: rules that let a confident calibration overrule the two views where they agree, the
+    calibrator also deciding where round r-1's segmenter (``previous``, None in round 0) disagrees, and the oracle
+    bound of what the agreed pixels hold (the calibrated class taken only where the truth has it)."""
     before = torch.from_numpy(initial_scores["reliability"])
     gated = gate_calibration(probs, calibrated, before, gate) if gate is not None else calibrated
     arbitrated = arbitrate(probs, gated, flipped)
     default = keep_class_presence(probs, arbitrated)
     disputed = probs.argmax(1, keepdim=True) != flipped.argmax(1, keepdim=True)
-    after = reliability_scores(probs.numpy(), default.numpy(), flipped.numpy(), prior)
-    kept, _, _ = revert_less_reliable(probs.numpy(), default.numpy(), initial_scores, after)
+
+    def reverted(maps: torch.Tensor) -> torch.Tensor:
+        after = reliability_scores(probs.numpy(), maps.numpy(), flipped.numpy(), prior)
+        return torch.from_numpy(revert_less_reliable(probs.numpy(), maps.numpy(), initial_scores, after)[0])
+
+    # Where both views agree, the calibration's own class, where it is at least this sure of it, unguarded.
+    a, q = probs.argmax(1, keepdim=True), calibrated.argmax(1, keepdim=True)
+    top = calibrated.max(1, keepdim=True).values
+    overruled = {
+        confidence: torch.where(~disputed & (q != a) & (top >= confidence), calibrated, arbitrated) for confidence in CONFIDENT_ADD
+    }
+    right = torch.from_numpy(np.asarray(truth, dtype=np.int64))[:, None] == q
+    oracle = torch.where(~disputed & (q != a) & right, calibrated, arbitrated)
+    across_rounds = {}
+    if previous is not None:
+        rounds_dispute = disputed | (previous.argmax(1, keepdim=True) != a)
+        across_rounds["gate + arbitration over pixels the views or the rounds dispute, + class presence, reverted"] = reverted(
+            keep_class_presence(probs, torch.where(rounds_dispute, gated, probs))
+        )
     return {
         "initial label (no calibration)": probs,
         "mean of the two views (p + p_flip) / 2, no calibration": (probs + flipped) / 2,
@@ -230,7 +263,12 @@ def _rule_labels(probs, calibrated, flipped, initial_scores, gate, prior) -> dic
         "gate + arbitration, disputed pixels by p + p_flip + 2 q": torch.where(disputed, probs + flipped + 2 * gated, probs),
         "class presence alone (no gate, no arbitration)": keep_class_presence(probs, calibrated),
         "gate + arbitration + class presence (the default)": default,
-        "default, reverted where the case's reliability drops": torch.from_numpy(kept),
+        "default, reverted where the case's reliability drops": reverted(default),
+        **{f"agreed pixels overruled where q >= {c:g}, + class presence, reverted": reverted(keep_class_presence(probs, m)) for c, m in overruled.items()},
+        **{f"agreed pixels overruled where q >= {c:g}, no class presence, reverted": reverted(m) for c, m in overruled.items()},
+        **across_rounds,
+        "oracle: agreed pixels take q only where it is right, + class presence": keep_class_presence(probs, oracle),
+        "oracle: agreed pixels take q only where it is right, no class presence": oracle,
     }
 
 
@@ -268,9 +306,10 @@ def _disputed_pixels(probs, calibrated, flipped, truth, num_classes) -> dict[str
     }
 
 
-def _veto_pixels(probs, calibrated, flipped, truth) -> dict[str, dict[str, float]]:
-    """How wrong the initial label is where the raw (unguarded) calibration disagrees with it: what a label would
-    lose in errors, and in right pixels, if those pixels taught nothing instead of being relabelled."""
+def _veto_pixels(probs, calibrated, flipped, previous, truth) -> dict[str, dict[str, float]]:
+    """How wrong the initial label is where the raw (unguarded) calibration disagrees with it (what a label would
+    lose in errors, and in right pixels, if those pixels taught nothing instead of being relabelled), where the
+    views dispute, and where round r-1's segmenter (``previous``, None in round 0) disagrees."""
     a, f, q = (m.argmax(1).numpy() for m in (probs, flipped, calibrated))
     wrong = a != np.asarray(truth)
     masks = {
@@ -278,6 +317,9 @@ def _veto_pixels(probs, calibrated, flipped, truth) -> dict[str, dict[str, float
         "the calibration moves it and the views dispute": (q != a) & (a != f),
         "the views dispute": a != f,
     }
+    if previous is not None:
+        masks["round r-1's segmenter disagrees"] = previous.argmax(1).numpy() != a
+        masks["the views or the rounds dispute"] = (a != f) | masks["round r-1's segmenter disagrees"]
     out = {}
     for name, m in masks.items():
         out[name] = {

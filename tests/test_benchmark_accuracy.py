@@ -93,7 +93,11 @@ def test_fast_smoke_on_hc18_writes_every_field(tmp_path, capsys):
         assert 0.0 <= row["better"] + row["worse"] <= 1.0
     rules = {row["rule"]: row for row in ablations["label_rules"]}
     assert rules["initial label (no calibration)"]["gain"] == 0.0
-    assert "gate + arbitration + class presence (the default)" in rules and len(rules) == 9
+    assert "gate + arbitration + class presence (the default)" in rules and len(rules) == 12 + 2 * len(ablations_confident_add())
+    assert any("the views or the rounds dispute" in rule for rule in rules)  # round 1 compares with round 0's model
+    # The oracle turns only wrong agreed pixels right, which no class's Dice can lose by.
+    oracle = rules["oracle: agreed pixels take q only where it is right, no class presence"]
+    assert oracle["dice"] >= rules["gate + arbitration"]["dice"] - 1e-6
     flips = ablations["presence_flips"]
     assert flips["gain_from_flips"] + flips["gain_from_others"] == pytest.approx(rules["gate + arbitration"]["gain"], abs=1e-5)
     disputed = ablations["disputed"]
@@ -104,6 +108,8 @@ def test_fast_smoke_on_hc18_writes_every_field(tmp_path, capsys):
     assert signals["reliability"] == pytest.approx(ablations["initial_reliability_spearman"], nan_ok=True)
     moved = ablations["veto"]["the calibration moves the label"]
     assert 0.0 <= moved["share"] <= 1.0 and 0.0 <= moved["errors_held"] <= 1.0
+    veto = ablations["veto"]  # the union of two masks holds at least the errors of either
+    assert veto["the views or the rounds dispute"]["errors_held"] >= max(veto["the views dispute"]["errors_held"], veto["round r-1's segmenter disagrees"]["errors_held"]) - 1e-9
     assert json.loads((tmp_path / "ablations.json").read_text())["cases"] == ablations["cases"] == 4
 
 
@@ -118,6 +124,10 @@ def test_self_dice_is_one_for_certain_labels_and_lower_for_unsure_ones():
 
 def ablations_bounds() -> list:
     return [b for b in _load_benchmark("ablations").CASE_BOUNDS if b != (0.0, 0.0)]
+
+
+def ablations_confident_add() -> tuple:
+    return _load_benchmark("ablations").CONFIDENT_ADD
 
 
 def test_fast_smoke_on_acdc_reports_volume_metrics_per_class(tmp_path):
