@@ -22,6 +22,10 @@ round r's models, exactly as that round's calibration workers did, and compares 
   the calibrator decide), how often the initial label, the mirrored view and the calibrated map are right, and
   per class how far calibration moves the predicted area against the true one (a calibrator with a wrong prior
   shows as a class drift);
+- **registration** (``--registration``, :mod:`caudo_ray.registration`): the exemplars registered onto the cases
+  (affine from several starts, then deformable), their warped labels' Dice, rules where the warped label must
+  confirm the calibrated class, and for every committed round how the kept labels' agreement with the warped
+  labels (a signal no segmenter drew) tracks their true Dice;
 - **reliability factors**: for every committed round, the Spearman correlation of each factor of the reliability
   score (and of the combinations considered) with the true Dice of the stored labels; and on the sampled cases'
   initial labels, each factor's and two candidates': the label's *self-Dice* (its soft Dice with the segmenter's
@@ -56,6 +60,7 @@ from caudo_ray.labelling.reliability import ShapePrior, reliability_scores
 from caudo_ray.metrics import dice, dice_per_case, spearman
 from caudo_ray.networks.bundle import RoundModels, build_models
 from caudo_ray.networks.segmenter import predict_tensor
+from caudo_ray.registration import register_exemplars
 from caudo_ray.rounds.steps import training_inputs
 from caudo_ray.store import PseudoLabelStore
 from caudo_ray.workspace import Workspace
@@ -75,6 +80,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cases", type=int, default=300, help="pool cases with hidden truth to label, evenly spread")
     p.add_argument("--variants", action="store_true", help="also train and compare the calibrator variants (round >= 1)")
     p.add_argument("--finetune", type=int, default=400, help="denoiser fine-tuning iterations of the fine-tuned variants")
+    p.add_argument("--registration", action="store_true", help="also register the exemplars onto the cases: their warped labels as a judge of the calibration, and as a drift signal across rounds")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=None, help="JSON results")
     return p.parse_args(argv)
@@ -113,6 +119,13 @@ def main(argv=None) -> dict:
         prev_net, _ = build_models(cfg, RoundModels.load(ws.model_path(r - 1)), device)
         with torch.no_grad():
             previous = torch.cat([predict_tensor(prev_net, x[i : i + _BATCH])[0] for i in range(0, len(x), _BATCH)])
+    registered = None
+    if args.registration:
+        _, exemplar_images, exemplar_labels = store.exemplars()
+        t0 = time.perf_counter()
+        registration = register_exemplars(exemplar_images, exemplar_labels, x[:, 0].numpy(), store.num_classes)
+        registered = torch.from_numpy(registration.probs)
+        registration_s = time.perf_counter() - t0
     p0, pf = probs.numpy(), flipped.numpy()
     initial = dice_per_case(p0.argmax(1).astype(np.uint8), truth, store.num_classes)
     prior = ShapePrior.from_dict(models.shape_prior) if models.shape_prior is not None else None
@@ -145,7 +158,7 @@ def main(argv=None) -> dict:
         ])
         rows += _gate_rows(name, train_s, probs, calibrated, initial_scores["reliability"], pf, prior, truth, initial, store.num_classes)
         if name == "round-0 calibrator":
-            labels = _rule_labels(probs, calibrated, flipped, previous, initial_scores, c.gate, prior, truth)
+            labels = _rule_labels(probs, calibrated, flipped, previous, registered, initial_scores, c.gate, prior, truth)
             rules = [{"rule": rule, **_change(_dice(maps, truth, store.num_classes), initial)} for rule, maps in labels.items()]
             disputed = _disputed_pixels(probs, calibrated, flipped, truth, store.num_classes)
             veto = _veto_pixels(probs, calibrated, flipped, previous, truth)
@@ -164,6 +177,12 @@ def main(argv=None) -> dict:
         "presence_flips": flips,
         "reliability": reliability_factors(store),
     }
+    if registered is not None:
+        report["registration"] = {
+            "seconds": registration_s,
+            "dice": float(_dice(registered, truth, store.num_classes).mean()),
+            "rounds": registration_agreement(store, cases, registration.labels, truth),
+        }
     print(
         f"round {r}, {len(cases)} pool cases with hidden truth: initial Dice {initial.mean():.4f}, "
         f"Spearman(reliability, Dice) of the initial labels {report['initial_reliability_spearman']:.3f}"
@@ -196,6 +215,14 @@ def main(argv=None) -> dict:
             f"{row['gain_from_flips']:+.4f} from these cases, {row['gain_from_others']:+.4f} from the rest"
         )
     print(f"all classes: {flips['gain_from_flips']:+.4f} from presence flips, {flips['gain_from_others']:+.4f} from reshaping")
+    if registered is not None:
+        reg = report["registration"]
+        print(f"\nexemplars registered onto the {len(cases)} cases in {reg['seconds']:.0f} s: their warped labels' Dice {reg['dice']:.4f}")
+        for row in reg["rounds"]:
+            print(
+                f"round {row['round']} kept labels: Dice with the registered exemplar {row['agreement']:.4f}, true Dice "
+                f"{row['dice']:.4f}, Spearman of the two over the cases {row['spearman']:.3f}"
+            )
     print(f"round {r} initial labels, Spearman with true Dice: " + ", ".join(f"{k} {v:.3f}" for k, v in report["initial_signals"].items()))
     for row in report["reliability"]:
         print(f"round {row['round']} Spearman with true Dice: " + ", ".join(f"{k} {v:.3f}" for k, v in row["spearman"].items()))
@@ -225,10 +252,11 @@ def _gate_rows(name, train_s, probs, calibrated, reliability, pf, prior, truth, 
     return rows
 
 
-def _rule_labels(probs, calibrated, flipped, previous, initial_scores, gate, prior, truth) -> dict[str, torch.Tensor]:
+def _rule_labels(probs, calibrated, flipped, previous, registered, initial_scores, gate, prior, truth) -> dict[str, torch.Tensor]:
     """The labels each rule keeps of one calibration, by rule, from no calibration to the submitted default, then
     what arbitration forbids: rules that let a confident calibration overrule the two views where they agree, the
-    calibrator also deciding where round r-1's segmenter (``previous``, None in round 0) disagrees, and the oracle
+    calibrator also deciding where round r-1's segmenter (``previous``, None in round 0) disagrees, rules where the
+    exemplars registered onto the image (``registered``, or None) must confirm the calibrated class, and the oracle
     bound of what the agreed pixels hold (the calibrated class taken only where the truth has it)."""
     before = torch.from_numpy(initial_scores["reliability"])
     gated = gate_calibration(probs, calibrated, before, gate) if gate is not None else calibrated
@@ -254,6 +282,19 @@ def _rule_labels(probs, calibrated, flipped, previous, initial_scores, gate, pri
         across_rounds["gate + arbitration over pixels the views or the rounds dispute, + class presence, reverted"] = reverted(
             keep_class_presence(probs, torch.where(rounds_dispute, gated, probs))
         )
+    by_registration = {}
+    if registered is not None:
+        confirmed = (registered.argmax(1, keepdim=True) == q) & (q != a)
+        by_registration = {
+            "registered exemplar alone (no segmenter)": registered,
+            "initial and registered exemplar averaged, no calibration": (probs + registered) / 2,
+            "agreed pixels overruled where the registered exemplar confirms q, + class presence, reverted": reverted(
+                keep_class_presence(probs, torch.where(~disputed & confirmed, calibrated, arbitrated))
+            ),
+            "every pixel: q only where the registered exemplar confirms it, + class presence, reverted": reverted(
+                keep_class_presence(probs, torch.where(confirmed, calibrated, probs))
+            ),
+        }
     return {
         "initial label (no calibration)": probs,
         "mean of the two views (p + p_flip) / 2, no calibration": (probs + flipped) / 2,
@@ -267,6 +308,7 @@ def _rule_labels(probs, calibrated, flipped, previous, initial_scores, gate, pri
         **{f"agreed pixels overruled where q >= {c:g}, + class presence, reverted": reverted(keep_class_presence(probs, m)) for c, m in overruled.items()},
         **{f"agreed pixels overruled where q >= {c:g}, no class presence, reverted": reverted(m) for c, m in overruled.items()},
         **across_rounds,
+        **by_registration,
         "oracle: agreed pixels take q only where it is right, + class presence": keep_class_presence(probs, oracle),
         "oracle: agreed pixels take q only where it is right, no class presence": oracle,
     }
@@ -357,6 +399,18 @@ def _presence_flips(probs, calibrated, truth, num_classes) -> dict[str, Any]:
         from_flips += classes[str(k)]["gain_from_flips"]
         from_others += classes[str(k)]["gain_from_others"]
     return {"classes": classes, "gain_from_flips": from_flips, "gain_from_others": from_others}
+
+
+def registration_agreement(store: PseudoLabelStore, cases: np.ndarray, registered: np.ndarray, truth: np.ndarray) -> list[dict]:
+    """Per committed round, how far the kept labels of ``cases`` agree with the exemplars registered onto them (a
+    signal no segmenter drew) against their true Dice: the mean of each, and their Spearman over the cases."""
+    out = []
+    for r in store.rounds.committed():
+        kept = store.rounds.read(r, cases)["calibrated"]
+        agreement = dice_per_case(kept, registered, store.num_classes)
+        dice = dice_per_case(kept, truth, store.num_classes)
+        out.append({"round": r, "agreement": float(agreement.mean()), "dice": float(dice.mean()), "spearman": spearman(agreement, dice)})
+    return out
 
 
 def self_dice(probs: np.ndarray) -> np.ndarray:

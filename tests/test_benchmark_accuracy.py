@@ -84,7 +84,7 @@ def test_fast_smoke_on_hc18_writes_every_field(tmp_path, capsys):
     # The ablations label pool cases with the caudo run's round-1 models and compare the gates on them.
     ablations = _load_benchmark("ablations").main(
         ["--run-dir", str(tmp_path / "work" / "draw0" / "caudo"), "--round", "1", "--cases", "4",
-         "--threads", "1", "--out", str(tmp_path / "ablations.json")]
+         "--threads", "1", "--registration", "--out", str(tmp_path / "ablations.json")]
     )
     gates = [row["gate"] for row in ablations["gates"]]
     assert gates[:2] == ["none (all changes)", "pixel only"] and len(gates) == 2 + len(ablations_bounds())
@@ -93,7 +93,10 @@ def test_fast_smoke_on_hc18_writes_every_field(tmp_path, capsys):
         assert 0.0 <= row["better"] + row["worse"] <= 1.0
     rules = {row["rule"]: row for row in ablations["label_rules"]}
     assert rules["initial label (no calibration)"]["gain"] == 0.0
-    assert "gate + arbitration + class presence (the default)" in rules and len(rules) == 12 + 2 * len(ablations_confident_add())
+    assert "gate + arbitration + class presence (the default)" in rules and len(rules) == 16 + 2 * len(ablations_confident_add())
+    registration = ablations["registration"]  # the warped labels, scored as a rule and on their own, agree
+    assert rules["registered exemplar alone (no segmenter)"]["dice"] == pytest.approx(registration["dice"], abs=1e-6)
+    assert [row["round"] for row in registration["rounds"]] == list(range(rounds))
     assert any("the views or the rounds dispute" in rule for rule in rules)  # round 1 compares with round 0's model
     # The oracle turns only wrong agreed pixels right, which no class's Dice can lose by.
     oracle = rules["oracle: agreed pixels take q only where it is right, no class presence"]

@@ -18,7 +18,7 @@ LAYERS = [
     {"networks"},
     {"deploy"},
     {"training"},
-    {"calibration"},
+    {"calibration", "registration"},
     {"labelling"},
     {"rounds"},
     {"run"},
