@@ -26,6 +26,8 @@ round r's models, exactly as that round's calibration workers did, and compares 
   (affine from several starts, then deformable), their warped labels' Dice, rules where the warped label must
   confirm the calibrated class, and for every committed round how the kept labels' agreement with the warped
   labels (a signal no segmenter drew) tracks their true Dice;
+- **volume context** (datasets whose meta.csv or NIfTI files give volumes): rules where the kept labels of the
+  case's adjacent slices must confirm the calibrated class;
 - **reliability factors**: for every committed round, the Spearman correlation of each factor of the reliability
   score (and of the combinations considered) with the true Dice of the stored labels; and on the sampled cases'
   initial labels, each factor's and two candidates': the label's *self-Dice* (its soft Dice with the segmenter's
@@ -62,6 +64,7 @@ from caudo_ray.networks.bundle import RoundModels, build_models
 from caudo_ray.networks.segmenter import predict_tensor
 from caudo_ray.registration import register_exemplars
 from caudo_ray.rounds.steps import training_inputs
+from caudo_ray.run.prepare import index_of
 from caudo_ray.store import PseudoLabelStore
 from caudo_ray.workspace import Workspace
 
@@ -126,6 +129,7 @@ def main(argv=None) -> dict:
         registration = register_exemplars(exemplar_images, exemplar_labels, x[:, 0].numpy(), store.num_classes)
         registered = torch.from_numpy(registration.probs)
         registration_s = time.perf_counter() - t0
+    neighbours = adjacent_slice_labels(store, cfg, cases, r)
     p0, pf = probs.numpy(), flipped.numpy()
     initial = dice_per_case(p0.argmax(1).astype(np.uint8), truth, store.num_classes)
     prior = ShapePrior.from_dict(models.shape_prior) if models.shape_prior is not None else None
@@ -158,7 +162,7 @@ def main(argv=None) -> dict:
         ])
         rows += _gate_rows(name, train_s, probs, calibrated, initial_scores["reliability"], pf, prior, truth, initial, store.num_classes)
         if name == "round-0 calibrator":
-            labels = _rule_labels(probs, calibrated, flipped, previous, registered, initial_scores, c.gate, prior, truth)
+            labels = _rule_labels(probs, calibrated, flipped, previous, registered, neighbours, initial_scores, c.gate, prior, truth)
             rules = [{"rule": rule, **_change(_dice(maps, truth, store.num_classes), initial)} for rule, maps in labels.items()]
             disputed = _disputed_pixels(probs, calibrated, flipped, truth, store.num_classes)
             veto = _veto_pixels(probs, calibrated, flipped, previous, truth)
@@ -252,12 +256,13 @@ def _gate_rows(name, train_s, probs, calibrated, reliability, pf, prior, truth, 
     return rows
 
 
-def _rule_labels(probs, calibrated, flipped, previous, registered, initial_scores, gate, prior, truth) -> dict[str, torch.Tensor]:
+def _rule_labels(probs, calibrated, flipped, previous, registered, neighbours, initial_scores, gate, prior, truth) -> dict[str, torch.Tensor]:
     """The labels each rule keeps of one calibration, by rule, from no calibration to the submitted default, then
     what arbitration forbids: rules that let a confident calibration overrule the two views where they agree, the
     calibrator also deciding where round r-1's segmenter (``previous``, None in round 0) disagrees, rules where the
-    exemplars registered onto the image (``registered``, or None) must confirm the calibrated class, and the oracle
-    bound of what the agreed pixels hold (the calibrated class taken only where the truth has it)."""
+    exemplars registered onto the image (``registered``, or None) or the labels of the adjacent slices of its volume
+    (``neighbours``, or None) must confirm the calibrated class, and the oracle bound of what the agreed pixels hold
+    (the calibrated class taken only where the truth has it)."""
     before = torch.from_numpy(initial_scores["reliability"])
     gated = gate_calibration(probs, calibrated, before, gate) if gate is not None else calibrated
     arbitrated = arbitrate(probs, gated, flipped)
@@ -295,6 +300,17 @@ def _rule_labels(probs, calibrated, flipped, previous, registered, initial_score
                 keep_class_presence(probs, torch.where(confirmed, calibrated, probs))
             ),
         }
+    by_volume = {}
+    if neighbours is not None:
+        confirmed = (neighbours == q) & (q != a)
+        by_volume = {
+            "agreed pixels overruled where the adjacent slices' labels confirm q, + class presence, reverted": reverted(
+                keep_class_presence(probs, torch.where(~disputed & confirmed, calibrated, arbitrated))
+            ),
+            "every pixel: q only where the adjacent slices' labels confirm it, + class presence, reverted": reverted(
+                keep_class_presence(probs, torch.where(confirmed, calibrated, probs))
+            ),
+        }
     return {
         "initial label (no calibration)": probs,
         "mean of the two views (p + p_flip) / 2, no calibration": (probs + flipped) / 2,
@@ -309,6 +325,7 @@ def _rule_labels(probs, calibrated, flipped, previous, registered, initial_score
         **{f"agreed pixels overruled where q >= {c:g}, no class presence, reverted": reverted(m) for c, m in overruled.items()},
         **across_rounds,
         **by_registration,
+        **by_volume,
         "oracle: agreed pixels take q only where it is right, + class presence": keep_class_presence(probs, oracle),
         "oracle: agreed pixels take q only where it is right, no class presence": oracle,
     }
@@ -399,6 +416,28 @@ def _presence_flips(probs, calibrated, truth, num_classes) -> dict[str, Any]:
         from_flips += classes[str(k)]["gain_from_flips"]
         from_others += classes[str(k)]["gain_from_others"]
     return {"classes": classes, "gain_from_flips": from_flips, "gain_from_others": from_others}
+
+
+def adjacent_slice_labels(store: PseudoLabelStore, cfg, cases: np.ndarray, r: int) -> torch.Tensor | None:
+    """(n, 1, H, W) the class that the kept round-``r`` labels of each case's adjacent slices (the same volume, one
+    position either side) agree on, -1 where they disagree or neither is labelled; None when the dataset records
+    no volumes. The 2.5D context a 2D segmenter never sees: a structure continues from slice to slice."""
+    refs = {ref.case_id: ref for ref in index_of(cfg, Path(cfg.data.path)).cases if ref.volume is not None and ref.slice_order is not None}
+    if not refs:
+        return None
+    ids, done = store.case_ids, store.rounds.done(r)
+    at = {(refs[c].volume, refs[c].slice_order): i for i, c in enumerate(ids) if c in refs and done[i]}
+    pairs = [[at.get((refs[ids[i]].volume, refs[ids[i]].slice_order + d)) if ids[i] in refs else None for d in (-1, 1)] for i in cases]
+    wanted = sorted({k for pair in pairs for k in pair if k is not None})
+    kept = dict(zip(wanted, store.rounds.read(r, wanted)["calibrated"].astype(np.int64))) if wanted else {}
+    out = np.full((len(cases), *store.working_size), -1, dtype=np.int64)
+    for j, pair in enumerate(pairs):
+        labels = [kept[k] for k in pair if k is not None]
+        if len(labels) == 1:
+            out[j] = labels[0]
+        elif len(labels) == 2:
+            out[j] = np.where(labels[0] == labels[1], labels[0], -1)
+    return torch.from_numpy(out)[:, None]
 
 
 def registration_agreement(store: PseudoLabelStore, cases: np.ndarray, registered: np.ndarray, truth: np.ndarray) -> list[dict]:

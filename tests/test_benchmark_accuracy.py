@@ -10,6 +10,9 @@ import numpy as np
 import pytest
 from conftest import HC18, REPO_ROOT
 
+from caudo_ray.config import load_config
+from caudo_ray.store import PseudoLabelStore
+
 
 def _load_benchmark(name: str = "accuracy"):
     spec = importlib.util.spec_from_file_location(f"{name}_benchmark", REPO_ROOT / "benchmarks" / f"{name}.py")
@@ -160,6 +163,27 @@ def test_fast_smoke_on_acdc_reports_volume_metrics_per_class(tmp_path):
         assert m["slice"]["hd95_unit"] == m["volume"]["hd95_unit"] == "px"
         assert {f"hd95_px_class{c}" for c in (1, 2, 3)} <= set(m["volume"]["per_class_mean"])
     assert report["separates_methods"] is None  # supervised was not run: nothing to compare
+
+    # The ablations' volume context: each case's two adjacent slices (meta.csv's volume and slice columns), read
+    # back here through the case ids' own slice numbers instead.
+    run_dir = tmp_path / "work" / "draw1" / "caudo"
+    store = PseudoLabelStore.open(str(run_dir / "store.zarr"), mode="r")
+    done = np.flatnonzero(store.rounds.done(0))
+    context = _load_benchmark("ablations").adjacent_slice_labels(store, load_config(run_dir / "config.yaml"), done, 0)
+    position = {store.case_ids[i]: i for i in done}
+    kept = store.rounds.read(0, done)["calibrated"]
+    checked = 0
+    for j, i in enumerate(done):
+        volume, number = store.case_ids[i].rsplit("_slice_", 1)
+        around = [position.get(f"{volume}_slice_{int(number) + d}") for d in (-1, 1)]
+        labels = [kept[np.searchsorted(done, k)].astype(np.int64) for k in around if k is not None]
+        if labels:
+            expected = labels[0] if len(labels) == 1 else np.where(labels[0] == labels[1], labels[0], -1)
+            np.testing.assert_array_equal(context[j, 0].numpy(), expected)
+            checked += 1
+        else:
+            assert (context[j] == -1).all()
+    assert checked > 0
 
 
 def test_refuses_a_draw_the_profile_does_not_make(tmp_path):
