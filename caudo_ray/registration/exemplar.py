@@ -37,8 +37,8 @@ class Registration:
     Attributes:
         probs: (B, C, H, W) float32 the warped one-hot labels, bilinear: class probabilities.
         exemplar: (B,) int the exemplar registered onto each image.
-        similarity: (B,) float32 the local normalised cross-correlation in [0, 1]-ish after registration (higher
-            is more alike), a label-free measure of how well the exemplar fits.
+        similarity: (B,) float32 the local normalised cross-correlation in [0, 1] after registration (higher is
+            more alike), a label-free measure of how well the exemplar fits.
     """
 
     probs: np.ndarray
@@ -95,6 +95,8 @@ def register_exemplars(
     moving = torch.from_numpy(np.ascontiguousarray(exemplar_images, dtype=np.float32))[:, None]
     onehot = F.one_hot(torch.from_numpy(exemplar_labels.astype(np.int64)), num_classes).permute(0, 3, 1, 2).float()
     starts = _starts(rotations, scales)
+    # torch's grid_sample rather than MONAI's Warp: the affine and the displacement field are composed into one
+    # normalised sampling grid, and Warp takes a displacement field alone.
     out = [[], [], []]
     for begin in range(0, len(images), batch_size):
         fixed = torch.from_numpy(np.ascontiguousarray(images[begin : begin + batch_size], dtype=np.float32))[:, None]
