@@ -20,7 +20,10 @@ def _moved(image: np.ndarray, label: np.ndarray, degrees: float, zoom: float, sh
     c, s = math.cos(math.radians(degrees)), math.sin(math.radians(degrees))
     theta = torch.tensor([[[c / zoom, -s / zoom, shift[0]], [s / zoom, c / zoom, shift[1]]]], dtype=torch.float32)
     grid = F.affine_grid(theta, [1, 1, *image.shape], align_corners=False)
-    sample = lambda x, mode: F.grid_sample(torch.from_numpy(x.astype(np.float32))[None, None], grid, mode=mode, padding_mode="border", align_corners=False)[0, 0].numpy()  # noqa: E731
+
+    def sample(x: np.ndarray, mode: str) -> np.ndarray:
+        return F.grid_sample(torch.from_numpy(x.astype(np.float32))[None, None], grid, mode=mode, padding_mode="border", align_corners=False)[0, 0].numpy()
+
     return sample(image, "bilinear"), np.rint(sample(label, "nearest")).astype(np.uint8)
 
 
