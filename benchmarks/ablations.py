@@ -273,44 +273,40 @@ def _rule_labels(probs, calibrated, flipped, previous, registered, neighbours, i
         after = reliability_scores(probs.numpy(), maps.numpy(), flipped.numpy(), prior)
         return torch.from_numpy(revert_less_reliable(probs.numpy(), maps.numpy(), initial_scores, after)[0])
 
-    # Where both views agree, the calibration's own class, where it is at least this sure of it, unguarded.
     a, q = probs.argmax(1, keepdim=True), calibrated.argmax(1, keepdim=True)
+    moved = q != a
+
+    def overruled(licence: torch.Tensor) -> torch.Tensor:
+        """The default's arbitrated map, except that agreed pixels take the (unguarded) calibrated class where licensed."""
+        return torch.where(~disputed & moved & licence, calibrated, arbitrated)
+
+    def judged(judge_confirms: str, classes: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The two rules where an outside judge's ``classes`` must confirm the calibrated class (``judge_confirms``:
+        the judge and its verb, as the rules' names read)."""
+        confirmed = classes == q
+        return {
+            f"agreed pixels overruled where {judge_confirms} q, + class presence, reverted": reverted(keep_class_presence(probs, overruled(confirmed))),
+            f"every pixel: q only where {judge_confirms} it, + class presence, reverted": reverted(
+                keep_class_presence(probs, torch.where(moved & confirmed, calibrated, probs))
+            ),
+        }
+
+    # Where both views agree, the calibration's own class, where it is at least this sure of it.
     top = calibrated.max(1, keepdim=True).values
-    overruled = {
-        confidence: torch.where(~disputed & (q != a) & (top >= confidence), calibrated, arbitrated) for confidence in CONFIDENT_ADD
-    }
-    right = torch.from_numpy(np.asarray(truth, dtype=np.int64))[:, None] == q
-    oracle = torch.where(~disputed & (q != a) & right, calibrated, arbitrated)
-    across_rounds = {}
+    confident = {confidence: overruled(top >= confidence) for confidence in CONFIDENT_ADD}
+    oracle = overruled(torch.from_numpy(np.asarray(truth, dtype=np.int64))[:, None] == q)
+    extra = {}
     if previous is not None:
         rounds_dispute = disputed | (previous.argmax(1, keepdim=True) != a)
-        across_rounds["gate + arbitration over pixels the views or the rounds dispute, + class presence, reverted"] = reverted(
+        extra["gate + arbitration over pixels the views or the rounds dispute, + class presence, reverted"] = reverted(
             keep_class_presence(probs, torch.where(rounds_dispute, gated, probs))
         )
-    by_registration = {}
     if registered is not None:
-        confirmed = (registered.argmax(1, keepdim=True) == q) & (q != a)
-        by_registration = {
-            "registered exemplar alone (no segmenter)": registered,
-            "initial and registered exemplar averaged, no calibration": (probs + registered) / 2,
-            "agreed pixels overruled where the registered exemplar confirms q, + class presence, reverted": reverted(
-                keep_class_presence(probs, torch.where(~disputed & confirmed, calibrated, arbitrated))
-            ),
-            "every pixel: q only where the registered exemplar confirms it, + class presence, reverted": reverted(
-                keep_class_presence(probs, torch.where(confirmed, calibrated, probs))
-            ),
-        }
-    by_volume = {}
+        extra["registered exemplar alone (no segmenter)"] = registered
+        extra["initial and registered exemplar averaged, no calibration"] = (probs + registered) / 2
+        extra |= judged("the registered exemplar confirms", registered.argmax(1, keepdim=True))
     if neighbours is not None:
-        confirmed = (neighbours == q) & (q != a)
-        by_volume = {
-            "agreed pixels overruled where the adjacent slices' labels confirm q, + class presence, reverted": reverted(
-                keep_class_presence(probs, torch.where(~disputed & confirmed, calibrated, arbitrated))
-            ),
-            "every pixel: q only where the adjacent slices' labels confirm it, + class presence, reverted": reverted(
-                keep_class_presence(probs, torch.where(confirmed, calibrated, probs))
-            ),
-        }
+        extra |= judged("the adjacent slices' labels confirm", neighbours)
     return {
         "initial label (no calibration)": probs,
         "mean of the two views (p + p_flip) / 2, no calibration": (probs + flipped) / 2,
@@ -321,11 +317,9 @@ def _rule_labels(probs, calibrated, flipped, previous, registered, neighbours, i
         "class presence alone (no gate, no arbitration)": keep_class_presence(probs, calibrated),
         "gate + arbitration + class presence (the default)": default,
         "default, reverted where the case's reliability drops": reverted(default),
-        **{f"agreed pixels overruled where q >= {c:g}, + class presence, reverted": reverted(keep_class_presence(probs, m)) for c, m in overruled.items()},
-        **{f"agreed pixels overruled where q >= {c:g}, no class presence, reverted": reverted(m) for c, m in overruled.items()},
-        **across_rounds,
-        **by_registration,
-        **by_volume,
+        **{f"agreed pixels overruled where q >= {c:g}, + class presence, reverted": reverted(keep_class_presence(probs, m)) for c, m in confident.items()},
+        **{f"agreed pixels overruled where q >= {c:g}, no class presence, reverted": reverted(m) for c, m in confident.items()},
+        **extra,
         "oracle: agreed pixels take q only where it is right, + class presence": keep_class_presence(probs, oracle),
         "oracle: agreed pixels take q only where it is right, no class presence": oracle,
     }
